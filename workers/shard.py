@@ -1,0 +1,195 @@
+"""A memory shard: owns one Zarr store (its only writer), keeps the chunk index and episodic memories in RAM.
+
+Plain class: the coordinator runs it as a Ray actor (max_restarts: a restarted shard rebuilds everything from
+its store in __init__). Calls are idempotent where they can be retried: blocks are content-addressed, and a
+document is committed at most once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .episodic import EpisodicConfig, EpisodicMemory, hierarchical_readout, reference_pinv, write_one_shot
+from .store import ShardStore, StoreLayout
+
+
+@dataclass
+class ShardConfig:
+    data_dir: str = "engram-data"  # each shard keeps <data_dir>/shard-<id>/ on its node's disk
+    fsync: bool = True  # flush to disk before acknowledging (survives a machine crash, not just a process crash)
+    episodic: EpisodicConfig = field(default_factory=EpisodicConfig)
+
+
+class ShardError(Exception):
+    """A request the shard refuses; `code` names the kind (not_found, already_exists, invalid)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Shard:
+    def __init__(self, shard_id: int, cfg: ShardConfig, layout: StoreLayout):
+        self.shard_id, self.cfg, self.layout = shard_id, cfg, layout
+        self.store = ShardStore(Path(cfg.data_dir).expanduser() / f"shard-{shard_id}", layout, cfg.fsync)
+        self.m0_pinv = reference_pinv(cfg.episodic)
+        self._rebuild()
+
+    # --- index ---------------------------------------------------------------------------------------------------
+    def _rebuild(self) -> None:
+        """Derive the in-RAM index and the episodic memories from the committed store."""
+        ram = self.store.ram
+        deleted = np.zeros(len(ram["docs/name"]), dtype=bool)
+        deleted[list(self.store.deleted_docs)] = True
+        self.doc_lookup = {(ns, name): i for i, (ns, name) in enumerate(zip(ram["docs/namespace"], ram["docs/name"]))
+                           if not deleted[i]}
+        self.chunk_alive = ~deleted[ram["chunks/doc"]] if len(ram["chunks/doc"]) else np.zeros(0, dtype=bool)
+        self.memories: dict[int, EpisodicMemory] = {}
+        self.episode_namespace: dict[int, str] = {}
+        episodes = ram["chunks/episode"][self.chunk_alive]
+        docs = ram["chunks/doc"][self.chunk_alive]
+        blocks = ram["chunks/block"][self.chunk_alive]
+        for ep in np.unique(episodes):
+            sel = episodes == ep
+            self.memories[int(ep)] = write_one_shot(ram["blocks/latent"][blocks[sel]], self.m0_pinv, self.cfg.episodic.ridge)
+            self.episode_namespace[int(ep)] = str(ram["docs/namespace"][docs[sel][0]])
+        self.next_episode = int(ram["chunks/episode"].max()) + 1 if len(ram["chunks/episode"]) else 0
+
+    def _assign_episodes(self, namespace: str, n: int) -> np.ndarray:
+        """Fill the namespace's open episode up to K items, then open new ones."""
+        k = self.cfg.episodic.rows
+        out = np.empty(n, dtype=np.int64)
+        open_eps = [ep for ep, ns in self.episode_namespace.items() if ns == namespace and self.memories[ep].count < k]
+        i = 0
+        if open_eps:
+            ep = max(open_eps)
+            take = min(n, k - self.memories[ep].count)
+            out[:take], i = ep, take
+        while i < n:
+            take = min(n - i, k)
+            out[i : i + take] = self.next_episode
+            self.next_episode += 1
+            i += take
+        return out
+
+    # --- writes ----------------------------------------------------------------------------------------------------
+    def missing(self, hashes: list[bytes]) -> list[bool]:
+        return [not c for c in self.store.contains(hashes)]
+
+    def put_blocks(self, batch: dict[str, np.ndarray]) -> int:
+        """Stage encoded blocks; they become durable with the next committed document."""
+        return len(self.store.put_blocks(batch))
+
+    def has_document(self, namespace: str, name: str) -> bool:
+        return (namespace, name) in self.doc_lookup
+
+    def commit_document(self, namespace: str, name: str, tokens: int, hashes: list[bytes],
+                        seqs: list[int], offsets: list[int]) -> dict:
+        """Durably add a document's chunks (their blocks must be staged or stored). Atomic: all or nothing."""
+        if (namespace, name) in self.doc_lookup:
+            raise ShardError("already_exists", f"document {name!r} already exists in namespace {namespace!r}")
+        try:
+            missing = [h.hex() for h, ok in zip(hashes, self.store.contains(hashes)) if not ok]
+            if missing:
+                raise ShardError("invalid", f"{len(missing)} blocks were never stored, e.g. {missing[0]}")
+            blocks = np.array([self.store.hash_index[h] for h in hashes], dtype=np.int64)
+            episodes = self._assign_episodes(namespace, len(hashes))
+            doc = self.store.add_document(namespace, name, tokens, {
+                "block": blocks, "seq": np.asarray(seqs, dtype=np.int64),
+                "offset": np.asarray(offsets, dtype=np.int64), "episode": episodes})
+            self.store.commit()
+        except BaseException:
+            self.store.rollback()
+            raise
+        self.doc_lookup[(namespace, name)] = doc
+        self.chunk_alive = np.concatenate([self.chunk_alive, np.ones(len(hashes), dtype=bool)])
+        latents = self.store.ram["blocks/latent"][blocks]
+        for ep in np.unique(episodes):
+            mem = self.memories.setdefault(int(ep), EpisodicMemory(self.m0_pinv, self.cfg.episodic.ridge))
+            self.episode_namespace[int(ep)] = namespace
+            mem.write(latents[episodes == ep])
+        return {"chunks": len(hashes), "doc": doc}
+
+    def delete_document(self, namespace: str, name: str) -> int:
+        """Remove a document from both memories; episodic rows go by the exact α = −1 update. -> chunks removed."""
+        doc = self.doc_lookup.get((namespace, name))
+        if doc is None:
+            return 0
+        self.store.delete_document(doc)
+        self.store.commit()
+        del self.doc_lookup[(namespace, name)]
+        ram = self.store.ram
+        rows = np.flatnonzero((ram["chunks/doc"] == doc) & self.chunk_alive)
+        self.chunk_alive[rows] = False
+        for ep in np.unique(ram["chunks/episode"][rows]):
+            sel = rows[ram["chunks/episode"][rows] == ep]
+            self.memories[int(ep)].forget(ram["blocks/latent"][ram["chunks/block"][sel]])
+            if self.memories[int(ep)].count == 0:
+                del self.memories[int(ep)], self.episode_namespace[int(ep)]
+        return len(rows)
+
+    # --- reads -----------------------------------------------------------------------------------------------------
+    def search(self, namespace: str, query: np.ndarray, top_k: int) -> dict:
+        """Score the namespace's chunks through their episodic memories; top-k distinct blocks.
+
+        score_i = <z_r(e_i), ẑ_i>: the readout of chunk i's episode memory against its stored latent
+        (= cosine(query, latent) while the episode is within capacity)."""
+        ram = self.store.ram
+        q = np.asarray(query, dtype=np.float64)
+        eps = [ep for ep, ns in self.episode_namespace.items() if ns == namespace]
+        empty = {"score": np.zeros(0), "block": np.zeros(0, np.int64), "doc": [], "seq": np.zeros(0, np.int64),
+                 "offset": np.zeros(0, np.int64), "readout": np.zeros(len(q)), "episodes": 0}
+        if not eps:
+            return empty
+        readouts = np.stack([self.memories[ep].read(q) for ep in eps])  # [E, C]
+        ep_row = {ep: i for i, ep in enumerate(eps)}
+        rows = np.flatnonzero(self.chunk_alive & np.isin(ram["chunks/episode"], eps))
+        blocks = ram["chunks/block"][rows]
+        lookup = np.array([ep_row[int(e)] for e in ram["chunks/episode"][rows]], dtype=np.int64)
+        scores = np.einsum("nc,nc->n", ram["blocks/latent"][blocks].astype(np.float64), readouts[lookup])
+        order = np.argsort(-scores, kind="stable")
+        _, first = np.unique(blocks[order], return_index=True)  # identical chunks: keep the best-scored one
+        keep = order[np.sort(first)][:top_k]
+        keep = keep[np.argsort(-scores[keep], kind="stable")]
+        sel = rows[keep]
+        return {
+            "score": scores[keep], "block": blocks[keep],
+            "doc": [str(ram["docs/name"][d]) for d in ram["chunks/doc"][sel]],
+            "seq": ram["chunks/seq"][sel], "offset": ram["chunks/offset"][sel],
+            "readout": hierarchical_readout(readouts, q, self.m0_pinv, self.cfg.episodic.ridge),
+            "episodes": len(eps),
+        }
+
+    def get_blocks(self, blocks: list[int]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        k, v, p = self.store.get_blocks(blocks)
+        return [(k[i], v[i], p[i]) for i in range(len(blocks))]
+
+    def get_tokens(self, blocks: list[int]) -> list[list[int]]:
+        lengths = self.store.ram["blocks/length"][np.asarray(blocks, dtype=np.int64)]
+        return [row[:n].tolist() for row, n in zip(self.store.get_tokens(blocks), lengths)]
+
+    def namespaces(self) -> list[str]:
+        return sorted({ns for ns, _ in self.doc_lookup})
+
+    def stats(self) -> dict:
+        import psutil
+
+        ram = self.store.ram
+        alive_docs = list(self.doc_lookup.values())
+        alive_blocks = np.unique(ram["chunks/block"][self.chunk_alive])
+        return {
+            "shard": self.shard_id,
+            "node": os.uname().nodename,
+            "documents": len(alive_docs),
+            "chunks": int(self.chunk_alive.sum()),
+            "blocks": len(alive_blocks),
+            "tokens": int(ram["docs/tokens"][alive_docs].sum()) if alive_docs else 0,
+            "stored_bytes": self.store.stored_bytes(),
+            "episodes": len(self.memories),
+            "resident_bytes": psutil.Process().memory_info().rss,
+            "pid": os.getpid(),
+        }

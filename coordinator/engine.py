@@ -55,7 +55,8 @@ def store_layout(cfg: EngramConfig) -> StoreLayout:
     keep = t if cfg.encoder.keep_tokens <= 0 else min(cfg.encoder.keep_tokens, t)
     if t % cfg.encoder.span or keep % cfg.encoder.span:
         raise ValueError(f"encoder.chunk_tokens ({t}) and keep_tokens ({keep}) must be multiples of span ({cfg.encoder.span})")
-    return StoreLayout(c.num_hidden_layers, c.num_key_value_heads, keep, head_dim, t, cfg.shard.episodic.dim)
+    return StoreLayout(c.num_hidden_layers, c.num_key_value_heads, keep, head_dim, t, cfg.shard.episodic.dim,
+                       cfg.encoder.windows)
 
 
 class Engine:
@@ -67,7 +68,8 @@ class Engine:
         self.tokenizer = decoder_model.load_tokenizer(cfg.decoder)
         self.tokenizer.model_max_length = 1 << 62  # we chunk ourselves; silence the length warning
         e = cfg.encoder
-        self.fingerprint = f"{cfg.decoder.model}|T{e.chunk_tokens}|S{self.layout.keep_tokens}|{e.span}|{e.scorer}|{e.embedder}"
+        self.fingerprint = (f"{cfg.decoder.model}|T{e.chunk_tokens}|S{self.layout.keep_tokens}|{e.span}|{e.scorer}|"
+                            f"{e.embedder}|W{e.window_tokens}/{e.window_stride}")
         self.m0_pinv = reference_pinv(cfg.shard.episodic)
         self._start_actors()
 
@@ -129,10 +131,18 @@ class Engine:
         new_blocks = 0
         sem = asyncio.Semaphore(self.cfg.cluster.max_in_flight or 2 * len(self.encoders))
 
+        done = {"chunks": 0, "logged": 0.0, "t0": time.perf_counter()}
+
         async def encode_and_put(shard: int, batch: list[int]) -> None:
             async with sem:
                 ref = next(self._next_encoder).encode.remote([chunks[i].tokens for i in batch], [hashes[i] for i in batch])
                 await self.shards[shard].put_blocks.remote(ref)  # the KV goes encoder -> shard, not through here
+            done["chunks"] += len(batch)
+            if time.perf_counter() - done["logged"] > 10:  # progress of long writes, every 10 s
+                done["logged"] = time.perf_counter()
+                rate = done["chunks"] * self.layout.chunk_tokens / (done["logged"] - done["t0"])
+                log.info("write %s/%s: encoded %d/%d new chunks (%.0f tokens/s)", namespace, name, done["chunks"],
+                         new_blocks, rate)
 
         jobs = []
         for s, idx in per_shard.items():
@@ -232,7 +242,9 @@ class Engine:
 
     async def stats(self) -> dict:
         shards = await asyncio.gather(*[self._call(s.stats) for s in self.shards])
-        total = {k: sum(s[k] for s in shards) for k in ("documents", "chunks", "blocks", "tokens", "stored_bytes")}
+        total = {k: sum(s[k] for s in shards) for k in ("chunks", "blocks", "tokens", "stored_bytes")}
+        # a document's chunks spread over shards: count each (namespace, document) once
+        total["documents"] = len(set().union(*await asyncio.gather(*[self._call(s.documents) for s in self.shards])))
         total["bytes_per_token"] = total["stored_bytes"] / total["tokens"] if total["tokens"] else 0.0
         unique_tokens = total["blocks"] * self.layout.chunk_tokens
         total["unique_bytes_per_token"] = total["stored_bytes"] / unique_tokens if unique_tokens else 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -17,8 +18,8 @@ def passkey_needle(key: int) -> str:
 
 def passkey_context(tokens: int, depth: float, key: int, tokenizer) -> str:
     """Filler repeated to ~`tokens` tokens with the needle at `depth` (0..1), on a sentence boundary."""
-    per = len(tokenizer(PASSKEY_FILLER * 8, add_special_tokens=False).input_ids) / 8
-    reps = max(1, round(tokens / per))
+    per = len(tokenizer(PASSKEY_FILLER * 100, add_special_tokens=False).input_ids) / 100
+    reps = max(1, math.ceil(tokens / per))
     at = round(depth * reps)
     return PASSKEY_FILLER * at + passkey_needle(key) + PASSKEY_FILLER * (reps - at)
 

@@ -131,7 +131,7 @@ class EngramService(pb_grpc.EngramServicer):
         async def go():
             s = await self.engine.stats()
             shards = [pb.ShardStats(**{k: v for k, v in sh.items() if k != "pid"}) for sh in s["shards"]]
-            return pb.StatsReply(shards=shards, **{k: v for k, v in s.items() if k not in ("shards", "blocks")})
+            return pb.StatsReply(shards=shards, **{k: v for k, v in s.items() if k != "shards"})
 
         return await self._run(context, go())
 

@@ -149,7 +149,7 @@ class ShardStats(_message.Message):
     def __init__(self, shard: _Optional[int] = ..., node: _Optional[str] = ..., documents: _Optional[int] = ..., chunks: _Optional[int] = ..., blocks: _Optional[int] = ..., tokens: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., episodes: _Optional[int] = ...) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("shards", "documents", "chunks", "tokens", "stored_bytes", "bytes_per_token", "full_fp16_kv_bytes_per_token", "unique_bytes_per_token")
+    __slots__ = ("shards", "documents", "chunks", "tokens", "stored_bytes", "bytes_per_token", "full_fp16_kv_bytes_per_token", "unique_bytes_per_token", "blocks")
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +158,7 @@ class StatsReply(_message.Message):
     BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FULL_FP16_KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     UNIQUE_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
     shards: _containers.RepeatedCompositeFieldContainer[ShardStats]
     documents: int
     chunks: int
@@ -166,4 +167,5 @@ class StatsReply(_message.Message):
     bytes_per_token: float
     full_fp16_kv_bytes_per_token: float
     unique_bytes_per_token: float
-    def __init__(self, shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., documents: _Optional[int] = ..., chunks: _Optional[int] = ..., tokens: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., bytes_per_token: _Optional[float] = ..., full_fp16_kv_bytes_per_token: _Optional[float] = ..., unique_bytes_per_token: _Optional[float] = ...) -> None: ...
+    blocks: int
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., documents: _Optional[int] = ..., chunks: _Optional[int] = ..., tokens: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., bytes_per_token: _Optional[float] = ..., full_fp16_kv_bytes_per_token: _Optional[float] = ..., unique_bytes_per_token: _Optional[float] = ..., blocks: _Optional[int] = ...) -> None: ...

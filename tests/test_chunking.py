@@ -1,0 +1,37 @@
+import os
+from collections import Counter
+
+import pytest
+
+from engram.coordinator.chunking import route, split
+from engram.coordinator.config import EngramConfig
+
+
+def test_split_restarts_per_document_and_covers_every_token():
+    ids = list(range(300))
+    chunks = split(ids, 128)
+    assert [c.offset for c in chunks] == [0, 128, 256]
+    assert [len(c.tokens) for c in chunks] == [128, 128, 44]
+    assert sum((c.tokens for c in chunks), []) == ids
+
+
+def test_route_is_stable_balanced_and_moves_little_when_growing():
+    hashes = [os.urandom(16) for _ in range(4000)]
+    two = [route(h, [0, 1]) for h in hashes]
+    assert two == [route(h, [0, 1]) for h in hashes]
+    counts = Counter(two)
+    assert min(counts.values()) > 1700
+    three = [route(h, [0, 1, 2]) for h in hashes]
+    moved = sum(a != b for a, b in zip(two, three))
+    assert all(b == 2 for a, b in zip(two, three) if a != b)  # only moves onto the new shard
+    assert 0.25 < moved / len(hashes) < 0.42
+
+
+def test_config_overrides_and_unknown_keys(tmp_path):
+    f = tmp_path / "engram.toml"
+    f.write_text('[cluster]\nshards = 3\n[shard.episodic]\nrows = 64\n')
+    cfg = EngramConfig.load(f, server={"port": 1234, "host": None})
+    assert (cfg.cluster.shards, cfg.shard.episodic.rows, cfg.server.port, cfg.server.host) == (3, 64, 1234, "127.0.0.1")
+    f.write_text("[cluster]\nshard = 3\n")
+    with pytest.raises(ValueError, match="cluster.*shard"):
+        EngramConfig.load(f)

@@ -37,7 +37,14 @@ class ClusterConfig:
 
 @dataclass
 class AskConfig:
-    top_k: int = 4
+    top_k: int = 4  # NIAH at 133k tokens: the needle chunk ranked 1st-3rd (BENCHMARKS.md)
+    # Following chunks added per hit. 0 by default: with the default template they cost accuracy
+    # (passkey 32k: 18/20 with 1 vs 20/20 without; BENCHMARKS.md).
+    neighbors: int = 0
+    # Order of the retrieved blocks before the question: "score" puts runs of consecutive chunks in order of
+    # their best score, best last (nearest the question; k=4: 3/3 vs 2/3 for "document"); "document" keeps
+    # reading order.
+    block_order: str = "score"
     max_top_k: int = 64
     max_new_tokens: int = 32
     max_max_new_tokens: int = 512

@@ -193,6 +193,40 @@ class Engine:
         readout = hierarchical_readout(readouts, z, self.m0_pinv, self.cfg.shard.episodic.ridge)
         return hits, readout, {"embed_s": t1 - t0, "retrieve_s": time.perf_counter() - t1}
 
+    async def neighbors(self, namespace: str, hits: list[Retrieved]) -> list[Retrieved]:
+        """The `ask.neighbors` chunks following each hit (from whichever shard holds them), not already hits."""
+        n = self.cfg.ask.neighbors
+        have = {(h.document_id, h.seq) for h in hits}
+        want: dict[str, dict[int, float]] = {}
+        for h in hits:
+            for seq in range(h.seq + 1, h.seq + 1 + n):
+                if (h.document_id, seq) not in have:
+                    want.setdefault(h.document_id, {})[seq] = max(want.get(h.document_id, {}).get(seq, -1e9), h.score)
+        if not want:
+            return []
+        docs = list(want)
+        found = await asyncio.gather(*[self._call(s.chunks_at, namespace, d, list(want[d]))
+                                       for d in docs for s in self.shards])
+        out = []
+        for i, rows in enumerate(found):
+            doc, shard = docs[i // len(self.shards)], self.shard_ids[i % len(self.shards)]
+            out += [Retrieved(want[doc][seq], shard, block, doc, seq, offset) for seq, offset, block in rows]
+        return out
+
+    def arrange(self, hits: list[Retrieved]) -> list[Retrieved]:
+        """Reading order of the blocks before the question (ask.block_order)."""
+        by_doc = sorted(hits, key=lambda h: (h.document_id, h.seq))
+        if self.cfg.ask.block_order == "document":
+            return by_doc
+        runs: list[list[Retrieved]] = []
+        for h in by_doc:  # consecutive chunks of a document stay together, in order
+            if runs and runs[-1][-1].document_id == h.document_id and runs[-1][-1].seq + 1 == h.seq:
+                runs[-1].append(h)
+            else:
+                runs.append([h])
+        runs.sort(key=lambda run: max(h.score for h in run))  # best run last, nearest the question
+        return [h for run in runs for h in run]
+
     async def chunk_texts(self, hits: list[Retrieved]) -> list[str]:
         by_shard: dict[int, list[int]] = {}
         for h in hits:
@@ -209,7 +243,7 @@ class Engine:
     async def ask(self, namespace: str, question: str, top_k: int, max_new_tokens: int) -> dict:
         t0, w0 = time.perf_counter(), time.time()
         hits, _, timings = await self.retrieve(namespace, question, top_k)
-        reading = sorted(hits, key=lambda h: (h.document_id, h.offset))  # blocks in document order
+        reading = self.arrange(hits + await self.neighbors(namespace, hits))
         shards = sorted({h.shard for h in reading})
         refs = [self.shards[s].get_blocks.remote([h.block for h in reading if h.shard == s]) for s in shards]
         cursor = {s: 0 for s in shards}
@@ -220,10 +254,10 @@ class Engine:
         t_fetch = time.perf_counter()
         out, texts = await asyncio.gather(
             self.decoder.answer.remote(question, self.layout.chunk_tokens, max_new_tokens, order, *refs),
-            self.chunk_texts(hits))
+            self.chunk_texts(reading))
         timings.update(fetch_s=out["started_wall"] - w0 - (t_fetch - t0), ttft_s=out["first_token_wall"] - w0,
                        decode_s=out["decode_s"], total_s=time.perf_counter() - t0)
-        return {"answer": out["text"], "hits": hits, "texts": texts, "timings": timings,
+        return {"answer": out["text"], "hits": reading, "texts": texts, "timings": timings,
                 "context_tokens": out["context_tokens"]}
 
     async def read(self, namespace: str, query: str, top_k: int) -> dict:

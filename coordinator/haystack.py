@@ -20,8 +20,13 @@ def passkey_context(tokens: int, depth: float, key: int, tokenizer) -> str:
     """Filler repeated to ~`tokens` tokens with the needle at `depth` (0..1), on a sentence boundary."""
     per = len(tokenizer(PASSKEY_FILLER * 100, add_special_tokens=False).input_ids) / 100
     reps = max(1, math.ceil(tokens / per))
-    at = round(depth * reps)
-    return PASSKEY_FILLER * at + passkey_needle(key) + PASSKEY_FILLER * (reps - at)
+    while True:  # the estimate is close; top up until the tokenised text really has `tokens` tokens
+        at = round(depth * reps)
+        text = PASSKEY_FILLER * at + passkey_needle(key) + PASSKEY_FILLER * (reps - at)
+        short = tokens - len(tokenizer(text, add_special_tokens=False).input_ids)
+        if short <= 0:
+            return text
+        reps += math.ceil(short / per)
 
 
 def first_integer(text: str) -> int | None:

@@ -160,7 +160,7 @@ class Answer:
 class MemoryDecoder:
     """Greedy decoding over retrieved blocks placed in front of the question (gpt-fast style, plain functions)."""
 
-    def __init__(self, model, tokenizer, question_template: str = "\n\n{question}", position_scheme: str = "consecutive"):
+    def __init__(self, model, tokenizer, question_template: str = "\n{question}", position_scheme: str = "consecutive"):
         if position_scheme not in ("consecutive", "parallel"):
             raise ValueError(f"position_scheme must be 'consecutive' or 'parallel', not {position_scheme!r}")
         self.model, self.tokenizer = model, tokenizer

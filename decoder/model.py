@@ -27,8 +27,9 @@ class DecoderConfig:
     cache_dir: str = "~/.cache/engram/models"
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
     max_new_tokens: int = 32
-    # Plain completion prompt: through its chat template SmolLM2 drifts on recall tasks (BRIEF §6).
-    question_template: str = "\n\n{question}"
+    # Plain completion prompt: through its chat template SmolLM2 drifts on recall tasks (BRIEF §6). One newline
+    # before the question: passkey 20/20 at 4k and 32k vs 18/20 and 14/20 with two (BENCHMARKS.md).
+    question_template: str = "\n{question}"
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

@@ -14,6 +14,10 @@ class DecoderWorker:
         model, tokenizer = decoder_model.load(cfg)
         self.decoder = kvlib.MemoryDecoder(model, tokenizer, cfg.question_template, position_scheme)
 
+    def set_template(self, template: str) -> None:
+        """For benchmark sweeps: change the question template of a running worker."""
+        self.decoder.template = template
+
     def answer(self, question: str, chunk_tokens: int, max_new_tokens: int, order: list[tuple[int, int]],
                *block_lists) -> dict:
         """block_lists: per shard, its (keys, values, positions) blocks (Ray resolves them before this runs);

@@ -170,6 +170,15 @@ class Shard:
             "episodes": len(eps),
         }
 
+    def chunks_at(self, namespace: str, name: str, seqs: list[int]) -> list[tuple[int, int, int]]:
+        """(seq, offset, block) of the document's chunks with these numbers that live on this shard."""
+        doc = self.doc_lookup.get((namespace, name))
+        if doc is None:
+            return []
+        ram = self.store.ram
+        rows = np.flatnonzero((ram["chunks/doc"] == doc) & np.isin(ram["chunks/seq"], seqs) & self.chunk_alive)
+        return [(int(ram["chunks/seq"][r]), int(ram["chunks/offset"][r]), int(ram["chunks/block"][r])) for r in rows]
+
     def get_blocks(self, blocks: list[int]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         k, v, p = self.store.get_blocks(blocks)
         return [(k[i], v[i], p[i]) for i in range(len(blocks))]

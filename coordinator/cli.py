@@ -32,7 +32,8 @@ def _config(args):
 def _client(args):
     from .client import EngramClient
 
-    return EngramClient(args.server)
+    ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    return EngramClient(args.server, token=args.token, root_certificates=ca)
 
 
 def _fail(err) -> int:
@@ -55,10 +56,10 @@ def cmd_serve(args) -> int:
 def cmd_write(args) -> int:
     from tqdm import tqdm
 
-    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+    text = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()  # the server checks UTF-8
     doc_id = args.doc_id or ("stdin" if args.file == "-" else Path(args.file).name)
     t0 = time.perf_counter()
-    with _client(args) as c, tqdm(total=len(text), unit="char", unit_scale=True, desc=f"write {doc_id}") as bar:
+    with _client(args) as c, tqdm(total=len(text), unit="B", unit_scale=True, desc=f"write {doc_id}") as bar:
         try:
             r = c.write([(doc_id, text)], namespace=args.namespace, progress=bar.update)
         except Exception as e:  # noqa: BLE001
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     def client_args(sp):
         sp.add_argument("--server", default=os.environ.get("ENGRAM_SERVER", DEFAULT_ADDRESS), help="host:port")
         sp.add_argument("--namespace", "-n", default="default")
+        sp.add_argument("--token", default=os.environ.get("ENGRAM_TOKEN"), help="bearer token (or $ENGRAM_TOKEN)")
+        sp.add_argument("--tls-ca", help="PEM root certificate: connect with TLS")
 
     def serve_args(sp):
         sp.add_argument("--config", help="TOML file overriding the defaults (see README)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 
 import grpc
@@ -9,47 +11,63 @@ import grpc
 from ..proto import engram_pb2 as pb
 from ..proto import engram_pb2_grpc as pb_grpc
 
-PART_BYTES = 1 << 20  # documents travel in ~1 MiB parts, well under the message limit
+PART_BYTES = 1 << 20  # documents travel in 1 MiB parts, well under the message limit
 
 
-def split_text(text: str, part_chars: int = PART_BYTES // 4) -> Iterator[str]:
-    """Parts of at most ~1 MiB of UTF-8 (≤ 4 bytes a character), never splitting a character."""
-    for i in range(0, len(text), part_chars):
-        yield text[i : i + part_chars]
+def split_bytes(data: bytes, part: int = PART_BYTES) -> Iterator[bytes]:
+    """1 MiB parts; a part may end inside a UTF-8 character: the server joins them before decoding."""
+    for i in range(0, len(data), part):
+        yield data[i : i + part]
 
 
 class EngramClient:
-    def __init__(self, address: str = "127.0.0.1:50551", timeout: float | None = None):
-        self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 16 << 20),
-                                                               ("grpc.max_send_message_length", 16 << 20)])
+    def __init__(self, address: str = "127.0.0.1:50551", timeout: float | None = None,
+                 token: str | None = None, root_certificates: bytes | None = None):
+        options = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
+        if root_certificates is not None:
+            self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates), options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
         self.stub = pb_grpc.EngramStub(self.channel)
         self.timeout = timeout
+        self.metadata = [("authorization", f"Bearer {token}")] if token else None
 
-    def write(self, documents: Iterable[tuple[str, str]], namespace: str = "default",
-              progress: Callable[[int], None] | None = None) -> pb.WriteReply:
-        """documents: (document_id, text) pairs. progress(n) is called with the characters of each part sent."""
+    def write(self, documents: Iterable[tuple[str, str | bytes]], namespace: str = "default",
+              progress: Callable[[int], None] | None = None, request_id: str | None = None,
+              retries: int = 3) -> pb.WriteReply:
+        """documents: (document_id, text) pairs. Retries UNAVAILABLE under one request id, so a retry never
+        stores a document twice. progress(n) is called with the bytes of each part sent."""
+        docs = [(d, t.encode("utf-8") if isinstance(t, str) else t) for d, t in documents]
+        request_id = request_id or uuid.uuid4().hex
 
         def requests():
-            for doc_id, text in documents:
-                for part in split_text(text) if text else [""]:
-                    yield pb.WriteRequest(namespace=namespace, document_id=doc_id, text=part)
+            for doc_id, data in docs:
+                for part in split_bytes(data) if data else [b""]:
+                    yield pb.WriteRequest(namespace=namespace, document_id=doc_id, text=part, request_id=request_id)
                     if progress:
                         progress(len(part))
 
-        return self.stub.Write(requests(), timeout=self.timeout)
+        for attempt in range(retries + 1):
+            try:
+                return self.stub.Write(requests(), timeout=self.timeout, metadata=self.metadata)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == retries:
+                    raise
+                time.sleep(min(2.0 ** attempt, 10.0))
+        raise AssertionError("unreachable")
 
     def ask(self, question: str, namespace: str = "default", top_k: int = 0, max_new_tokens: int = 0) -> pb.AskReply:
         return self.stub.Ask(pb.AskRequest(namespace=namespace, question=question, top_k=top_k,
-                                           max_new_tokens=max_new_tokens), timeout=self.timeout)
+                                           max_new_tokens=max_new_tokens), timeout=self.timeout, metadata=self.metadata)
 
     def read(self, query: str, namespace: str = "default", top_k: int = 0) -> pb.ReadReply:
-        return self.stub.Read(pb.ReadRequest(namespace=namespace, query=query, top_k=top_k), timeout=self.timeout)
+        return self.stub.Read(pb.ReadRequest(namespace=namespace, query=query, top_k=top_k), timeout=self.timeout, metadata=self.metadata)
 
     def delete(self, document_id: str, namespace: str = "default") -> pb.DeleteReply:
-        return self.stub.Delete(pb.DeleteRequest(namespace=namespace, document_id=document_id), timeout=self.timeout)
+        return self.stub.Delete(pb.DeleteRequest(namespace=namespace, document_id=document_id), timeout=self.timeout, metadata=self.metadata)
 
     def stats(self) -> pb.StatsReply:
-        return self.stub.Stats(pb.StatsRequest(), timeout=self.timeout)
+        return self.stub.Stats(pb.StatsRequest(), timeout=self.timeout, metadata=self.metadata)
 
     def close(self) -> None:
         self.channel.close()

@@ -21,6 +21,16 @@ class ServerConfig:
     max_message_bytes: int = 16 * 1024 * 1024  # per gRPC message, both directions; clients send 1 MiB parts
     max_document_bytes: int = 256 * 1024 * 1024  # one document, all its parts together
     max_question_chars: int = 4096
+    tls_cert_file: str | None = None  # PEM; with tls_key_file, the server speaks TLS only
+    tls_key_file: str | None = None
+
+
+@dataclass
+class AuthConfig:
+    """Per-namespace bearer tokens. tokens_file is TOML:  [tokens]  "<token>" = ["namespace", ...]
+    ("*" = every namespace, and Stats). No file: no authentication (bind to loopback)."""
+
+    tokens_file: str | None = None
 
 
 @dataclass
@@ -32,6 +42,7 @@ class ClusterConfig:
     encoder_cpus: float = 1.0  # each encoder uses this many cores (torch threads)
     decoder_gpus: float | None = None  # None = 1 if the cluster has a GPU, else run on CPU
     max_in_flight: int = 0  # encode batches in flight per write; 0 = 2 per encoder
+    write_attempts: int = 4  # a document write rides out this many shard failures before giving up
     namespace: str = "engram"  # Ray namespace the actors are registered under
 
 
@@ -54,6 +65,7 @@ class AskConfig:
 @dataclass
 class EngramConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)

@@ -28,7 +28,7 @@ def run_demo(args) -> int:
         print(f"  ready in {time.perf_counter() - t0:.1f} s; gRPC on {srv.address}", flush=True)
         text = passkey_context(args.tokens, args.depth, key, load_tokenizer(cfg.decoder))
         t1 = time.perf_counter()
-        with tqdm(total=len(text), unit="char", unit_scale=True, desc="write over gRPC") as bar:
+        with tqdm(total=len(text.encode()), unit="B", unit_scale=True, desc="write over gRPC") as bar:
             w = client.write([("passkey", text)], namespace="demo", progress=bar.update)
         ingest = time.perf_counter() - t1
         print(f"  wrote {w.tokens:,} tokens ({len(text.encode()) / 1e6:.1f} MB) as {w.chunks:,} chunks "

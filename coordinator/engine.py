@@ -36,6 +36,14 @@ class EngramError(Exception):
         self.code = code  # invalid | not_found | already_exists | unavailable
 
 
+def shard_error(exc: BaseException) -> ShardError | None:
+    """The ShardError a shard raised, whether Ray hands it back as such or wrapped in a RayTaskError."""
+    for e in (exc, getattr(exc, "cause", None)):
+        if isinstance(e, ShardError) and hasattr(e, "code"):
+            return e
+    return None
+
+
 @dataclass
 class Retrieved:
     score: float
@@ -116,9 +124,14 @@ class Engine:
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    async def write_document(self, namespace: str, name: str, text: str) -> dict:
-        """Tokenise, chunk, encode the chunks no shard holds yet, and commit on every shard. Durable on return."""
-        if any(await asyncio.gather(*[self._call(s.has_document, namespace, name) for s in self.shards])):
+    async def write_document(self, namespace: str, name: str, text: str, request_id: str = "") -> dict:
+        """Tokenise, chunk, encode the chunks no shard holds yet, and commit on every shard. Durable on return.
+
+        Idempotent under `request_id`: a retry of an acknowledged (or half-done) write stores nothing twice.
+        Rides out shard restarts (`cluster.write_attempts`); if it still fails, a document this call created
+        is rolled back everywhere, so a failed write leaves nothing behind."""
+        existing = await asyncio.gather(*[self._call(s.document_request, namespace, name) for s in self.shards])
+        if any(r is not None and (not request_id or r != request_id) for r in existing):
             raise EngramError("already_exists", f"document {name!r} already exists in namespace {namespace!r}; "
                               "delete it first or use another document_id")
         ids = await asyncio.to_thread(self.tokenize, text)
@@ -128,10 +141,35 @@ class Engine:
         hashes = [chunk_hash(c.tokens, self.fingerprint) for c in chunks]
         owner = [chunking.route(h, self.shard_ids) for h in hashes]
         per_shard = {s: [i for i, o in enumerate(owner) if o == s] for s in self.shard_ids}
+        last: Exception | None = None
+        for attempt in range(self.cfg.cluster.write_attempts):
+            try:
+                new_blocks = await self._write_once(namespace, name, request_id, chunks, hashes, per_shard)
+                return {"chunks": len(chunks), "tokens": len(ids), "new_blocks": new_blocks}
+            except Exception as exc:  # noqa: BLE001
+                err = shard_error(exc)
+                if err is not None and err.code != "stale":
+                    last = EngramError(err.code, str(err))
+                    break
+                if err is None and not isinstance(exc, (ray.exceptions.RayActorError,
+                                                        ray.exceptions.ActorUnavailableError)):
+                    raise
+                last = exc
+                log.warning("write %s/%s attempt %d failed (%s); waiting for the shards", namespace, name,
+                            attempt + 1, type(exc).__name__)
+                await asyncio.gather(*[self._call(s.stats) for s in self.shards], return_exceptions=True)
+        if all(r is None for r in existing):  # never touch a document an earlier request acknowledged
+            await asyncio.gather(*[self._call(s.delete_document, namespace, name) for s in self.shards],
+                                 return_exceptions=True)
+        if isinstance(last, EngramError):
+            raise last
+        raise EngramError("unavailable", f"write of {name!r} failed ({type(last).__name__}) and was rolled back; "
+                          "nothing of it is stored, retry with the same request_id")
+
+    async def _write_once(self, namespace: str, name: str, request_id: str, chunks, hashes, per_shard) -> int:
         new_blocks = 0
         sem = asyncio.Semaphore(self.cfg.cluster.max_in_flight or 2 * len(self.encoders))
-
-        done = {"chunks": 0, "logged": 0.0, "t0": time.perf_counter()}
+        done = {"chunks": 0, "logged": time.perf_counter(), "t0": time.perf_counter()}
 
         async def encode_and_put(shard: int, batch: list[int]) -> None:
             async with sem:
@@ -148,31 +186,21 @@ class Engine:
         for s, idx in per_shard.items():
             unique = list(dict.fromkeys(hashes[i] for i in idx))
             missing = await self._call(self.shards[s].missing, unique)
-            first = {}
+            first: dict[bytes, int] = {}
             for i in idx:
                 first.setdefault(hashes[i], i)
             todo = [first[h] for h, m in zip(unique, missing) if m]
             new_blocks += len(todo)
             step = self.cfg.encoder.batch_chunks
             jobs += [encode_and_put(s, todo[j : j + step]) for j in range(0, len(todo), step)]
-        try:
-            await asyncio.gather(*jobs)
-            commits = [
-                self.shards[s].commit_document.remote(
-                    namespace, name, sum(len(chunks[i].tokens) for i in idx), [hashes[i] for i in idx],
-                    [chunks[i].seq for i in idx], [chunks[i].offset for i in idx])
-                for s, idx in per_shard.items() if idx
-            ]
-            await asyncio.gather(*commits)
-        except Exception as exc:
-            # Undo the shards that did commit, so a failed write leaves nothing behind; the client retries.
-            await asyncio.gather(*[self._call(s.delete_document, namespace, name) for s in self.shards],
-                                 return_exceptions=True)
-            if isinstance(exc, ShardError):
-                raise EngramError(exc.code, str(exc)) from exc
-            raise EngramError("unavailable", f"write of {name!r} failed and was rolled back ({type(exc).__name__}); "
-                              "nothing of it is stored, retry") from exc
-        return {"chunks": len(chunks), "tokens": len(ids), "new_blocks": new_blocks}
+        await asyncio.gather(*jobs)
+        await asyncio.gather(*[
+            self.shards[s].commit_document.remote(
+                namespace, name, sum(len(chunks[i].tokens) for i in idx), [hashes[i] for i in idx],
+                [chunks[i].seq for i in idx], [chunks[i].offset for i in idx], request_id)
+            for s, idx in per_shard.items() if idx
+        ])
+        return new_blocks
 
     # --- read ------------------------------------------------------------------------------------------------------
     async def namespaces(self) -> set[str]:

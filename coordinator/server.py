@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
+import tomllib
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,24 +37,71 @@ def _chunks(hits, texts) -> list[pb.Chunk]:
                      score=h.score, shard=h.shard, text=t) for h, t in zip(hits, texts)]
 
 
+class Auth:
+    """Bearer tokens from the tokens file; None when authentication is off."""
+
+    def __init__(self, tokens_file: str | None):
+        self.tokens: dict[str, set[str]] | None = None
+        if tokens_file:
+            data = tomllib.loads(Path(tokens_file).read_text())
+            self.tokens = {tok: set(ns) for tok, ns in data.get("tokens", {}).items()}
+            if not self.tokens:
+                raise ValueError(f"{tokens_file} has no [tokens] table; see README (Security)")
+
+    def check(self, context, namespace: str | None) -> None:
+        """namespace None = cluster-wide (Stats): needs a "*" token."""
+        if self.tokens is None:
+            return
+        header = dict(context.invocation_metadata()).get("authorization", "")
+        if not header.startswith("Bearer "):
+            raise AuthError(grpc.StatusCode.UNAUTHENTICATED,
+                            "missing credentials: send gRPC metadata 'authorization: Bearer <token>'")
+        presented = header[len("Bearer "):].encode()
+        allowed = None
+        for token, namespaces in self.tokens.items():  # compare every token in constant time
+            if hmac.compare_digest(token.encode(), presented):
+                allowed = namespaces
+        if allowed is None:
+            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "unknown token")
+        if "*" not in allowed and (namespace is None or namespace not in allowed):
+            what = "cluster-wide statistics" if namespace is None else f"namespace {namespace!r}"
+            raise AuthError(grpc.StatusCode.PERMISSION_DENIED, f"this token may not access {what}")
+
+
+class AuthError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
 class EngramService(pb_grpc.EngramServicer):
     def __init__(self, engine: Engine, cfg: EngramConfig):
         self.engine, self.cfg = engine, cfg
+        self.auth = Auth(cfg.auth.tokens_file)
 
     async def _run(self, context, coro):
         try:
             return await coro
         except EngramError as e:
             await context.abort(STATUS[e.code], str(e))
+        except AuthError as e:
+            await context.abort(e.code, str(e))
 
     async def Write(self, request_iterator, context):
         t0 = time.perf_counter()
         totals = {"documents": 0, "chunks": 0, "tokens": 0, "new_blocks": 0}
         limit = self.cfg.server.max_document_bytes
 
-        async def flush(key, parts):
+        async def flush(key, parts, request_id):
+            """Validate one whole document, then write it (durable when this returns)."""
             try:
-                out = await self.engine.write_document(key[0], key[1], "".join(parts))
+                text = b"".join(parts).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise EngramError("invalid", f"document {key[1]!r} is not valid UTF-8 (byte {e.start}); send UTF-8 text")
+            if not text.strip():
+                raise EngramError("invalid", f"document {key[1]!r} is empty")
+            try:
+                out = await self.engine.write_document(key[0], key[1], text, request_id)
             except EngramError as e:
                 stored = f" ({totals['documents']} earlier documents of this stream are stored)" if totals["documents"] else ""
                 raise EngramError(e.code, f"{e}{stored}") from e
@@ -60,14 +110,17 @@ class EngramService(pb_grpc.EngramServicer):
                 totals[k] += out[k]
 
         async def consume():
-            key, parts, size = None, [], 0
+            key, parts, size, request_id = None, [], 0, ""
             async for req in request_iterator:
                 _check_name("namespace", req.namespace)
                 _check_name("document_id", req.document_id)
+                self.auth.check(context, req.namespace)
+                if len(req.request_id) > 128:
+                    raise EngramError("invalid", "request_id must be at most 128 characters")
                 if (req.namespace, req.document_id) != key:
                     if key is not None:
-                        await flush(key, parts)  # backpressure: the next part is read only after this commit
-                    key, parts, size = (req.namespace, req.document_id), [], 0
+                        await flush(key, parts, request_id)  # backpressure: the next part is read after this commit
+                    key, parts, size, request_id = (req.namespace, req.document_id), [], 0, req.request_id
                 size += len(req.text)
                 if size > limit:
                     raise EngramError("invalid", f"document {req.document_id!r} exceeds the {limit}-byte limit "
@@ -75,9 +128,7 @@ class EngramService(pb_grpc.EngramServicer):
                 parts.append(req.text)
             if key is None:
                 raise EngramError("invalid", "the write stream carried no documents")
-            if not any(parts):
-                raise EngramError("invalid", f"document {key[1]!r} is empty")
-            await flush(key, parts)
+            await flush(key, parts, request_id)
 
         await self._run(context, consume())
         return pb.WriteReply(seconds=time.perf_counter() - t0, **totals)
@@ -100,6 +151,7 @@ class EngramService(pb_grpc.EngramServicer):
     async def Ask(self, request, context):
         async def go():
             _check_name("namespace", request.namespace)
+            self.auth.check(context, request.namespace)
             self._check_question(request.question)
             top_k, max_new = self._ask_options(request.top_k, request.max_new_tokens)
             out = await self.engine.ask(request.namespace, request.question, top_k, max_new)
@@ -111,6 +163,7 @@ class EngramService(pb_grpc.EngramServicer):
     async def Read(self, request, context):
         async def go():
             _check_name("namespace", request.namespace)
+            self.auth.check(context, request.namespace)
             self._check_question(request.query)
             top_k, _ = self._ask_options(request.top_k)
             out = await self.engine.read(request.namespace, request.query, top_k)
@@ -123,12 +176,14 @@ class EngramService(pb_grpc.EngramServicer):
         async def go():
             _check_name("namespace", request.namespace)
             _check_name("document_id", request.document_id)
+            self.auth.check(context, request.namespace)
             return pb.DeleteReply(chunks=await self.engine.delete(request.namespace, request.document_id))
 
         return await self._run(context, go())
 
     async def Stats(self, request, context):
         async def go():
+            self.auth.check(context, None)
             s = await self.engine.stats()
             shards = [pb.ShardStats(**{k: v for k, v in sh.items() if k != "pid"}) for sh in s["shards"]]
             return pb.StatsReply(shards=shards, **{k: v for k, v in s.items() if k != "shards"})
@@ -144,7 +199,15 @@ async def start_server(engine: Engine, cfg: EngramConfig, port: int | None = Non
     pb_grpc.add_EngramServicer_to_server(EngramService(engine, cfg), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{cfg.server.host}:{cfg.server.port if port is None else port}")
+    address = f"{cfg.server.host}:{cfg.server.port if port is None else port}"
+    if cfg.server.tls_cert_file and cfg.server.tls_key_file:
+        creds = grpc.ssl_server_credentials([(Path(cfg.server.tls_key_file).read_bytes(),
+                                              Path(cfg.server.tls_cert_file).read_bytes())])
+        bound = server.add_secure_port(address, creds)
+    elif cfg.server.tls_cert_file or cfg.server.tls_key_file:
+        raise ValueError("server.tls_cert_file and server.tls_key_file go together")
+    else:
+        bound = server.add_insecure_port(address)
     await server.start()
     await health_servicer.set("engram.v1.Engram", health_pb2.HealthCheckResponse.SERVING)
     log.info("engram serving on %s:%d", cfg.server.host, bound)

@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WriteRequest(_message.Message):
-    __slots__ = ("namespace", "document_id", "text")
+    __slots__ = ("namespace", "document_id", "text", "request_id")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     document_id: str
-    text: str
-    def __init__(self, namespace: _Optional[str] = ..., document_id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+    text: bytes
+    request_id: str
+    def __init__(self, namespace: _Optional[str] = ..., document_id: _Optional[str] = ..., text: _Optional[bytes] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class WriteReply(_message.Message):
     __slots__ = ("documents", "chunks", "tokens", "new_blocks", "seconds")

@@ -62,6 +62,6 @@ def test_delete_forgets_exactly_and_survives_restart(tmp_path):
 
 def test_commit_refuses_unknown_blocks_and_changes_nothing(tmp_path):
     s = make(tmp_path)
-    with pytest.raises(ShardError, match="never stored"):
+    with pytest.raises(ShardError, match="not stored"):
         s.commit_document("ns", "x", 4, [h(99)], [0], [0])
     assert s.documents() == [] and s.store.counts == {"blocks": 0, "chunks": 0, "docs": 0}

@@ -93,20 +93,30 @@ class Shard:
     def has_document(self, namespace: str, name: str) -> bool:
         return (namespace, name) in self.doc_lookup
 
+    def document_request(self, namespace: str, name: str) -> str | None:
+        """The request id the document was written with ("" if none); None if there is no such document."""
+        doc = self.doc_lookup.get((namespace, name))
+        return None if doc is None else str(self.store.ram["docs/request"][doc])
+
     def commit_document(self, namespace: str, name: str, tokens: int, hashes: list[bytes],
-                        seqs: list[int], offsets: list[int]) -> dict:
-        """Durably add a document's chunks (their blocks must be staged or stored). Atomic: all or nothing."""
-        if (namespace, name) in self.doc_lookup:
+                        seqs: list[int], offsets: list[int], request_id: str = "") -> dict:
+        """Durably add a document's chunks (their blocks must be staged or stored). Atomic: all or nothing.
+        Idempotent under a request id: committing the same request again changes nothing."""
+        doc = self.doc_lookup.get((namespace, name))
+        if doc is not None:
+            if request_id and self.store.ram["docs/request"][doc] == request_id:
+                return {"chunks": int(((self.store.ram["chunks/doc"] == doc) & self.chunk_alive).sum()), "doc": doc,
+                        "replayed": True}
             raise ShardError("already_exists", f"document {name!r} already exists in namespace {namespace!r}")
         try:
             missing = [h.hex() for h, ok in zip(hashes, self.store.contains(hashes)) if not ok]
-            if missing:
-                raise ShardError("invalid", f"{len(missing)} blocks were never stored, e.g. {missing[0]}")
+            if missing:  # staged blocks die with the process that staged them: the writer re-sends them
+                raise ShardError("stale", f"{len(missing)} blocks are not stored (lost in a restart?), e.g. {missing[0]}")
             blocks = np.array([self.store.hash_index[h] for h in hashes], dtype=np.int64)
             episodes = self._assign_episodes(namespace, len(hashes))
             doc = self.store.add_document(namespace, name, tokens, {
                 "block": blocks, "seq": np.asarray(seqs, dtype=np.int64),
-                "offset": np.asarray(offsets, dtype=np.int64), "episode": episodes})
+                "offset": np.asarray(offsets, dtype=np.int64), "episode": episodes}, request_id)
             self.store.commit()
         except BaseException:
             self.store.rollback()
@@ -117,7 +127,7 @@ class Shard:
             mem = self.memories.setdefault(int(ep), EpisodicMemory(self.m0_pinv, self.cfg.episodic.ridge))
             self.episode_namespace[int(ep)] = namespace
             mem.write(self._items(blocks[episodes == ep]))
-        return {"chunks": len(hashes), "doc": doc}
+        return {"chunks": len(hashes), "doc": doc, "replayed": False}
 
     def delete_document(self, namespace: str, name: str) -> int:
         """Remove a document from both memories; episodic rows go by the exact α = −1 update. -> chunks removed."""

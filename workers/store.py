@@ -60,13 +60,14 @@ def _tables(lay: StoreLayout) -> dict[str, tuple[tuple[int, ...], str]]:
         "docs/namespace": ((), "str"),
         "docs/name": ((), "str"),
         "docs/tokens": ((), "int64"),
+        "docs/request": ((), "str"),
     }
 
 
 # Tables mirrored in RAM (the index); KV stays on disk.
 _IN_RAM = [
     "blocks/length", "blocks/hash", "blocks/latent", "chunks/block", "chunks/doc", "chunks/seq",
-    "chunks/offset", "chunks/episode", "docs/namespace", "docs/name", "docs/tokens",
+    "chunks/offset", "chunks/episode", "docs/namespace", "docs/name", "docs/tokens", "docs/request",
 ]
 
 
@@ -182,10 +183,12 @@ class ShardStore:
         return self.arrays["blocks/tokens"].get_orthogonal_selection((np.asarray(indices, dtype=np.int64),))
 
     # --- chunks and documents --------------------------------------------------------------------------------
-    def add_document(self, namespace: str, name: str, tokens: int, chunks: dict[str, np.ndarray]) -> int:
+    def add_document(self, namespace: str, name: str, tokens: int, chunks: dict[str, np.ndarray],
+                     request_id: str = "") -> int:
         """Stage one document and its chunk rows (block, seq, offset, episode); returns the document's row."""
         (doc,) = self._append("docs", {"namespace": np.array([namespace], dtype=object),
-                                       "name": np.array([name], dtype=object), "tokens": np.array([tokens])})
+                                       "name": np.array([name], dtype=object), "tokens": np.array([tokens]),
+                                       "request": np.array([request_id], dtype=object)})
         self._append("chunks", {**chunks, "doc": np.full(len(chunks["block"]), doc)})
         return int(doc)
 

@@ -133,6 +133,12 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def cmd_load(args) -> int:
+    from .loadgen import cmd_load as run
+
+    return run(args)
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -190,6 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     sp = sub.add_parser("stats", help="per-shard counts, bytes and bytes per token")
     client_args(sp)
     sp.set_defaults(fn=cmd_stats)
+
+    sp = sub.add_parser("load", help="N loopback clients mixing writes and asks for T seconds: errors, p50/p99")
+    serve_args(sp)
+    sp.add_argument("--server", help="host:port of a running server (default: start a local one)")
+    sp.add_argument("--token", default=os.environ.get("ENGRAM_TOKEN"))
+    sp.add_argument("--clients", type=int, default=32)
+    sp.add_argument("--seconds", type=float, default=60)
+    sp.set_defaults(fn=cmd_load)
 
     sp = sub.add_parser("demo", help="local Ray + server; write a long passkey context over gRPC; ask")
     serve_args(sp)

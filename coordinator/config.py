@@ -40,6 +40,9 @@ class ClusterConfig:
     shards: int = 2
     encoders: int = 0  # encoder actors; 0 = one per CPU of the cluster (at least 1)
     encoder_cpus: float = 1.0  # each encoder uses this many cores (torch threads)
+    # Custom Ray resource shard actors require (e.g. "engram_shard": give CPU nodes `--resources
+    # '{"engram_shard": 4}'`); None places shards anywhere.
+    shard_resource: str | None = None
     decoder_gpus: float | None = None  # None = 1 if the cluster has a GPU, else run on CPU
     max_in_flight: int = 0  # encode batches in flight per write; 0 = 2 per encoder
     write_attempts: int = 4  # a document write rides out this many shard failures before giving up

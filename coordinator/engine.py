@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +81,28 @@ class Engine:
         self.fingerprint = (f"{cfg.decoder.model}|T{e.chunk_tokens}|S{self.layout.keep_tokens}|{e.span}|{e.scorer}|"
                             f"{e.embedder}|W{e.window_tokens}/{e.window_stride}")
         self.m0_pinv = reference_pinv(cfg.shard.episodic)
+        self.shard_ids = self._routing_table()
         self._start_actors()
+
+    def _routing_table(self) -> list[int]:
+        """Routing is a pure function of the shard ids and the content fingerprint; both are persisted in
+        <data_dir>/cluster.json so a restarted coordinator routes exactly as before (namespaces and documents
+        live in the shards' own stores)."""
+        path = Path(self.cfg.shard.data_dir) / "cluster.json"
+        want = {"shards": list(range(self.cfg.cluster.shards)), "fingerprint": self.fingerprint}
+        if path.exists():
+            have = json.loads(path.read_text())
+            if have != want:
+                raise ValueError(f"{self.cfg.shard.data_dir} holds a cluster of {len(have['shards'])} shards "
+                                 f"written with {have['fingerprint']!r}; this configuration asks for "
+                                 f"{len(want['shards'])} shards with {want['fingerprint']!r}. Start with the "
+                                 "same shards and encoder settings, or use a new data_dir.")
+            return have["shards"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(want))
+        os.replace(tmp, path)
+        return want["shards"]
 
     # --- actors ----------------------------------------------------------------------------------------------------
     def _start_actors(self) -> None:
@@ -92,11 +115,11 @@ class Engine:
         n_enc = c.encoders or max(1, int(resources.get("CPU", 1) // c.encoder_cpus))
         threads = max(1, int(c.encoder_cpus))
         enc_dec = decoder_model.DecoderConfig(**{**vars(self.cfg.decoder), "threads": threads})
-        self.shard_ids = list(range(c.shards))
         shard_actor = ray.remote(Shard)
         self.shards = [
             shard_actor.options(num_cpus=0, max_restarts=-1, max_task_retries=0, name=f"shard-{i}",
-                                get_if_exists=True).remote(i, self.cfg.shard, self.layout)
+                                get_if_exists=True, resources={c.shard_resource: 1} if c.shard_resource else None,
+                                ).remote(i, self.cfg.shard, self.layout)
             for i in self.shard_ids
         ]
         enc_actor = ray.remote(Encoder).options(num_cpus=c.encoder_cpus if not has_gpu else 0,

@@ -24,6 +24,16 @@ class ShardConfig:
     episodic: EpisodicConfig = field(default_factory=EpisodicConfig)
 
 
+def _ray_node_id() -> str:
+    """The Ray node this shard runs on ("" outside Ray): tells shards on one host's several nodes apart."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001
+        return ""
+
+
 class ShardError(Exception):
     """A request the shard refuses; `code` names the kind (not_found, already_exists, invalid)."""
 
@@ -211,7 +221,7 @@ class Shard:
         alive_blocks = np.unique(ram["chunks/block"][self.chunk_alive])
         return {
             "shard": self.shard_id,
-            "node": os.uname().nodename,
+            "node": f"{os.uname().nodename}/{_ray_node_id()[:8]}",
             "documents": len(alive_docs),
             "chunks": int(self.chunk_alive.sum()),
             "blocks": len(alive_blocks),

@@ -52,7 +52,7 @@ def test_read_returns_ranked_chunks_and_readout(client):
 
 def test_stats(client, tokenizer):
     s = client.stats()
-    assert s.documents == 2 and len(s.shards) == 2
+    assert s.documents >= 2 and len(s.shards) == 2  # the session service is shared by other test files
     assert s.tokens == sum(sh.tokens for sh in s.shards) > 14000
     assert s.full_fp16_kv_bytes_per_token == 30 * 2 * 3 * 64 * 2
     assert 0 < s.bytes_per_token and all(sh.resident_bytes > 0 for sh in s.shards)

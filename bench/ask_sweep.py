@@ -30,7 +30,8 @@ def main():
     ap.add_argument("--top-k", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--neighbors", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--orders", nargs="+", default=["score", "document"])
-    ap.add_argument("--templates", nargs="+", default=["\n\n{question}"], help="decoder.question_template values")
+    ap.add_argument("--templates", nargs="+", default=["\n{question}"], help="decoder.question_template values")
+    ap.add_argument("--schemes", nargs="+", default=["consecutive"], help="ask.position_scheme values")
     args = ap.parse_args()
     cfg = EngramConfig()
     cfg.shard.data_dir = tempfile.mkdtemp(prefix="engram-sweep-")
@@ -43,14 +44,15 @@ def main():
                 ns = f"pk-{n}-{t}"
                 c.write([("doc", passkey_context(n, depth, key, srv.engine.tokenizer))], namespace=ns)
                 cases.append((n, ns, key))
-        print("| tokens | template | top-k | +following | order | passkey |\n|---|---|---|---|---|---|")
+        print("| tokens | positions | template | top-k | +following | order | passkey |\n|---|---|---|---|---|---|---|")
         for n in args.lengths:
-            for tpl, k, nb, order in itertools.product(args.templates, args.top_k, args.neighbors, args.orders):
+            for scheme, tpl, k, nb, order in itertools.product(args.schemes, args.templates, args.top_k,
+                                                               args.neighbors, args.orders):
                 srv.engine.cfg.ask.neighbors, srv.engine.cfg.ask.block_order = nb, order
-                ray.get(srv.engine.decoder.set_template.remote(tpl))
+                ray.get(srv.engine.decoder.set_options.remote(tpl, scheme))
                 ok = sum(first_integer(c.ask(PASSKEY_QUESTION, namespace=ns, top_k=k, max_new_tokens=8).answer) == key
                          for m, ns, key in cases if m == n)
-                print(f"| {n} | {tpl!r} | {k} | {nb} | {order} | {ok}/{args.trials} |", flush=True)
+                print(f"| {n} | {scheme} | {tpl!r} | {k} | {nb} | {order} | {ok}/{args.trials} |", flush=True)
 
 
 if __name__ == "__main__":

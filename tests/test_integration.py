@@ -9,6 +9,7 @@ import pytest
 import ray
 
 from engram.coordinator.client import EngramClient
+from engram.proto import engram_pb2 as pb
 from engram.coordinator.haystack import (NIAH_QUESTION, PASSKEY_QUESTION, first_integer, niah_context,
                                          passkey_context)
 
@@ -75,6 +76,9 @@ def test_delete_forgets_a_document(client):
     (lambda c: c.write([("x", "text")], namespace=""), grpc.StatusCode.INVALID_ARGUMENT),
     (lambda c: c.write([("passkey", "again")], namespace="it"), grpc.StatusCode.ALREADY_EXISTS),
     (lambda c: c.write([], namespace="it"), grpc.StatusCode.INVALID_ARGUMENT),
+    (lambda c: c.write([("latin1", "caf\xe9 au lait".encode("latin-1"))], namespace="it"), grpc.StatusCode.INVALID_ARGUMENT),
+    (lambda c: c.stub.Write(iter([pb.WriteRequest(namespace="it", document_id="huge", text=b"a" * (17 << 20))])),
+     grpc.StatusCode.RESOURCE_EXHAUSTED),  # one message over server.max_message_bytes (16 MiB)
     (lambda c: c.ask("anything?", namespace="nobody"), grpc.StatusCode.NOT_FOUND),
     (lambda c: c.ask("   ", namespace="it"), grpc.StatusCode.INVALID_ARGUMENT),
     (lambda c: c.ask("q?", namespace="it", top_k=10_000), grpc.StatusCode.INVALID_ARGUMENT),

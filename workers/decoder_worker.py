@@ -14,9 +14,12 @@ class DecoderWorker:
         model, tokenizer = decoder_model.load(cfg)
         self.decoder = kvlib.MemoryDecoder(model, tokenizer, cfg.question_template, position_scheme)
 
-    def set_template(self, template: str) -> None:
-        """For benchmark sweeps: change the question template of a running worker."""
-        self.decoder.template = template
+    def set_options(self, template: str | None = None, position_scheme: str | None = None) -> None:
+        """For benchmark sweeps: change the question template or position scheme of a running worker."""
+        if template is not None:
+            self.decoder.template = template
+        if position_scheme is not None:
+            self.decoder.scheme = position_scheme
 
     def answer(self, question: str, chunk_tokens: int, max_new_tokens: int, order: list[tuple[int, int]],
                *block_lists) -> dict:

@@ -66,6 +66,7 @@ class Shard:
         for ep in np.unique(episodes):
             sel = episodes == ep
             self.memories[int(ep)] = write_one_shot(self._items(blocks[sel]), self.m0_pinv, self.cfg.episodic.ridge)
+            self.memories[int(ep)].projection  # noqa: B018 - warm before serving
             self.episode_namespace[int(ep)] = str(ram["docs/namespace"][docs[sel][0]])
         self.next_episode = int(ram["chunks/episode"].max()) + 1 if len(ram["chunks/episode"]) else 0
 
@@ -137,6 +138,7 @@ class Shard:
             mem = self.memories.setdefault(int(ep), EpisodicMemory(self.m0_pinv, self.cfg.episodic.ridge))
             self.episode_namespace[int(ep)] = namespace
             mem.write(self._items(blocks[episodes == ep]))
+            mem.projection  # noqa: B018 - computed here, on the write path, not by the first ask
         return {"chunks": len(hashes), "doc": doc, "replayed": False}
 
     def delete_document(self, namespace: str, name: str) -> int:
@@ -155,6 +157,8 @@ class Shard:
             self.memories[int(ep)].forget(self._items(ram["chunks/block"][sel]))
             if self.memories[int(ep)].count == 0:
                 del self.memories[int(ep)], self.episode_namespace[int(ep)]
+            else:
+                self.memories[int(ep)].projection  # noqa: B018
         return len(rows)
 
     # --- reads -----------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ class ClusterConfig:
     shards: int = 2
     encoders: int = 0  # encoder actors; 0 = one per CPU of the cluster (at least 1)
     encoder_cpus: float = 1.0  # each encoder uses this many cores (torch threads)
+    encoder_gpus: float = 0.0  # > 0: each encoder asks Ray for this share of a GPU and encodes with CUDA
     # Custom Ray resource shard actors require (e.g. "engram_shard": give CPU nodes `--resources
     # '{"engram_shard": 4}'`); None places shards anywhere.
     shard_resource: str | None = None

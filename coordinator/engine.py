@@ -122,8 +122,9 @@ class Engine:
                                 ).remote(i, self.cfg.shard, self.layout)
             for i in self.shard_ids
         ]
-        enc_actor = ray.remote(Encoder).options(num_cpus=c.encoder_cpus if not has_gpu else 0,
-                                                num_gpus=0, max_restarts=-1, max_task_retries=3)
+        # Ray hides GPUs from actors that ask for none, so device "auto" picks CUDA exactly when one is granted.
+        enc_actor = ray.remote(Encoder).options(num_cpus=c.encoder_cpus, num_gpus=c.encoder_gpus,
+                                                max_restarts=-1, max_task_retries=3)
         self.encoders = [enc_actor.remote(self.cfg.encoder, enc_dec) for _ in range(n_enc)]
         gpus = c.decoder_gpus if c.decoder_gpus is not None else (1 if has_gpu else 0)
         self.decoder = ray.remote(DecoderWorker).options(num_cpus=0, num_gpus=gpus, max_restarts=-1,

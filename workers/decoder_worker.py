@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 
 from ..decoder import kv as kvlib
@@ -11,6 +13,8 @@ from ..decoder import model as decoder_model
 class DecoderWorker:
     def __init__(self, cfg: decoder_model.DecoderConfig, position_scheme: str = "consecutive"):
         self.cfg = cfg
+        if not cfg.threads:  # Ray caps threads of actors that reserve no CPU; the decoder may use the node's cores
+            cfg = dataclasses.replace(cfg, threads=os.cpu_count() or 1)
         model, tokenizer = decoder_model.load(cfg)
         self.decoder = kvlib.MemoryDecoder(model, tokenizer, cfg.question_template, position_scheme)
 

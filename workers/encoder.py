@@ -1,7 +1,8 @@
 """Chunk encoder: the decoder's KV blocks and the MiniLM latents of chunks; also embeds queries.
 
-Plain class; the coordinator runs a pool of them as Ray actors (one per CPU slot, on a GPU when the cluster has
-one), so ingest is never serialised through one process.
+Plain class; the coordinator runs a pool of them as Ray actors (one per CPU slot by default; with
+`cluster.encoder_gpus` > 0 each gets a share of a GPU and encodes with CUDA), so ingest is never serialised
+through one process.
 """
 
 from __future__ import annotations

@@ -334,8 +334,8 @@ class Engine:
         total["bytes_per_token"] = total["stored_bytes"] / total["tokens"] if total["tokens"] else 0.0
         unique_tokens = total["blocks"] * self.layout.chunk_tokens
         total["unique_bytes_per_token"] = total["stored_bytes"] / unique_tokens if unique_tokens else 0.0
-        l = self.layout
-        total["full_fp16_kv_bytes_per_token"] = float(l.layers * 2 * l.kv_heads * l.head_dim * 2)
+        lay = self.layout
+        total["full_fp16_kv_bytes_per_token"] = float(lay.layers * 2 * lay.kv_heads * lay.head_dim * 2)
         return {"shards": shards, **total}
 
     def shutdown(self) -> None:

@@ -35,7 +35,8 @@ def _ray_node_id() -> str:
 
 
 class ShardError(Exception):
-    """A request the shard refuses; `code` names the kind (not_found, already_exists, invalid)."""
+    """A request the shard refuses; `code` names the kind (already_exists, or stale: blocks the writer staged
+    were lost in a restart and must be sent again)."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message)

@@ -102,9 +102,6 @@ class Shard:
         """Stage encoded blocks; they become durable with the next committed document."""
         return len(self.store.put_blocks(batch))
 
-    def has_document(self, namespace: str, name: str) -> bool:
-        return (namespace, name) in self.doc_lookup
-
     def document_request(self, namespace: str, name: str) -> str | None:
         """The request id the document was written with ("" if none); None if there is no such document."""
         doc = self.doc_lookup.get((namespace, name))

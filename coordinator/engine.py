@@ -242,7 +242,7 @@ class Engine:
                 for sc, b, d, q, o in zip(r["score"], r["block"], r["doc"], r["seq"], r["offset"])]
         hits = sorted(hits, key=lambda h: -h.score)[:top_k]
         readouts = np.stack([r["readout"] for r in results if r["episodes"]])
-        readout = hierarchical_readout(readouts, z, self.m0_pinv, self.cfg.shard.episodic.ridge)
+        readout = hierarchical_readout(readouts, z, self.m0_pinv, self.cfg.shard.episodic)
         return hits, readout, {"embed_s": t1 - t0, "retrieve_s": time.perf_counter() - t1}
 
     async def neighbors(self, namespace: str, hits: list[Retrieved]) -> list[Retrieved]:

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from engram.workers.episodic import (EpisodicConfig, EpisodicMemory, hierarchical_readout, reference_pinv,
-                                     write_one_shot)
+from engram.workers.episodic import (EpisodicConfig, EpisodicMemory, HopfieldMemory, hierarchical_readout,
+                                     new_memory, reference_pinv, write_one_shot)
 
 CFG = EpisodicConfig(rows=32, dim=48, ridge=1e-9, seed=3)
 
@@ -78,7 +78,75 @@ def test_hierarchical_readout():
     pinv = reference_pinv(CFG)
     readouts = unit(rng, 3 * CFG.rows + 5, CFG.dim)  # more than one memory's worth: two levels
     q = readouts[7]
-    out = hierarchical_readout(readouts, q, pinv, CFG.ridge)
+    out = hierarchical_readout(readouts, q, pinv, CFG)
     assert out.shape == (CFG.dim,)
     assert np.dot(out, q) / np.linalg.norm(out) > 0.9  # a stored readout is recalled through the levels
-    assert hierarchical_readout(np.zeros((0, CFG.dim)), q, pinv, CFG.ridge).shape == (CFG.dim,)
+    assert hierarchical_readout(np.zeros((0, CFG.dim)), q, pinv, CFG).shape == (CFG.dim,)
+
+
+# --- Hopfield read mode ---------------------------------------------------------------------------------------------
+def reference_hopfield(q, items, beta):
+    """softmax(β q·Ξᵀ)·Ξ, one query at a time with Python's math."""
+    out = []
+    for row in np.atleast_2d(q):
+        logits = [beta * float(np.dot(row, x)) for x in items]
+        m = max(logits)
+        w = [np.exp(v - m) for v in logits]
+        out.append(sum(wi * x for wi, x in zip(w, items)) / sum(w))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 200])
+@pytest.mark.parametrize("beta", [1.0, 8.0, 64.0])
+def test_hopfield_read_matches_reference(n, beta):
+    rng = np.random.default_rng(n)
+    z, q = unit(rng, n, CFG.dim), unit(rng, 3, CFG.dim)
+    mem = HopfieldMemory(CFG.dim, beta)
+    mem.write(z)
+    np.testing.assert_allclose(mem.read(q), reference_hopfield(q, z, beta), atol=1e-10)
+
+
+def test_hopfield_recalls_past_least_squares_capacity():
+    """At N = 4K a sharp softmax still reconstructs the stored item from a noisy query; least squares cannot."""
+    rng = np.random.default_rng(5)
+    z = unit(rng, 4 * CFG.rows, CFG.dim)
+    noisy = z + 0.3 * unit(rng, len(z), CFG.dim)
+    hop = HopfieldMemory(CFG.dim, 64.0)
+    hop.write(z)
+    ls = write_one_shot(z, reference_pinv(CFG), CFG.ridge)
+    cos = lambda out: np.mean(np.sum(out * z, 1) / np.linalg.norm(out, axis=1))  # noqa: E731
+    assert cos(hop.read(noisy)) > 0.95
+    assert cos(ls.read(noisy)) < 0.9
+
+
+def test_hopfield_forget_is_exact():
+    rng = np.random.default_rng(6)
+    a, b = unit(rng, 5, CFG.dim), unit(rng, 3, CFG.dim)
+    mem = HopfieldMemory(CFG.dim, 16.0)
+    mem.write(a), mem.write(b), mem.write(a[:1])  # a duplicate: forgetting drops one copy
+    mem.forget(b)
+    mem.forget(a[:1])
+    np.testing.assert_array_equal(mem.items, np.concatenate([a[1:], a[:1]]))
+    assert mem.count == 5
+    with pytest.raises(ValueError, match="does not hold"):
+        mem.forget(b[:1])
+    assert mem.count == 5
+
+
+def test_read_mode_is_selected_by_config_and_checked():
+    pinv = reference_pinv(CFG)
+    assert isinstance(new_memory(CFG, pinv), EpisodicMemory)
+    assert isinstance(new_memory(EpisodicConfig(rows=32, dim=48, read_mode="hopfield"), pinv), HopfieldMemory)
+    with pytest.raises(ValueError, match="read_mode 'softmax' is not one of least_squares, hopfield"):
+        EpisodicConfig(read_mode="softmax")
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        EpisodicConfig(read_mode="hopfield", beta=0)
+
+
+def test_hopfield_hierarchical_readout():
+    rng = np.random.default_rng(7)
+    readouts = unit(rng, 3 * CFG.rows + 5, CFG.dim)
+    cfg = EpisodicConfig(rows=32, dim=48, read_mode="hopfield", beta=64.0)
+    out = hierarchical_readout(readouts, readouts[7], reference_pinv(CFG), cfg)
+    np.testing.assert_allclose(out, reference_hopfield(readouts[7], readouts, 64.0)[0], atol=1e-10)
+    assert np.dot(out, readouts[7]) / np.linalg.norm(out) > 0.9

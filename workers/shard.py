@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .episodic import EpisodicConfig, EpisodicMemory, hierarchical_readout, reference_pinv, write_one_shot
+from .episodic import EpisodicConfig, Memory, hierarchical_readout, new_memory, reference_pinv
 from .store import ShardStore, StoreLayout
 
 
@@ -59,15 +59,16 @@ class Shard:
         self.doc_lookup = {(ns, name): i for i, (ns, name) in enumerate(zip(ram["docs/namespace"], ram["docs/name"]))
                            if not deleted[i]}
         self.chunk_alive = ~deleted[ram["chunks/doc"]] if len(ram["chunks/doc"]) else np.zeros(0, dtype=bool)
-        self.memories: dict[int, EpisodicMemory] = {}
+        self.memories: dict[int, Memory] = {}
         self.episode_namespace: dict[int, str] = {}
         episodes = ram["chunks/episode"][self.chunk_alive]
         docs = ram["chunks/doc"][self.chunk_alive]
         blocks = ram["chunks/block"][self.chunk_alive]
         for ep in np.unique(episodes):
             sel = episodes == ep
-            self.memories[int(ep)] = write_one_shot(self._items(blocks[sel]), self.m0_pinv, self.cfg.episodic.ridge)
-            self.memories[int(ep)].projection  # noqa: B018 - warm before serving
+            mem = self.memories[int(ep)] = new_memory(self.cfg.episodic, self.m0_pinv)
+            mem.write(self._items(blocks[sel]))
+            mem.prepare()  # warm before serving
             self.episode_namespace[int(ep)] = str(ram["docs/namespace"][docs[sel][0]])
         self.next_episode = int(ram["chunks/episode"].max()) + 1 if len(ram["chunks/episode"]) else 0
 
@@ -133,10 +134,10 @@ class Shard:
         self.doc_lookup[(namespace, name)] = doc
         self.chunk_alive = np.concatenate([self.chunk_alive, np.ones(len(hashes), dtype=bool)])
         for ep in np.unique(episodes):
-            mem = self.memories.setdefault(int(ep), EpisodicMemory(self.m0_pinv, self.cfg.episodic.ridge))
+            mem = self.memories.setdefault(int(ep), new_memory(self.cfg.episodic, self.m0_pinv))
             self.episode_namespace[int(ep)] = namespace
             mem.write(self._items(blocks[episodes == ep]))
-            mem.projection  # noqa: B018 - computed here, on the write path, not by the first ask
+            mem.prepare()  # on the write path, not in the first ask
         return {"chunks": len(hashes), "doc": doc, "replayed": False}
 
     def delete_document(self, namespace: str, name: str) -> int:
@@ -156,15 +157,16 @@ class Shard:
             if self.memories[int(ep)].count == 0:
                 del self.memories[int(ep)], self.episode_namespace[int(ep)]
             else:
-                self.memories[int(ep)].projection  # noqa: B018
+                self.memories[int(ep)].prepare()
         return len(rows)
 
     # --- reads -----------------------------------------------------------------------------------------------------
     def search(self, namespace: str, query: np.ndarray, top_k: int) -> dict:
         """Score the namespace's chunks through their episodic memories; top-k distinct blocks.
 
-        score_i = max_r <z_r(e_i), ẑ_ir>: the readout of chunk i's episode memory against the chunk's stored
-        window latents (= the best window's cosine with the query while the episode is within capacity)."""
+        score_i = max_r <s(e_i), ẑ_ir>: the scorer of chunk i's episode memory (least squares: its readout z_r,
+        which gives the best window's cosine with the query while the episode is within capacity; Hopfield: the
+        readout weighted by its match with the query) against the chunk's stored window latents."""
         ram = self.store.ram
         q = np.asarray(query, dtype=np.float64)
         eps = [ep for ep, ns in self.episode_namespace.items() if ns == namespace]
@@ -173,12 +175,14 @@ class Shard:
         if not eps:
             return empty
         readouts = np.stack([self.memories[ep].read(q) for ep in eps])  # [E, C]
+        scorers = np.stack([self.memories[ep].scorer(q) for ep in eps])  # [E, C] (= readouts for least squares)
         eps_sorted = np.sort(np.asarray(eps, dtype=np.int64))
-        readouts = readouts[np.argsort(np.asarray(eps, dtype=np.int64))]  # rows follow eps_sorted
+        by_episode = np.argsort(np.asarray(eps, dtype=np.int64))
+        readouts, scorers = readouts[by_episode], scorers[by_episode]  # rows follow eps_sorted
         rows = np.flatnonzero(self.chunk_alive & np.isin(ram["chunks/episode"], eps_sorted))
         blocks = ram["chunks/block"][rows]
         lookup = np.searchsorted(eps_sorted, ram["chunks/episode"][rows])
-        scores = np.einsum("nrc,nc->nr", ram["blocks/latent"][blocks].astype(np.float64), readouts[lookup]).max(1)
+        scores = np.einsum("nrc,nc->nr", ram["blocks/latent"][blocks].astype(np.float64), scorers[lookup]).max(1)
         order = np.argsort(-scores, kind="stable")
         _, first = np.unique(blocks[order], return_index=True)  # identical chunks: keep the best-scored one
         keep = order[np.sort(first)][:top_k]
@@ -188,7 +192,7 @@ class Shard:
             "score": scores[keep], "block": blocks[keep],
             "doc": [str(ram["docs/name"][d]) for d in ram["chunks/doc"][sel]],
             "seq": ram["chunks/seq"][sel], "offset": ram["chunks/offset"][sel],
-            "readout": hierarchical_readout(readouts, q, self.m0_pinv, self.cfg.episodic.ridge),
+            "readout": hierarchical_readout(readouts, q, self.m0_pinv, self.cfg.episodic),
             "episodes": len(eps),
         }
 

@@ -18,7 +18,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 from engram.workers.episodic import EpisodicConfig, HopfieldMemory, reference_pinv, write_one_shot
 
 LOADS = (0.25, 0.5, 1.0, 2.0, 4.0)

@@ -13,11 +13,10 @@ import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-
-from engram.coordinator.haystack import PASSKEY_FILLER, PASSKEY_QUESTION, passkey_needle  # noqa: E402
-from engram.decoder import kv  # noqa: E402
-from engram.decoder.model import DecoderConfig, load  # noqa: E402
+import torch
+from engram.coordinator.haystack import PASSKEY_FILLER, PASSKEY_QUESTION, passkey_needle
+from engram.decoder import kv
+from engram.decoder.model import DecoderConfig, load
 
 T = 128
 

@@ -9,13 +9,12 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from engram.coordinator.haystack import NIAH_QUESTION, niah_context  # noqa: E402
-from engram.decoder import kv  # noqa: E402
-from engram.decoder.model import DecoderConfig, load  # noqa: E402
-from engram.workers.encoder import load_embedder  # noqa: E402
+import numpy as np
+import torch
+from engram.coordinator.haystack import NIAH_QUESTION, niah_context
+from engram.decoder import kv
+from engram.decoder.model import DecoderConfig, load
+from engram.workers.encoder import load_embedder
 
 T = 128
 

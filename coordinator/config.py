@@ -77,7 +77,7 @@ class EngramConfig:
     ask: AskConfig = field(default_factory=AskConfig)
 
     @classmethod
-    def load(cls, path: str | Path | None = None, **overrides: dict) -> "EngramConfig":
+    def load(cls, path: str | Path | None = None, **overrides: dict) -> EngramConfig:
         data = tomllib.loads(Path(path).read_text()) if path else {}
         for section, values in overrides.items():
             data.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})

@@ -170,7 +170,7 @@ class Engine:
             try:
                 new_blocks = await self._write_once(namespace, name, request_id, chunks, hashes, per_shard)
                 return {"chunks": len(chunks), "tokens": len(ids), "new_blocks": new_blocks}
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 err = shard_error(exc)
                 if err is not None and err.code != "stale":
                     last = EngramError(err.code, str(err))

@@ -235,7 +235,7 @@ class BackgroundServer:
         self.engine: Engine | None = None
         self.server: grpc.aio.Server | None = None
 
-    def start(self) -> "BackgroundServer":
+    def start(self) -> BackgroundServer:
         self.engine = Engine(self.cfg)
         self.thread.start()
         fut = asyncio.run_coroutine_threadsafe(start_server(self.engine, self.cfg, self.port), self.loop)

@@ -31,7 +31,7 @@ class KVLayout:
     keep_tokens: int  # S <= T; S == T means dense
 
     @classmethod
-    def of(cls, model, chunk_tokens: int, keep_tokens: int) -> "KVLayout":
+    def of(cls, model, chunk_tokens: int, keep_tokens: int) -> KVLayout:
         c = model.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         keep = chunk_tokens if keep_tokens <= 0 else min(keep_tokens, chunk_tokens)

@@ -16,7 +16,7 @@ def generate(out: Path) -> None:
         raise SystemExit("protoc failed")
     grpc_file = out / "engram_pb2_grpc.py"
     # protoc writes a top-level import; the stubs live in the engram.proto package.
-    grpc_file.write_text(re.sub(r"^import engram_pb2 as", "from . import engram_pb2 as", grpc_file.read_text(), flags=re.M))
+    grpc_file.write_text(re.sub(r"^import engram_pb2 as", "from . import engram_pb2 as", grpc_file.read_text(), flags=re.MULTILINE))
 
 
 if __name__ == "__main__":

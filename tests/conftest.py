@@ -5,14 +5,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")
 def service(tmp_path_factory):
     """One real Ray (2 CPUs), 2 shard actors, 2 encoders, the decoder worker and a gRPC server on 127.0.0.1."""
     import ray
-
     from engram.coordinator.config import EngramConfig
     from engram.coordinator.server import BackgroundServer
 

@@ -15,13 +15,12 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
-
-from engram.coordinator.client import EngramClient  # noqa: E402
-from engram.coordinator.config import EngramConfig  # noqa: E402
-from engram.coordinator.haystack import PASSKEY_QUESTION, passkey_context  # noqa: E402
-from engram.coordinator.server import BackgroundServer  # noqa: E402
+import ray
+from engram.coordinator.client import EngramClient
+from engram.coordinator.config import EngramConfig
+from engram.coordinator.haystack import PASSKEY_QUESTION, passkey_context
+from engram.coordinator.server import BackgroundServer
+from ray.cluster_utils import Cluster
 
 
 def main() -> int:

@@ -11,10 +11,10 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from engram.coordinator.client import EngramClient  # noqa: E402
-from engram.coordinator.config import EngramConfig  # noqa: E402
-from engram.coordinator.haystack import PASSKEY_QUESTION, passkey_context  # noqa: E402
-from engram.coordinator.server import BackgroundServer  # noqa: E402
+from engram.coordinator.client import EngramClient
+from engram.coordinator.config import EngramConfig
+from engram.coordinator.haystack import PASSKEY_QUESTION, passkey_context
+from engram.coordinator.server import BackgroundServer
 
 
 def main(phase: str, data_dir: str) -> int:

@@ -2,7 +2,6 @@ import os
 from collections import Counter
 
 import pytest
-
 from engram.coordinator.chunking import route, split
 from engram.coordinator.config import EngramConfig
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from engram.decoder import kv
 from engram.decoder.model import DecoderConfig, load, model_path
 

@@ -8,7 +8,6 @@ import time
 
 import pytest
 import ray
-
 from engram.coordinator.client import EngramClient
 from engram.coordinator.haystack import PASSKEY_QUESTION, passkey_context
 

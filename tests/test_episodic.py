@@ -2,9 +2,15 @@
 
 import numpy as np
 import pytest
-
-from engram.workers.episodic import (EpisodicConfig, EpisodicMemory, HopfieldMemory, hierarchical_readout,
-                                     new_memory, reference_pinv, write_one_shot)
+from engram.workers.episodic import (
+    EpisodicConfig,
+    EpisodicMemory,
+    HopfieldMemory,
+    hierarchical_readout,
+    new_memory,
+    reference_pinv,
+    write_one_shot,
+)
 
 CFG = EpisodicConfig(rows=32, dim=48, ridge=1e-9, seed=3)
 
@@ -114,7 +120,7 @@ def test_hopfield_recalls_past_least_squares_capacity():
     hop = HopfieldMemory(CFG.dim, 64.0)
     hop.write(z)
     ls = write_one_shot(z, reference_pinv(CFG), CFG.ridge)
-    cos = lambda out: np.mean(np.sum(out * z, 1) / np.linalg.norm(out, axis=1))  # noqa: E731
+    cos = lambda out: np.mean(np.sum(out * z, 1) / np.linalg.norm(out, axis=1))
     assert cos(hop.read(noisy)) > 0.95
     assert cos(ls.read(noisy)) < 0.9
 

@@ -3,13 +3,12 @@ written before is unchanged."""
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from engram.coordinator.client import EngramClient
 from engram.coordinator.haystack import passkey_context
 from engram.proto import engram_pb2 as pb
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytestmark = pytest.mark.integration
 EXAMPLES = 1000
@@ -19,7 +18,7 @@ ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode
 
 names = st.one_of(st.just(""), st.text(max_size=300), st.sampled_from(["fz", "fz-2", "a\nb", "x\x00y"])).filter(
     lambda n: n != PROTECTED)
-small_or_huge = lambda lo, hi: st.one_of(st.integers(0, lo), st.integers(hi, 2**32 - 1))  # noqa: E731
+small_or_huge = lambda lo, hi: st.one_of(st.integers(0, lo), st.integers(hi, 2**32 - 1))
 writes = st.builds(lambda ns, doc, parts, rid: ("write", [pb.WriteRequest(namespace=ns, document_id=doc, text=p,
                                                                             request_id=rid) for p in parts]),
                    names, names, st.lists(st.one_of(st.binary(max_size=64), st.text(max_size=64).map(str.encode)),

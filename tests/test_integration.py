@@ -7,11 +7,9 @@ import time
 import grpc
 import pytest
 import ray
-
 from engram.coordinator.client import EngramClient
+from engram.coordinator.haystack import NIAH_QUESTION, PASSKEY_QUESTION, first_integer, niah_context, passkey_context
 from engram.proto import engram_pb2 as pb
-from engram.coordinator.haystack import (NIAH_QUESTION, PASSKEY_QUESTION, first_integer, niah_context,
-                                         passkey_context)
 
 pytestmark = pytest.mark.integration
 KEY = 48213

@@ -1,7 +1,6 @@
 """The issue's long checks: 1M-token passkey and >=128k-token essays with a needle. `pytest -m slow`."""
 
 import pytest
-
 from engram.coordinator.client import EngramClient
 from engram.coordinator.haystack import NIAH_QUESTION, PASSKEY_QUESTION, first_integer, niah_context, passkey_context
 

@@ -6,7 +6,6 @@ import subprocess
 
 import grpc
 import pytest
-
 from engram.coordinator.client import EngramClient
 from engram.coordinator.server import start_server
 

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-
 from engram.workers.episodic import EpisodicConfig, write_one_shot
 from engram.workers.shard import Shard, ShardConfig, ShardError
 from engram.workers.store import StoreLayout
+
 from tests.test_store import batch, h
 
 LAYOUT = StoreLayout(layers=2, kv_heads=3, keep_tokens=4, head_dim=8, chunk_tokens=4, latent_dim=6, latents_per_chunk=2)

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from engram.decoder.kv import attention_received, select_spans
 
 

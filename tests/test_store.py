@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from engram.workers.store import ShardStore, StoreError, StoreLayout
 
 LAYOUT = StoreLayout(layers=2, kv_heads=3, keep_tokens=4, head_dim=8, chunk_tokens=4, latent_dim=6,

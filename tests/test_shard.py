@@ -66,7 +66,7 @@ def test_commit_refuses_unknown_blocks_and_changes_nothing(tmp_path):
     s = make(tmp_path)
     with pytest.raises(ShardError, match="not stored"):
         s.commit_document("ns", "x", 4, [h(99)], [0], [0])
-    assert s.documents() == [] and s.store.counts == {"blocks": 0, "chunks": 0, "docs": 0}
+    assert s.documents() == [] and s.store.counts == {"blocks": 0, "chunks": 0, "docs": 0, "drops": 0}
 
 
 def test_hopfield_shard_forgets_and_rebuilds(tmp_path):
@@ -82,3 +82,40 @@ def test_hopfield_shard_forgets_and_rebuilds(tmp_path):
     assert list(s.search("ns", ba["latent"][0, 0], 5)["doc"]) == ["b"]
     restarted = make(tmp_path, "hopfield")
     np.testing.assert_array_equal(restarted.memories[ep].items, s.memories[ep].items)
+
+
+def test_chunks_move_between_shards_exactly_once(tmp_path):
+    """Rebalancing's shard side: copy blocks and chunk rows to the new owner, then drop them here; idempotent,
+    durable, and both episodic memories stay exact."""
+    rng = np.random.default_rng(3)
+    src, dst = make(tmp_path), Shard(1, make(tmp_path).cfg, LAYOUT)
+    b = unit_batch(rng, range(5))
+    write(src, "a", b, list(range(5)))
+    moving = [1, 3, 4]
+    dst.put_blocks(src.export_blocks([h(i) for i in moving]))
+    doc = src.doc_chunks("ns", "a")
+    pick = [doc["seq"].index(i) for i in moving]
+    args = [[doc[k][i] for i in pick] for k in ("hash", "seq", "offset", "length")]
+    assert dst.import_chunks("ns", "a", doc["request"], *args) == 3
+    assert dst.import_chunks("ns", "a", doc["request"], *args) == 0  # a retried move adds nothing
+    assert src.drop_chunks("ns", "a", moving) == 3 and src.drop_chunks("ns", "a", moving) == 0
+    for shard, seqs in ((src, [0, 2]), (dst, moving)):
+        assert sorted(q for q, _, _ in shard.chunks_at("ns", "a", list(range(5)))) == seqs
+        for q in seqs:  # each chunk is found on its shard, scored through that shard's memory
+            r = shard.search("ns", b["latent"][q, 0], top_k=1)
+            assert r["seq"][0] == q and r["score"][0] == pytest.approx(1.0, abs=1e-6)
+        assert sum(m.count for m in shard.memories.values()) == 2 * len(seqs)  # R = 2 windows per chunk
+    assert src.stats()["tokens"] == 8 and dst.stats()["tokens"] == 12
+    # durable: both reopen with the same rows
+    src2, dst2 = make(tmp_path), Shard(1, src.cfg, LAYOUT)
+    assert sorted(q for q, _, _ in src2.chunks_at("ns", "a", list(range(5)))) == [0, 2]
+    assert sorted(q for q, _, _ in dst2.chunks_at("ns", "a", list(range(5)))) == moving
+    # moving the rest empties the document here
+    dst2.put_blocks(src2.export_blocks([h(0), h(2)]))
+    rest = src2.doc_chunks("ns", "a")
+    assert dst2.import_chunks("ns", "a", rest["request"], rest["hash"], rest["seq"], rest["offset"], rest["length"]) == 2
+    assert src2.drop_chunks("ns", "a", [0, 2]) == 2
+    assert src2.documents() == [] and make(tmp_path).documents() == [] and src2.memories == {}
+    assert dst2.stats()["chunks"] == 5 and dst2.document_request("ns", "a") == ""
+    with pytest.raises(ShardError, match="another request"):
+        dst2.import_chunks("ns", "a", "other-request", [h(0)], [0], [0], [4])

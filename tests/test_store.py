@@ -50,7 +50,7 @@ def test_uncommitted_writes_vanish_on_reopen(tmp_path):
     s.add_document("ns", "late", 8, {"block": np.array([1, 2]), "seq": np.arange(2), "offset": np.arange(2),
                                      "episode": np.zeros(2, np.int64)})
     s2 = ShardStore(tmp_path, LAYOUT)
-    assert s2.counts == {"blocks": 1, "chunks": 0, "docs": 0}
+    assert s2.counts == {"blocks": 1, "chunks": 0, "docs": 0, "drops": 0}
     assert s2.contains([h(1), h(2)]) == [True, False]
     assert s2.arrays["blocks/keys"].shape[0] == 1
 

@@ -59,6 +59,7 @@ class Shard:
         self.doc_lookup = {(ns, name): i for i, (ns, name) in enumerate(zip(ram["docs/namespace"], ram["docs/name"]))
                            if not deleted[i]}
         self.chunk_alive = ~deleted[ram["chunks/doc"]] if len(ram["chunks/doc"]) else np.zeros(0, dtype=bool)
+        self.chunk_alive[ram["drops/chunk"]] = False  # moved to another shard
         self.memories: dict[int, Memory] = {}
         self.episode_namespace: dict[int, str] = {}
         episodes = ram["chunks/episode"][self.chunk_alive]
@@ -118,15 +119,25 @@ class Shard:
                 return {"chunks": int(((self.store.ram["chunks/doc"] == doc) & self.chunk_alive).sum()), "doc": doc,
                         "replayed": True}
             raise ShardError("already_exists", f"document {name!r} already exists in namespace {namespace!r}")
+        doc = self._add_chunks(namespace, name, None, tokens, hashes, seqs, offsets, request_id)
+        return {"chunks": len(hashes), "doc": doc, "replayed": False}
+
+    def _add_chunks(self, namespace: str, name: str, doc: int | None, tokens: int, hashes: list[bytes],
+                    seqs: list[int], offsets: list[int], request_id: str) -> int:
+        """Commit chunk rows to a new document (doc None) or an existing one, then write them to the episodic
+        memories. All or nothing."""
         try:
             missing = [h.hex() for h, ok in zip(hashes, self.store.contains(hashes)) if not ok]
             if missing:  # staged blocks die with the process that staged them: the writer re-sends them
                 raise ShardError("stale", f"{len(missing)} blocks are not stored (lost in a restart?), e.g. {missing[0]}")
             blocks = np.array([self.store.hash_index[h] for h in hashes], dtype=np.int64)
             episodes = self._assign_episodes(namespace, len(hashes))
-            doc = self.store.add_document(namespace, name, tokens, {
-                "block": blocks, "seq": np.asarray(seqs, dtype=np.int64),
-                "offset": np.asarray(offsets, dtype=np.int64), "episode": episodes}, request_id)
+            rows = {"block": blocks, "seq": np.asarray(seqs, dtype=np.int64),
+                    "offset": np.asarray(offsets, dtype=np.int64), "episode": episodes}
+            if doc is None:
+                doc = self.store.add_document(namespace, name, tokens, rows, request_id)
+            else:
+                self.store.add_chunks(doc, rows)
             self.store.commit()
         except BaseException:
             self.store.rollback()
@@ -138,7 +149,95 @@ class Shard:
             self.episode_namespace[int(ep)] = namespace
             mem.write(self._items(blocks[episodes == ep]))
             mem.prepare()  # on the write path, not in the first ask
-        return {"chunks": len(hashes), "doc": doc, "replayed": False}
+        return doc
+
+    def _forget_rows(self, rows: np.ndarray) -> None:
+        """Take chunk rows out of the index and their items out of the episodic memories (exact, α = −1)."""
+        ram = self.store.ram
+        self.chunk_alive[rows] = False
+        for ep in np.unique(ram["chunks/episode"][rows]):
+            sel = rows[ram["chunks/episode"][rows] == ep]
+            self.memories[int(ep)].forget(self._items(ram["chunks/block"][sel]))
+            if self.memories[int(ep)].count == 0:
+                del self.memories[int(ep)], self.episode_namespace[int(ep)]
+            else:
+                self.memories[int(ep)].prepare()
+
+    # --- rebalancing (chunks move to shards added later; copy to the new owner first, then drop here) --------
+    def chunk_table(self) -> list[tuple[str, str, list[bytes]]]:
+        """(namespace, document, content hashes of its chunks here) for every document on this shard."""
+        ram = self.store.ram
+        out = []
+        for (ns, name), doc in self.doc_lookup.items():
+            rows = np.flatnonzero((ram["chunks/doc"] == doc) & self.chunk_alive)
+            out.append((ns, name, [bytes(h) for h in ram["blocks/hash"][ram["chunks/block"][rows]]]))
+        return out
+
+    def doc_chunks(self, namespace: str, name: str) -> dict | None:
+        """This shard's chunks of one document now: request id, hashes, seqs, offsets, lengths (None: not here)."""
+        doc = self.doc_lookup.get((namespace, name))
+        if doc is None:
+            return None
+        ram = self.store.ram
+        rows = np.flatnonzero((ram["chunks/doc"] == doc) & self.chunk_alive)
+        blocks = ram["chunks/block"][rows]
+        return {"request": str(ram["docs/request"][doc]), "hash": [bytes(h) for h in ram["blocks/hash"][blocks]],
+                "seq": ram["chunks/seq"][rows].tolist(), "offset": ram["chunks/offset"][rows].tolist(),
+                "length": ram["blocks/length"][blocks].tolist()}
+
+    def export_blocks(self, hashes: list[bytes]) -> dict[str, np.ndarray]:
+        """Stored blocks as put_blocks takes them (another shard imports them)."""
+        idx = np.array([self.store.hash_index[h] for h in hashes], dtype=np.int64)
+        keys, values, positions = self.store.get_blocks(idx)
+        ram = self.store.ram
+        return {"keys": keys, "values": values, "positions": positions, "tokens": self.store.get_tokens(idx),
+                "length": ram["blocks/length"][idx], "hash": ram["blocks/hash"][idx], "latent": ram["blocks/latent"][idx]}
+
+    def import_chunks(self, namespace: str, name: str, request_id: str, hashes: list[bytes], seqs: list[int],
+                      offsets: list[int], lengths: list[int]) -> int:
+        """Commit chunks moved here from another shard (their blocks staged first). Idempotent: chunks of the
+        document this shard already holds are skipped. -> chunks added."""
+        doc = self.doc_lookup.get((namespace, name))
+        have: set[int] = set()
+        if doc is not None:
+            ram = self.store.ram
+            if request_id != str(ram["docs/request"][doc]):
+                raise ShardError("already_exists", f"document {name!r} in namespace {namespace!r} here was written "
+                                 "by another request; not merging")
+            have = set(ram["chunks/seq"][(ram["chunks/doc"] == doc) & self.chunk_alive].tolist())
+        keep = [i for i, q in enumerate(seqs) if q not in have]
+        if not keep:
+            return 0
+        self._add_chunks(namespace, name, doc, sum(lengths[i] for i in keep), [hashes[i] for i in keep],
+                         [seqs[i] for i in keep], [offsets[i] for i in keep], request_id)
+        return len(keep)
+
+    def drop_chunks(self, namespace: str, name: str, seqs: list[int]) -> int:
+        """Durably remove this shard's chunks of a document with these numbers (they now live elsewhere).
+        A document left with no chunks here leaves this shard. -> chunks removed."""
+        doc = self.doc_lookup.get((namespace, name))
+        if doc is None:
+            return 0
+        ram = self.store.ram
+        mine = (ram["chunks/doc"] == doc) & self.chunk_alive
+        rows = np.flatnonzero(mine & np.isin(ram["chunks/seq"], seqs))
+        if len(rows) == 0:
+            return 0
+        emptied = len(rows) == int(mine.sum())
+        try:
+            self.store.drop_chunks(rows)
+            if emptied:
+                self.store.delete_document(doc)
+            self.store.commit()
+        except BaseException:
+            self.store.rollback()
+            if emptied:
+                self.store.deleted_docs.discard(doc)
+            raise
+        if emptied:
+            del self.doc_lookup[(namespace, name)]
+        self._forget_rows(rows)
+        return len(rows)
 
     def delete_document(self, namespace: str, name: str) -> int:
         """Remove a document from both memories; episodic rows go by the exact α = −1 update. -> chunks removed."""
@@ -150,14 +249,7 @@ class Shard:
         del self.doc_lookup[(namespace, name)]
         ram = self.store.ram
         rows = np.flatnonzero((ram["chunks/doc"] == doc) & self.chunk_alive)
-        self.chunk_alive[rows] = False
-        for ep in np.unique(ram["chunks/episode"][rows]):
-            sel = rows[ram["chunks/episode"][rows] == ep]
-            self.memories[int(ep)].forget(self._items(ram["chunks/block"][sel]))
-            if self.memories[int(ep)].count == 0:
-                del self.memories[int(ep)], self.episode_namespace[int(ep)]
-            else:
-                self.memories[int(ep)].prepare()
+        self._forget_rows(rows)
         return len(rows)
 
     # --- reads -----------------------------------------------------------------------------------------------------
@@ -231,7 +323,7 @@ class Shard:
             "documents": len(alive_docs),
             "chunks": int(self.chunk_alive.sum()),
             "blocks": len(alive_blocks),
-            "tokens": int(ram["docs/tokens"][alive_docs].sum()) if alive_docs else 0,
+            "tokens": int(ram["blocks/length"][ram["chunks/block"][self.chunk_alive]].sum()),
             "stored_bytes": self.store.stored_bytes(),
             "episodes": len(self.memories),
             "resident_bytes": psutil.Process().memory_info().rss,

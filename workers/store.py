@@ -5,6 +5,7 @@ Layout (one store per shard, one writer: the shard actor that owns it):
            tokens [n, T] int32 (-1 pad), length [n], hash [n, 16] uint8, latent [n, R, C] float32
   chunks/  block, doc, seq, offset, episode [m]          (a document's chunk -> the block holding its KV)
   docs/    namespace, name (strings), tokens [d]
+  drops/   chunk [k]: chunk rows moved to another shard (rebalancing); deleted documents are listed in COMMIT.json
   COMMIT.json  how many rows of each table are committed, and which documents are deleted.
 
 Crash safety: rows are appended past the committed count and become visible only when COMMIT.json is replaced
@@ -61,14 +62,16 @@ def _tables(lay: StoreLayout) -> dict[str, tuple[tuple[int, ...], str]]:
         "docs/name": ((), "str"),
         "docs/tokens": ((), "int64"),
         "docs/request": ((), "str"),
+        "drops/chunk": ((), "int64"),
     }
 
 
 # Tables mirrored in RAM (the index); KV stays on disk.
 _IN_RAM = [
     "blocks/length", "blocks/hash", "blocks/latent", "chunks/block", "chunks/doc", "chunks/seq",
-    "chunks/offset", "chunks/episode", "docs/namespace", "docs/name", "docs/tokens", "docs/request",
+    "chunks/offset", "chunks/episode", "docs/namespace", "docs/name", "docs/tokens", "docs/request", "drops/chunk",
 ]
+TABLES = ("blocks", "chunks", "docs", "drops")
 
 
 class StoreError(RuntimeError):
@@ -84,7 +87,7 @@ class ShardStore:
         self.group = zarr.open_group(self.path / "data.zarr", mode="a")
         meta = self._read_commit()
         if meta is None:
-            meta = {"layout": asdict(layout), "blocks": 0, "chunks": 0, "docs": 0, "deleted_docs": []}
+            meta = {"layout": asdict(layout), **dict.fromkeys(TABLES, 0), "deleted_docs": []}
         elif meta["layout"] != asdict(layout):
             raise StoreError(f"store {self.path} was written with layout {meta['layout']}, not {asdict(layout)}")
         self.arrays: dict[str, zarr.Array] = {}
@@ -97,7 +100,7 @@ class ShardStore:
                     name, shape=(0, *row), chunks=chunks, dtype=str if dtype == "str" else dtype,
                     compressors=None if name in ("blocks/keys", "blocks/values") else "auto",
                 )
-        self.counts = {t: meta[t] for t in ("blocks", "chunks", "docs")}  # committed rows
+        self.counts = {t: meta.get(t, 0) for t in TABLES}  # committed rows (stores from before "drops" lack it)
         self.deleted_docs: set[int] = set(meta["deleted_docs"])
         for name, arr in self.arrays.items():  # drop whatever an interrupted write left past the commit
             n = self.counts[name.split("/")[0]]
@@ -191,6 +194,14 @@ class ShardStore:
                                        "request": np.array([request_id], dtype=object)})
         self._append("chunks", {**chunks, "doc": np.full(len(chunks["block"]), doc)})
         return int(doc)
+
+    def add_chunks(self, doc: int, chunks: dict[str, np.ndarray]) -> np.ndarray:
+        """Stage more chunk rows (block, seq, offset, episode) of an existing document; returns their rows."""
+        return self._append("chunks", {**chunks, "doc": np.full(len(chunks["block"]), doc)})
+
+    def drop_chunks(self, rows) -> None:
+        """Stage the removal of chunk rows (they moved to another shard)."""
+        self._append("drops", {"chunk": np.asarray(rows, dtype=np.int64)})
 
     def delete_document(self, doc: int) -> None:
         self.deleted_docs.add(int(doc))

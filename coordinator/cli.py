@@ -1,4 +1,4 @@
-"""`engram` command line: serve, write, ask, read, delete, stats, demo."""
+"""`engram` command line: serve, write, ask, read, delete, stats, shards, load, demo."""
 
 from __future__ import annotations
 
@@ -48,9 +48,32 @@ def _fail(err) -> int:
 def cmd_serve(args) -> int:
     from .server import serve_forever
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve_forever(_config(args)))
+    cfg = _config(args)
+    setup_logging(cfg.server.log_format)
+    asyncio.run(serve_forever(cfg))
     return 0
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and exc when there is one)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        out = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"), "level": record.levelname,
+               "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(fmt: str) -> None:
+    if fmt not in ("text", "json"):
+        raise SystemExit(f"engram: server.log_format must be 'text' or 'json', got {fmt!r}")
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
 
 def cmd_write(args) -> int:
@@ -122,6 +145,37 @@ def print_stats(s) -> None:
     print(f"bytes per token: {s.bytes_per_token:,.1f} stored (identical chunks share a block), "
           f"{s.unique_bytes_per_token:,.1f} per distinct-block token, vs {s.full_fp16_kv_bytes_per_token:,.0f} "
           f"for the decoder's full fp16 KV")
+    r = s.rebalance
+    if r.running or r.error or r.moved_chunks:
+        state = "running" if r.running else ("failed: " + r.error if r.error else "done")
+        print(f"rebalance {state}: {r.moved_chunks} chunks moved, {r.scanned_shards}/{r.total_shards} shards scanned")
+
+
+def cmd_shards_add(args) -> int:
+    from tqdm import tqdm
+
+    with _client(args) as c:
+        try:
+            r = c.add_shards(args.count)
+            print(f"added shards {list(r.added)}; the cluster has {len(r.shards)} shards", flush=True)
+            if args.no_wait:
+                return 0
+            with tqdm(total=len(r.shards), desc="rebalancing (shards scanned)", unit="shard") as bar:
+                while True:
+                    s = c.stats().rebalance
+                    bar.n = s.scanned_shards
+                    bar.set_postfix(moved_chunks=s.moved_chunks)
+                    bar.refresh()
+                    if not s.running:
+                        break
+                    time.sleep(1)
+            if s.error:
+                print(f"engram: rebalance failed: {s.error} (it resumes when the server restarts)", file=sys.stderr)
+                return 1
+            print(f"rebalanced: {s.moved_chunks} chunks moved to their new shards")
+        except Exception as e:  # noqa: BLE001
+            return _fail(e)
+    return 0
 
 
 def cmd_stats(args) -> int:
@@ -196,6 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     sp = sub.add_parser("stats", help="per-shard counts, bytes and bytes per token")
     client_args(sp)
     sp.set_defaults(fn=cmd_stats)
+
+    sp = sub.add_parser("shards", help="grow the cluster: `engram shards add N`")
+    shard_sub = sp.add_subparsers(dest="shards_cmd", required=True)
+    sp = shard_sub.add_parser("add", help="add N shards online and rebalance (progress until done)")
+    client_args(sp)
+    sp.add_argument("count", type=int)
+    sp.add_argument("--no-wait", action="store_true", help="return once the shards serve; rebalance in background")
+    sp.set_defaults(fn=cmd_shards_add)
 
     sp = sub.add_parser("load", help="N loopback clients mixing writes and asks for T seconds: errors, p50/p99")
     serve_args(sp)

@@ -69,6 +69,9 @@ class EngramClient:
     def stats(self) -> pb.StatsReply:
         return self.stub.Stats(pb.StatsRequest(), timeout=self.timeout, metadata=self.metadata)
 
+    def add_shards(self, count: int) -> pb.AddShardsReply:
+        return self.stub.AddShards(pb.AddShardsRequest(count=count), timeout=self.timeout, metadata=self.metadata)
+
     def close(self) -> None:
         self.channel.close()
 

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from ..proto import engram_pb2 as pb
 from ..proto import engram_pb2_grpc as pb_grpc
 from .config import EngramConfig
 from .engine import Engine, EngramError
+from .metrics import Metrics
 
 log = logging.getLogger("engram")
 
@@ -24,6 +26,7 @@ STATUS = {
     "not_found": grpc.StatusCode.NOT_FOUND,
     "already_exists": grpc.StatusCode.ALREADY_EXISTS,
     "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "busy": grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -75,17 +78,31 @@ class AuthError(Exception):
 
 
 class EngramService(pb_grpc.EngramServicer):
-    def __init__(self, engine: Engine, cfg: EngramConfig):
+    def __init__(self, engine: Engine, cfg: EngramConfig, metrics: Metrics | None = None):
         self.engine, self.cfg = engine, cfg
         self.auth = Auth(cfg.auth.tokens_file)
+        self.metrics = metrics or Metrics()
 
-    async def _run(self, context, coro):
+    async def _run(self, context, coro, method: str = ""):
+        t0, code = time.perf_counter(), grpc.StatusCode.OK
         try:
             return await coro
         except EngramError as e:
-            await context.abort(STATUS[e.code], str(e))
+            code = STATUS[e.code]
+            await context.abort(code, str(e))
         except AuthError as e:
-            await context.abort(e.code, str(e))
+            code = e.code
+            await context.abort(code, str(e))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            method = method or getattr(coro, "__qualname__", "?").split(".")[-2]
+            self.metrics.requests.labels(method=method, code=code.name).inc()
+            self.metrics.latency.labels(method=method).observe(time.perf_counter() - t0)
 
     async def Write(self, request_iterator, context):
         t0 = time.perf_counter()
@@ -130,7 +147,11 @@ class EngramService(pb_grpc.EngramServicer):
                 raise EngramError("invalid", "the write stream carried no documents")
             await flush(key, parts, request_id)
 
-        await self._run(context, consume())
+        try:
+            await self._run(context, consume(), "Write")
+        finally:
+            for k, v in totals.items():
+                self.metrics.written.labels(kind=k).inc(v)
         return pb.WriteReply(seconds=time.perf_counter() - t0, **totals)
 
     def _ask_options(self, top_k: int, max_new: int = 0) -> tuple[int, int]:
@@ -155,10 +176,12 @@ class EngramService(pb_grpc.EngramServicer):
             self._check_question(request.question)
             top_k, max_new = self._ask_options(request.top_k, request.max_new_tokens)
             out = await self.engine.ask(request.namespace, request.question, top_k, max_new)
+            for stage, seconds in out["timings"].items():
+                self.metrics.ask_stage.labels(stage=stage.removesuffix("_s")).observe(seconds)
             return pb.AskReply(answer=out["answer"], chunks=_chunks(out["hits"], out["texts"]),
                                timings=pb.Timings(**out["timings"]), context_tokens=out["context_tokens"])
 
-        return await self._run(context, go())
+        return await self._run(context, go(), "Ask")
 
     async def Read(self, request, context):
         async def go():
@@ -170,7 +193,7 @@ class EngramService(pb_grpc.EngramServicer):
             return pb.ReadReply(chunks=_chunks(out["hits"], out["texts"]), readout=out["readout"].tolist(),
                                 timings=pb.Timings(**out["timings"]))
 
-        return await self._run(context, go())
+        return await self._run(context, go(), "Read")
 
     async def Delete(self, request, context):
         async def go():
@@ -179,26 +202,41 @@ class EngramService(pb_grpc.EngramServicer):
             self.auth.check(context, request.namespace)
             return pb.DeleteReply(chunks=await self.engine.delete(request.namespace, request.document_id))
 
-        return await self._run(context, go())
+        return await self._run(context, go(), "Delete")
 
     async def Stats(self, request, context):
         async def go():
             self.auth.check(context, None)
             s = await self.engine.stats()
+            self.metrics.observe_stats(s)
             shards = [pb.ShardStats(**{k: v for k, v in sh.items() if k != "pid"}) for sh in s["shards"]]
-            return pb.StatsReply(shards=shards, **{k: v for k, v in s.items() if k != "shards"})
+            return pb.StatsReply(shards=shards, rebalance=pb.Rebalance(**s["rebalance"]),
+                                 **{k: v for k, v in s.items() if k not in ("shards", "rebalance")})
 
-        return await self._run(context, go())
+        return await self._run(context, go(), "Stats")
+
+    async def AddShards(self, request, context):
+        async def go():
+            self.auth.check(context, None)
+            out = await self.engine.add_shards(request.count)
+            return pb.AddShardsReply(shards=out["shards"], added=out["added"])
+
+        return await self._run(context, go(), "AddShards")
 
 
 async def start_server(engine: Engine, cfg: EngramConfig, port: int | None = None) -> tuple[grpc.aio.Server, int]:
-    """Start serving on cfg.server.host; port 0 picks a free one. Returns (server, bound port)."""
+    """Start serving on cfg.server.host; port 0 picks a free one. Returns (server, bound port). Also starts the
+    Prometheus endpoint (server.metrics_port) and resumes an unfinished rebalance."""
     limit = cfg.server.max_message_bytes
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", limit)])
-    pb_grpc.add_EngramServicer_to_server(EngramService(engine, cfg), server)
+    metrics = Metrics()
+    service = EngramService(engine, cfg, metrics)
+    pb_grpc.add_EngramServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((pb.DESCRIPTOR.services_by_name["Engram"].full_name,
+                                         health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{cfg.server.host}:{cfg.server.port if port is None else port}"
     if cfg.server.tls_cert_file and cfg.server.tls_key_file:
         creds = grpc.ssl_server_credentials([(Path(cfg.server.tls_key_file).read_bytes(),
@@ -210,6 +248,11 @@ async def start_server(engine: Engine, cfg: EngramConfig, port: int | None = Non
         bound = server.add_insecure_port(address)
     await server.start()
     await health_servicer.set("engram.v1.Engram", health_pb2.HealthCheckResponse.SERVING)
+    if cfg.server.metrics_port is not None:
+        server.metrics_port = metrics.serve(cfg.server.host, cfg.server.metrics_port)
+        server.metrics_task = asyncio.ensure_future(metrics.refresh_forever(engine, cfg.server.metrics_refresh_s))
+    server.engram_metrics = metrics
+    engine.start_background()
     log.info("engram serving on %s:%d", cfg.server.host, bound)
     return server, bound
 
@@ -249,6 +292,7 @@ class BackgroundServer:
     def stop(self) -> None:
         if self.server is not None:
             asyncio.run_coroutine_threadsafe(self.server.stop(grace=1), self.loop).result(timeout=30)
+            self.server.engram_metrics.stop()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
 

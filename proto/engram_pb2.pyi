@@ -151,7 +151,7 @@ class ShardStats(_message.Message):
     def __init__(self, shard: _Optional[int] = ..., node: _Optional[str] = ..., documents: _Optional[int] = ..., chunks: _Optional[int] = ..., blocks: _Optional[int] = ..., tokens: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., episodes: _Optional[int] = ...) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("shards", "documents", "chunks", "tokens", "stored_bytes", "bytes_per_token", "full_fp16_kv_bytes_per_token", "unique_bytes_per_token", "blocks")
+    __slots__ = ("shards", "documents", "chunks", "tokens", "stored_bytes", "bytes_per_token", "full_fp16_kv_bytes_per_token", "unique_bytes_per_token", "blocks", "rebalance")
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +161,7 @@ class StatsReply(_message.Message):
     FULL_FP16_KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     UNIQUE_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    REBALANCE_FIELD_NUMBER: _ClassVar[int]
     shards: _containers.RepeatedCompositeFieldContainer[ShardStats]
     documents: int
     chunks: int
@@ -170,4 +171,33 @@ class StatsReply(_message.Message):
     full_fp16_kv_bytes_per_token: float
     unique_bytes_per_token: float
     blocks: int
-    def __init__(self, shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., documents: _Optional[int] = ..., chunks: _Optional[int] = ..., tokens: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., bytes_per_token: _Optional[float] = ..., full_fp16_kv_bytes_per_token: _Optional[float] = ..., unique_bytes_per_token: _Optional[float] = ..., blocks: _Optional[int] = ...) -> None: ...
+    rebalance: Rebalance
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., documents: _Optional[int] = ..., chunks: _Optional[int] = ..., tokens: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., bytes_per_token: _Optional[float] = ..., full_fp16_kv_bytes_per_token: _Optional[float] = ..., unique_bytes_per_token: _Optional[float] = ..., blocks: _Optional[int] = ..., rebalance: _Optional[_Union[Rebalance, _Mapping]] = ...) -> None: ...
+
+class Rebalance(_message.Message):
+    __slots__ = ("running", "moved_chunks", "scanned_shards", "total_shards", "error")
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    MOVED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    SCANNED_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    running: bool
+    moved_chunks: int
+    scanned_shards: int
+    total_shards: int
+    error: str
+    def __init__(self, running: _Optional[bool] = ..., moved_chunks: _Optional[int] = ..., scanned_shards: _Optional[int] = ..., total_shards: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class AddShardsRequest(_message.Message):
+    __slots__ = ("count",)
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    def __init__(self, count: _Optional[int] = ...) -> None: ...
+
+class AddShardsReply(_message.Message):
+    __slots__ = ("shards", "added")
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    shards: _containers.RepeatedScalarFieldContainer[int]
+    added: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, shards: _Optional[_Iterable[int]] = ..., added: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -59,6 +59,11 @@ class EngramStub:
                 request_serializer=engram__pb2.StatsRequest.SerializeToString,
                 response_deserializer=engram__pb2.StatsReply.FromString,
                 _registered_method=True)
+        self.AddShards = channel.unary_unary(
+                '/engram.v1.Engram/AddShards',
+                request_serializer=engram__pb2.AddShardsRequest.SerializeToString,
+                response_deserializer=engram__pb2.AddShardsReply.FromString,
+                _registered_method=True)
 
 
 class EngramServicer:
@@ -100,6 +105,14 @@ class EngramServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddShards(self, request, context):
+        """Add shards to the running cluster (needs a "*" token). Returns once they serve; the chunks that now belong
+        to them move in the background while reads and writes go on: Stats.rebalance shows the progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngramServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +140,11 @@ def add_EngramServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=engram__pb2.StatsRequest.FromString,
                     response_serializer=engram__pb2.StatsReply.SerializeToString,
+            ),
+            'AddShards': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddShards,
+                    request_deserializer=engram__pb2.AddShardsRequest.FromString,
+                    response_serializer=engram__pb2.AddShardsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +282,33 @@ class Engram:
             '/engram.v1.Engram/Stats',
             engram__pb2.StatsRequest.SerializeToString,
             engram__pb2.StatsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddShards(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram.v1.Engram/AddShards',
+            engram__pb2.AddShardsRequest.SerializeToString,
+            engram__pb2.AddShardsReply.FromString,
             options,
             channel_credentials,
             insecure,

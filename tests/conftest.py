@@ -19,6 +19,7 @@ def service(tmp_path_factory):
     cfg.cluster.num_cpus = 2
     cfg.cluster.shards = 2
     cfg.shard.data_dir = str(tmp_path_factory.mktemp("engram-data"))
+    cfg.server.metrics_port = 0  # any free port: tests/test_integration.py scrapes it
     srv = BackgroundServer(cfg).start()
     yield srv
     srv.stop()

@@ -116,3 +116,28 @@ def test_kill_9_shard_after_ack(service, client):
     assert client.ask(PASSKEY_QUESTION, namespace="it").answer == answer
     assert client.ask(PASSKEY_QUESTION, namespace="it3").answer == answer3
     assert first_integer(answer3) == 11111
+
+
+def test_metrics_health_and_reflection(service, client):
+    """Operations: Prometheus /metrics (request counters, per-shard gauges), gRPC health and reflection."""
+    import urllib.request
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    client.stats()
+    port = service.server.metrics_port
+    assert port
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'engram_requests_total{code="OK",method="Stats"}' in text
+    assert 'engram_request_seconds_bucket{le="0.005",method="Stats"}' in text
+    assert 'engram_shard_chunks{shard="0"}' in text and 'engram_shard_chunks{shard="1"}' in text
+    assert "engram_written_total" in text and "engram_ask_stage_seconds_count" in text
+    with grpc.insecure_channel(service.address) as ch:
+        ok = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="engram.v1.Engram"),
+                                                  timeout=10)
+        assert ok.status == health_pb2.HealthCheckResponse.SERVING
+        services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
+        assert {"engram.v1.Engram", "grpc.health.v1.Health"} <= services
+        method = ProtoReflectionDescriptorDatabase(ch).FindFileContainingSymbol("engram.v1.Engram")
+        assert "AddShards" in str(method)

@@ -40,6 +40,8 @@ class TrainConfig:
     steps: int = 30_000
     batch: int = 128
     lr: float = 0.01  # plain SGD, as in Reddy and Burns
+    optimizer: str = "sgd"  # or "adam"
+    stop_after: int = 0  # > 0: end a run this many steps after it reaches the target (saves CPU)
     eval_every: int = 250
     eval_sequences: int = 2048
     target: float = 0.95
@@ -52,6 +54,17 @@ class TrainConfig:
 # --- the task ----------------------------------------------------------------------------------------------------
 def gaussian(gen: torch.Generator, *shape: int, dim: int) -> torch.Tensor:
     return torch.randn(*shape, dim, generator=gen) / math.sqrt(dim)
+
+
+def distinct_classes(gen: torch.Generator, batch: int, per: int, classes: int) -> torch.Tensor:
+    """[batch, per] class ids, distinct within each row (redraw the rare rows with a repeat)."""
+    cls = torch.randint(classes, (batch, per), generator=gen)
+    while True:
+        s = cls.sort(dim=1).values
+        bad = (s[:, 1:] == s[:, :-1]).any(1)
+        if not bad.any():
+            return cls
+        cls[bad] = torch.randint(classes, (int(bad.sum()), per), generator=gen)
 
 
 def sample_sequences(gen: torch.Generator, task: TaskConfig, means: torch.Tensor, label_vecs: torch.Tensor,
@@ -67,7 +80,7 @@ def sample_sequences(gen: torch.Generator, task: TaskConfig, means: torch.Tensor
         class_means = gaussian(gen, batch, per, dim=d)  # [B, per, D]
         class_labels = torch.argsort(torch.rand(batch, task.labels, generator=gen), dim=1)[:, :per]  # [B, per]
     else:
-        cls = torch.argsort(torch.rand(batch, task.classes, generator=gen), dim=1)[:, :per]  # distinct [B, per]
+        cls = distinct_classes(gen, batch, per, task.classes)  # [B, per]
         class_means, class_labels = means[cls], cls % task.labels
     slots = torch.argsort(torch.rand(batch, n, generator=gen), dim=1) % per  # each class B times, shuffled [B, N]
     query = torch.randint(per, (batch,), generator=gen)  # [B]
@@ -123,7 +136,7 @@ def train(task: TaskConfig, cfg: TrainConfig, progress: bool = False) -> dict:
     eval_gen = torch.Generator().manual_seed(10_000 + cfg.seed)
     eval_x, eval_y = sample_sequences(eval_gen, task, means, label_vecs, cfg.eval_sequences, novel=True)
     model = ICLTransformer(task.dim + 2 * task.pairs + 1, task.labels, cfg.hidden, cfg.value_residual)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    opt = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)(model.parameters(), lr=cfg.lr)
     curve, reached, start = [], None, time.perf_counter()
     bar = None
     if progress:
@@ -145,9 +158,12 @@ def train(task: TaskConfig, cfg: TrainConfig, progress: bool = False) -> dict:
                 bar.set_postfix(loss=f"{loss.item():.3f}", icl=f"{acc:.3f}")
             if reached is None and acc >= cfg.target:
                 reached = step
+            if reached is not None and cfg.stop_after and step >= reached + cfg.stop_after:
+                break
     if bar:
         bar.close()
-    return {"seed": cfg.seed, "value_residual": cfg.value_residual, "curve": curve, "steps_to_target": reached,
+    return {"seed": cfg.seed, "value_residual": cfg.value_residual, "optimizer": cfg.optimizer, "lr": cfg.lr,
+            "curve": curve, "steps_to_target": reached,
             "final_accuracy": curve[-1][1] if curve else None, "seconds": time.perf_counter() - start}
 
 
@@ -166,7 +182,7 @@ def summarise(runs: list[dict], target: float) -> dict:
     return out
 
 
-def plot(runs: list[dict], target: float, path: str) -> None:
+def plot(runs: list[dict], task: TaskConfig, target: float, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,9 +194,9 @@ def plot(runs: list[dict], target: float, path: str) -> None:
         ax.plot(steps, acc, color="tab:orange" if r["value_residual"] else "tab:blue", alpha=0.8,
                 label=("value residual" if r["value_residual"] else "baseline") + f" (seed {r['seed']})")
     ax.axhline(target, color="grey", ls="--", lw=0.8)
-    ax.set_xlabel("training step (batch 128, SGD lr 0.01)")
+    ax.set_xlabel(f"training step (batch 128, {runs[0].get('optimizer', 'sgd')} lr {runs[0].get('lr', 0.01)})")
     ax.set_ylabel("in-context accuracy, novel classes")
-    ax.set_title("2-layer transformer, Reddy task (K=512, L=32, N=8, B=2, ε=0.1)")
+    ax.set_title(f"2-layer transformer, Reddy task (K={task.classes}, L=32, N=8, B=2, ε=0.1)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -192,22 +208,28 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=TrainConfig.steps)
     p.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
     p.add_argument("--classes", type=int, default=TaskConfig.classes)
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--stop-after", type=int, default=0, help="end a run this many steps after reaching 95%%")
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="bench/results/icl", help="writes <out>.json and <out>.png")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     task = TaskConfig(classes=args.classes)
-    runs = [train(task, TrainConfig(steps=args.steps, eval_every=args.eval_every, seed=seed, value_residual=vr),
-                  progress=not args.no_progress)
-            for seed in args.seeds for vr in (False, True)]
+    def config(seed: int, vr: bool) -> TrainConfig:
+        return TrainConfig(steps=args.steps, eval_every=args.eval_every, seed=seed, value_residual=vr,
+                           optimizer=args.optimizer, lr=args.lr, stop_after=args.stop_after, threads=args.threads)
+
+    runs = [train(task, config(seed, vr), progress=not args.no_progress) for seed in args.seeds for vr in (False, True)]
     summary = summarise(runs, TrainConfig.target)
-    result = {"task": asdict(task), "train": {k: v for k, v in asdict(TrainConfig(steps=args.steps)).items()
+    result = {"task": asdict(task), "train": {k: v for k, v in asdict(config(0, False)).items()
                                               if k not in ("seed", "value_residual")},
               "summary": summary, "runs": runs}
     from pathlib import Path
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(result, indent=1))
-    plot(runs, TrainConfig.target, args.out + ".png")
+    plot(runs, task, TrainConfig.target, args.out + ".png")
     for name in ("baseline", "value_residual"):
         s = summary[name]
         print(f"{name:15s} steps to {TrainConfig.target:.0%}: {s['steps']}  mean {s['mean']} ± {s['sd']:.0f}"

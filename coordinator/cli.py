@@ -267,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--seconds", type=float, default=60)
     sp.set_defaults(fn=cmd_load)
 
+    from .bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub, serve_args)
+
     sp = sub.add_parser("demo", help="local Ray + server; write a long passkey context over gRPC; ask")
     serve_args(sp)
     sp.add_argument("--tokens", type=int, default=1_000_000)

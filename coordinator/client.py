@@ -56,9 +56,10 @@ class EngramClient:
                 time.sleep(min(2.0 ** attempt, 10.0))
         raise AssertionError("unreachable")
 
-    def ask(self, question: str, namespace: str = "default", top_k: int = 0, max_new_tokens: int = 0) -> pb.AskReply:
+    def ask(self, question: str, namespace: str = "default", top_k: int = 0, max_new_tokens: int = 0,
+            mode: str = "") -> pb.AskReply:
         return self.stub.Ask(pb.AskRequest(namespace=namespace, question=question, top_k=top_k,
-                                           max_new_tokens=max_new_tokens), timeout=self.timeout, metadata=self.metadata)
+                                           max_new_tokens=max_new_tokens, mode=mode), timeout=self.timeout, metadata=self.metadata)
 
     def read(self, query: str, namespace: str = "default", top_k: int = 0) -> pb.ReadReply:
         return self.stub.Read(pb.ReadRequest(namespace=namespace, query=query, top_k=top_k), timeout=self.timeout, metadata=self.metadata)

@@ -319,34 +319,44 @@ class Engine:
         runs.sort(key=lambda run: max(h.score for h in run))  # best run last, nearest the question
         return [h for run in runs for h in run]
 
-    async def chunk_texts(self, hits: list[Retrieved]) -> list[str]:
+    async def chunk_tokens(self, hits: list[Retrieved]) -> list[list[int]]:
         by_shard: dict[int, list[int]] = {}
         for h in hits:
             by_shard.setdefault(h.shard, []).append(h.block)
         tokens = dict(zip(by_shard, await asyncio.gather(
             *[self._call(self.shards[s].get_tokens, b) for s, b in by_shard.items()])))
         cursor = {s: 0 for s in by_shard}
-        texts = []
+        out = []
         for h in hits:
-            texts.append(self.tokenizer.decode(tokens[h.shard][cursor[h.shard]]))
+            out.append(tokens[h.shard][cursor[h.shard]])
             cursor[h.shard] += 1
-        return texts
+        return out
 
-    async def ask(self, namespace: str, question: str, top_k: int, max_new_tokens: int) -> dict:
+    async def chunk_texts(self, hits: list[Retrieved]) -> list[str]:
+        return [self.tokenizer.decode(t) for t in await self.chunk_tokens(hits)]
+
+    async def ask(self, namespace: str, question: str, top_k: int, max_new_tokens: int, mode: str = "memory") -> dict:
+        """mode "memory": the decoder attends to the retrieved chunks' stored KV blocks. "rag": the baseline —
+        the same retrieved chunks' text prefilled again as the prompt."""
         t0, w0 = time.perf_counter(), time.time()
         hits, _, timings = await self.retrieve(namespace, question, top_k)
         reading = self.arrange(hits + await self.neighbors(namespace, hits))
-        shards = sorted({h.shard for h in reading})
-        refs = [self.shards[s].get_blocks.remote([h.block for h in reading if h.shard == s]) for s in shards]
-        cursor = {s: 0 for s in shards}
-        order = []
-        for h in reading:
-            order.append((shards.index(h.shard), cursor[h.shard]))
-            cursor[h.shard] += 1
         t_fetch = time.perf_counter()
-        out, texts = await asyncio.gather(
-            self.decoder.answer.remote(question, self.layout.chunk_tokens, max_new_tokens, order, *refs),
-            self.chunk_texts(reading))
+        if mode == "rag":
+            tokens = await self.chunk_tokens(reading)
+            out = await self.decoder.answer_tokens.remote(question, max_new_tokens, tokens)
+            texts = [self.tokenizer.decode(t) for t in tokens]
+        else:
+            shards = sorted({h.shard for h in reading})
+            refs = [self.shards[s].get_blocks.remote([h.block for h in reading if h.shard == s]) for s in shards]
+            cursor = {s: 0 for s in shards}
+            order = []
+            for h in reading:
+                order.append((shards.index(h.shard), cursor[h.shard]))
+                cursor[h.shard] += 1
+            out, texts = await asyncio.gather(
+                self.decoder.answer.remote(question, self.layout.chunk_tokens, max_new_tokens, order, *refs),
+                self.chunk_texts(reading))
         timings.update(fetch_s=out["started_wall"] - w0 - (t_fetch - t0), ttft_s=out["first_token_wall"] - w0,
                        decode_s=out["decode_s"], total_s=time.perf_counter() - t0)
         return {"answer": out["text"], "hits": reading, "texts": texts, "timings": timings,

@@ -175,7 +175,9 @@ class EngramService(pb_grpc.EngramServicer):
             self.auth.check(context, request.namespace)
             self._check_question(request.question)
             top_k, max_new = self._ask_options(request.top_k, request.max_new_tokens)
-            out = await self.engine.ask(request.namespace, request.question, top_k, max_new)
+            if request.mode not in ("", "memory", "rag"):
+                raise EngramError("invalid", f"mode must be 'memory' or 'rag', got {request.mode[:40]!r}")
+            out = await self.engine.ask(request.namespace, request.question, top_k, max_new, request.mode or "memory")
             for stage, seconds in out["timings"].items():
                 self.metrics.ask_stage.labels(stage=stage.removesuffix("_s")).observe(seconds)
             return pb.AskReply(answer=out["answer"], chunks=_chunks(out["hits"], out["texts"]),

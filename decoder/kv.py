@@ -204,6 +204,21 @@ class MemoryDecoder:
         return Answer(text.strip(), tokens.ids, prefill_s, time.perf_counter() - tokens.first_token_s, context_tokens)
 
 
+    @torch.inference_mode()
+    def answer_text(self, question: str, chunks: list[list[int]], max_new_tokens: int = 32) -> Answer:
+        """Baselines on the same decoder: the chunks' tokens re-prefilled as the prompt ([sink] + chunks +
+        question) — RAG with retrieved chunks, or full context with the whole document."""
+        from transformers import DynamicCache
+
+        t0 = time.perf_counter()
+        context = [self.sink_id] + [t for c in chunks for t in c]
+        prompt = context + self.tokenizer(self.template.format(question=question), add_special_tokens=False).input_ids
+        tokens = generate(self.model, DynamicCache(), prompt, 0, max_new_tokens, self.tokenizer.eos_token_id)
+        text = self.tokenizer.decode(tokens.ids, skip_special_tokens=True)
+        return Answer(text.strip(), tokens.ids, tokens.first_token_s - t0, time.perf_counter() - tokens.first_token_s,
+                      len(context))
+
+
 @dataclass
 class Generated:
     ids: list[int]

@@ -33,16 +33,18 @@ class WriteReply(_message.Message):
     def __init__(self, documents: _Optional[int] = ..., chunks: _Optional[int] = ..., tokens: _Optional[int] = ..., new_blocks: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class AskRequest(_message.Message):
-    __slots__ = ("namespace", "question", "top_k", "max_new_tokens")
+    __slots__ = ("namespace", "question", "top_k", "max_new_tokens", "mode")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     question: str
     top_k: int
     max_new_tokens: int
-    def __init__(self, namespace: _Optional[str] = ..., question: _Optional[str] = ..., top_k: _Optional[int] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+    mode: str
+    def __init__(self, namespace: _Optional[str] = ..., question: _Optional[str] = ..., top_k: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("chunk_id", "document_id", "seq", "offset", "score", "shard", "text")

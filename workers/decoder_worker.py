@@ -32,6 +32,15 @@ class DecoderWorker:
         started = time.time()
         blocks = [block_lists[i][j] for i, j in order]
         a = self.decoder.answer(question, blocks, chunk_tokens, max_new_tokens or self.cfg.max_new_tokens)
+        return self._reply(a, started)
+
+    def answer_tokens(self, question: str, max_new_tokens: int, chunks: list[list[int]]) -> dict:
+        """The RAG baseline: the retrieved chunks' tokens prefilled again as the prompt, no stored KV."""
+        started = time.time()
+        return self._reply(self.decoder.answer_text(question, chunks, max_new_tokens or self.cfg.max_new_tokens),
+                           started)
+
+    def _reply(self, a: kvlib.Answer, started: float) -> dict:
         return {"text": a.text, "started_wall": started, "first_token_wall": started + a.prefill_s,
                 "decode_s": a.decode_s, "context_tokens": a.context_tokens, "new_tokens": len(a.token_ids),
                 "device": str(self.decoder.device)}

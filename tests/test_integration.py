@@ -33,6 +33,14 @@ def test_passkey_answer(client):
     assert r.context_tokens > 128
 
 
+def test_rag_baseline_mode(client):
+    """Ask(mode="rag"): the same retrieved chunks, their text prefilled again: same chunks, context = tokens."""
+    kv, rag = client.ask(PASSKEY_QUESTION, namespace="it"), client.ask(PASSKEY_QUESTION, namespace="it", mode="rag")
+    assert [ch.chunk_id for ch in rag.chunks] == [ch.chunk_id for ch in kv.chunks]
+    assert first_integer(rag.answer) == KEY
+    assert rag.context_tokens > 128 and rag.timings.ttft_s > 0  # sink + the chunks' tokens, prefilled
+
+
 def test_needle_in_essays(client):
     r = client.ask(NIAH_QUESTION, namespace="it", top_k=4)
     assert "sandwich" in r.answer.lower() or "dolores" in r.answer.lower(), r.answer
@@ -82,6 +90,8 @@ def test_delete_forgets_a_document(client):
     (lambda c: c.ask("q?", namespace="it", top_k=10_000), grpc.StatusCode.INVALID_ARGUMENT),
     (lambda c: c.ask("q?", namespace="it", max_new_tokens=100_000), grpc.StatusCode.INVALID_ARGUMENT),
     (lambda c: c.ask("q" * 5000, namespace="it"), grpc.StatusCode.INVALID_ARGUMENT),
+    (lambda c: c.ask("q?", namespace="it", mode="telepathy"), grpc.StatusCode.INVALID_ARGUMENT),
+    (lambda c: c.add_shards(0), grpc.StatusCode.INVALID_ARGUMENT),
 ])
 def test_bad_input_is_rejected_and_changes_nothing(client, call, code):
     before = client.stats()

@@ -49,6 +49,10 @@ def test_tokens_guard_namespaces(secure):
     assert code_of(lambda: alice.write([("x", "y")], namespace="bob")) == grpc.StatusCode.PERMISSION_DENIED
     assert code_of(lambda: alice.delete("memo", namespace="bob")) == grpc.StatusCode.PERMISSION_DENIED
     assert code_of(lambda: alice.stats()) == grpc.StatusCode.PERMISSION_DENIED
+    assert code_of(lambda: alice.add_shards(1)) == grpc.StatusCode.PERMISSION_DENIED  # growing needs "*"
+    assert code_of(lambda: anon.add_shards(1)) == grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(lambda: admin.add_shards(0)) == grpc.StatusCode.INVALID_ARGUMENT  # and changes nothing
+    assert len(admin.stats().shards) == 2
     assert admin.stats().documents >= 1
     assert alice.delete("memo", namespace="alice").chunks == 1
 

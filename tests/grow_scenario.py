@@ -17,14 +17,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray
-from ray.cluster_utils import Cluster
-
 from engram.coordinator import chunking
 from engram.coordinator.client import EngramClient
 from engram.coordinator.config import EngramConfig
 from engram.coordinator.haystack import PASSKEY_QUESTION, passkey_context
 from engram.coordinator.server import BackgroundServer
 from engram.workers.encoder import chunk_hash
+from ray.cluster_utils import Cluster
 
 NS = "grow"
 

@@ -1,7 +1,7 @@
 """One phase of the coordinator-restart test (tests/test_restart.py): each phase is a whole process with its
 own Ray, like `engram serve` started, stopped and started again on one data_dir.
 
-    python tests/restart_scenario.py write|ask|wrong-shards DATA_DIR
+    python tests/restart_scenario.py write|ask|wrong-shards|resume DATA_DIR
 """
 
 import json
@@ -11,6 +11,8 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+import ray
+from engram.coordinator.chunking import route
 from engram.coordinator.client import EngramClient
 from engram.coordinator.config import EngramConfig
 from engram.coordinator.haystack import PASSKEY_QUESTION, passkey_context
@@ -21,6 +23,7 @@ def main(phase: str, data_dir: str) -> int:
     cfg = EngramConfig()
     cfg.cluster.num_cpus = 2
     cfg.shard.data_dir = data_dir
+    cfg.server.metrics_port = None
     if phase == "wrong-shards":
         cfg.cluster.shards = 3
         try:
@@ -32,6 +35,22 @@ def main(phase: str, data_dir: str) -> int:
     with BackgroundServer(cfg) as srv, EngramClient(srv.address, timeout=300) as c:
         if phase == "write":
             c.write([("pk", passkey_context(3000, 0.3, 42424, srv.engine.tokenizer))], namespace="rs")
+            for i in range(6):
+                c.write([(f"note-{i}", f"Note {i}: shelf {i} holds {i * 13} jars of {['plum', 'fig'][i % 2]} jam. " * 9)],
+                        namespace="rs")
+        if phase == "resume" and srv.engine.resume_rebalance:  # the last coordinator died mid-growth
+            import time
+
+            while c.stats().rebalance.running or not c.stats().rebalance.total_shards:  # this start finishes it
+                time.sleep(0.2)
+            engine = srv.engine
+            misplaced = 0
+            for sid, shard in zip(engine.shard_ids, engine.shards):
+                for _, _, hashes in ray.get(shard.chunk_table.remote()):
+                    misplaced += sum(route(h, engine.shard_ids) != sid for h in hashes)
+            s = c.stats()
+            print(json.dumps({"shards": len(s.shards), "misplaced": misplaced, "moved": s.rebalance.moved_chunks,
+                              "per_shard_chunks": [sh.chunks for sh in s.shards]}))
         s = c.stats()
         print(json.dumps({"answer": c.ask(PASSKEY_QUESTION, namespace="rs").answer,
                           "counts": [s.documents, s.chunks, s.blocks, s.tokens, s.stored_bytes]}))

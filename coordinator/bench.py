@@ -51,7 +51,7 @@ def parse_length(s: str) -> int:
 @dataclass
 class Needle:
     text: str  # inserted on a sentence boundary
-    marker: str  # a string that identifies the needle's chunk (recall@k)
+    marker: str  # the needle's answer string (for reading the results)
     depth: float
 
 
@@ -135,13 +135,19 @@ class Haystack:
             ids = tokenizer(essays(), add_special_tokens=False).input_ids
             n = len(ids) // segment
             self.period = [tokenizer.decode(ids[i * segment : (i + 1) * segment]) for i in range(n)]
-        self.segment_tokens = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in self.period]
+        self.period_ids = [tokenizer(t, add_special_tokens=False).input_ids for t in self.period]
 
     def documents(self, length: int, needles: list[Needle]) -> list[tuple[str, str]]:
+        """Haystack segments of `length` tokens in all (the last one cut short), needles inserted."""
         texts, total, j = [], 0, 0
         while total < length:
-            texts.append(self.period[j % len(self.period)])
-            total += self.segment_tokens[j % len(self.period)]
+            ids = self.period_ids[j % len(self.period)]
+            if total + len(ids) <= length:
+                texts.append(self.period[j % len(self.period)])
+            else:  # the same cut in every case of this length, so it too is encoded once
+                ids = ids[: length - total]
+                texts.append(self.tok.decode(ids))
+            total += len(ids)
             j += 1
         by_segment: dict[int, list[Needle]] = {}
         for n in needles:
@@ -174,16 +180,21 @@ class LocalDecoder:
                                            cfg.ask.position_scheme)
         self.window = int(self.model.config.max_position_embeddings)
 
-    def needle_chunks(self, documents: list[tuple[str, str]], needles: list[Needle]) -> list[list[int]]:
-        """The chunks holding each needle, cut exactly as the service cuts documents."""
+    def needle_chunks(self, documents: list[tuple[str, str]], needles: list[Needle]) -> list[list[tuple]]:
+        """Per needle, the chunks its sentence overlaps as (document, seq, token ids), cut exactly as the
+        service cuts documents."""
         t = self.cfg.encoder.chunk_tokens
-        out = []
-        for _, text in documents:
-            if not any(n.marker in text for n in needles):
+        out: list[list[tuple]] = [[] for _ in needles]
+        for doc, text in documents:
+            spans = [(k, i, i + len(n.text.strip())) for k, n in enumerate(needles)
+                     if (i := text.find(n.text.strip())) >= 0]
+            if not spans:
                 continue
-            ids = self.tok(text, add_special_tokens=False).input_ids
-            chunks = [ids[i : i + t] for i in range(0, len(ids), t)]
-            out += [c for c in chunks if any(n.marker in self.tok.decode(c) for n in needles)]
+            enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids, offsets = enc.input_ids, enc.offset_mapping
+            for k, start, end in spans:
+                for c in sorted({j // t for j, (a, b) in enumerate(offsets) if a < end and b > start}):
+                    out[k].append((doc, c, ids[c * t : (c + 1) * t]))
         return out
 
     def oracle(self, question: str, chunks: list[list[int]], max_new: int) -> str:
@@ -284,9 +295,11 @@ def run(args) -> dict:
                     r[mode] = {"score": score(case, a.answer), "answer": a.answer, "ttft_s": a.timings.ttft_s,
                                "latency_s": time.perf_counter() - t0, "context_tokens": a.context_tokens}
                 got = c.read(case.question, namespace=ns, top_k=args.top_k or cfg.ask.top_k)
-                r["recall_at_k"] = sum(any(n.marker in ch.text for ch in got.chunks)
-                                       for n in case.needles) / len(case.needles)
-                chunks = local.needle_chunks(docs, case.needles)
+                retrieved = {(ch.document_id, ch.seq) for ch in got.chunks}
+                per_needle = local.needle_chunks(docs, case.needles)
+                # a needle is recalled when a chunk its sentence overlaps is among the top k
+                r["recall_at_k"] = sum(any((d, q) in retrieved for d, q, _ in nc) for nc in per_needle) / len(per_needle)
+                chunks = [ids for nc in per_needle for _, _, ids in nc]
                 if chunks:
                     r["oracle"] = {"score": score(case, a := local.oracle(case.question, chunks, args.max_new_tokens)),
                                    "answer": a, "blocks": len(chunks)}

@@ -51,8 +51,8 @@ def measure(items: np.ndarray, cfg: EpisodicConfig, betas: list[float], cos: flo
             mems[f"hopfield β={beta:g}"].write(z)
         row = {}
         for name, mem in mems.items():
-            scorers = np.stack([mem.scorer(x) for x in q])  # [N, C]
             readouts = mem.read(q)
+            scorers = np.stack([mem.scorer(x, r) for x, r in zip(q, readouts)])  # [N, C]
             ident = float(np.mean(np.argmax(scorers @ z.T, axis=1) == np.arange(n)))
             recon = float(np.mean(np.sum(unit(readouts) * z, axis=1)))
             row[name] = {"identification": ident, "reconstruction": recon}

@@ -30,12 +30,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 def run(shards: int, totals: list[int], doc_tokens: int, asks: int, num_cpus: int | None) -> list[dict]:
     import ray
-    from tqdm import tqdm
-
     from engram.coordinator.client import EngramClient
     from engram.coordinator.config import EngramConfig
     from engram.coordinator.haystack import PASSKEY_QUESTION, first_integer, passkey_context
     from engram.coordinator.server import BackgroundServer
+    from tqdm import tqdm
 
     cfg = EngramConfig()
     cfg.cluster.shards, cfg.cluster.num_cpus, cfg.server.metrics_port = shards, num_cpus, None
@@ -55,7 +54,7 @@ def run(shards: int, totals: list[int], doc_tokens: int, asks: int, num_cpus: in
                         w = c.write([(f"doc-{n_doc}", text)], namespace="scale")
                         ingest_s += time.perf_counter() - t0
                         ingest_tokens, ingest_bytes = ingest_tokens + w.tokens, ingest_bytes + len(text.encode())
-                        stored, n_doc, last_key = stored + w.tokens, n_doc + 1, key
+                        stored, n_doc = stored + w.tokens, n_doc + 1
                         bar.update(w.tokens)
                 latencies, ttft, right = [], [], 0
                 for _ in range(asks):

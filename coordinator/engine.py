@@ -47,6 +47,15 @@ def shard_error(exc: BaseException) -> ShardError | None:
     return None
 
 
+def shard_failure(exc: BaseException) -> bool:
+    """A failure that retrying after the shards come back can fix: a shard died, or lost blocks staged before
+    it died ("stale"). Anything else (a refused request, a bug) is not retried."""
+    err = shard_error(exc)
+    if err is not None:
+        return err.code == "stale"
+    return isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError))
+
+
 @dataclass
 class Retrieved:
     score: float
@@ -214,8 +223,7 @@ class Engine:
                 if err is not None and err.code != "stale":
                     last = EngramError(err.code, str(err))
                     break
-                if err is None and not isinstance(exc, (ray.exceptions.RayActorError,
-                                                        ray.exceptions.ActorUnavailableError)):
+                if not shard_failure(exc):
                     raise
                 last = exc
                 log.warning("write %s/%s attempt %d failed (%s); waiting for the shards", namespace, name,
@@ -472,10 +480,7 @@ class Engine:
                 await self._call(shards[s].drop_chunks, namespace, name, moved)
                 return len(moved)
             except Exception as exc:
-                err = shard_error(exc)
-                if (err is not None and err.code != "stale") or attempt == self.cfg.cluster.write_attempts - 1 or (
-                        err is None and not isinstance(exc, (ray.exceptions.RayActorError,
-                                                             ray.exceptions.ActorUnavailableError))):
+                if not shard_failure(exc) or attempt == self.cfg.cluster.write_attempts - 1:
                     raise
                 log.warning("moving %s/%s from shard %d: attempt %d failed (%s)", namespace, name, s, attempt + 1,
                             type(exc).__name__)

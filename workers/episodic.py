@@ -92,10 +92,11 @@ class EpisodicMemory:
         """Do the read's expensive part now (on the write path), not in the first ask."""
         self.projection  # noqa: B018
 
-    def scorer(self, z: np.ndarray) -> np.ndarray:
-        """A vector s [C] whose dot product with a stored item scores it for the query z [C]: the readout itself
-        (<z_r, ẑ_i> = cos(z, ẑ_i) within capacity)."""
-        return self.read(z)
+    @staticmethod
+    def scorer(z: np.ndarray, readout: np.ndarray) -> np.ndarray:
+        """A vector s [C] whose dot product with a stored item scores it for the query z [C], given the query's
+        readout: the readout itself (<z_r, ẑ_i> = cos(z, ẑ_i) within capacity)."""
+        return readout
 
 
 class HopfieldMemory:
@@ -140,14 +141,14 @@ class HopfieldMemory:
     def prepare(self) -> None:
         pass
 
-    def scorer(self, z: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def scorer(z: np.ndarray, readout: np.ndarray) -> np.ndarray:
         """The readout is a retrieved pattern (≈ one stored item when β is large), so <z_r, ẑ_i> alone says how
         close item i is to what was retrieved, not how well the query matched: every episode's winner would score
         ≈ 1. Weighting by the match, s = z_r · cos(z, z_r), makes the winner score its cosine with the query, so
         scores compare across episodes and shards."""
-        r = self.read(z)
-        norm = np.linalg.norm(r)
-        return r * (float(np.dot(z, r)) / norm) if norm > 0 else r
+        norm = np.linalg.norm(readout)
+        return readout * (float(np.dot(z, readout)) / norm) if norm > 0 else readout
 
 
 Memory = EpisodicMemory | HopfieldMemory

@@ -267,7 +267,7 @@ class Shard:
         if not eps:
             return empty
         readouts = np.stack([self.memories[ep].read(q) for ep in eps])  # [E, C]
-        scorers = np.stack([self.memories[ep].scorer(q) for ep in eps])  # [E, C] (= readouts for least squares)
+        scorers = np.stack([self.memories[ep].scorer(q, r) for ep, r in zip(eps, readouts)])  # [E, C]
         eps_sorted = np.sort(np.asarray(eps, dtype=np.int64))
         by_episode = np.argsort(np.asarray(eps, dtype=np.int64))
         readouts, scorers = readouts[by_episode], scorers[by_episode]  # rows follow eps_sorted

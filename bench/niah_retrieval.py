@@ -43,8 +43,7 @@ def main():
               f"{int((whole > whole[needle]).sum()) + 1}, by 64-token windows {int((best > best[needle]).sum()) + 1}")
         top = list(np.argsort(-best)[:8])
         sel_all = sorted(set(top) | {i + 1 for i in top if i + 1 < len(chunks)})
-        k, v, p = kv.encode_chunks(model, dec.sink_id, [chunks[i] for i in sel_all], layout)
-        blk = {i: (k[j], v[j], p[j]) for j, i in enumerate(sel_all)}
+        blk = dict(zip(sel_all, kv.blocks_of(kv.encode_chunks(model, dec.sink_id, [chunks[i] for i in sel_all], layout))))
         for n in (1, 2, 4, 8):
             hits = top[:n]
             for nb in (0, 1):

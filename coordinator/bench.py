@@ -175,9 +175,10 @@ class LocalDecoder:
         torch.set_num_threads(os.cpu_count() or 1)
         self.cfg, self.kv = cfg, kvlib
         self.model, self.tok = load(cfg.decoder)
-        self.layout = kvlib.KVLayout.of(self.model, cfg.encoder.chunk_tokens, cfg.encoder.keep_tokens)
+        self.layout = kvlib.KVLayout.of(self.model, cfg.encoder.chunk_tokens, cfg.encoder.keep_tokens,
+                                         cfg.encoder.kv_dtype)
         self.decoder = kvlib.MemoryDecoder(self.model, self.tok, cfg.decoder.question_template,
-                                           cfg.ask.position_scheme)
+                                           cfg.ask.position_scheme, cfg.encoder.kv_dtype)
         self.window = int(self.model.config.max_position_embeddings)
 
     def needle_chunks(self, documents: list[tuple[str, str]], needles: list[Needle]) -> list[list[tuple]]:
@@ -199,8 +200,8 @@ class LocalDecoder:
 
     def oracle(self, question: str, chunks: list[list[int]], max_new: int) -> str:
         enc = self.cfg.encoder
-        k, v, p = self.kv.encode_chunks(self.model, self.decoder.sink_id, chunks, self.layout, enc.span, enc.scorer)
-        blocks = [(k[i], v[i], p[i]) for i in range(len(chunks))]
+        blocks = self.kv.blocks_of(self.kv.encode_chunks(self.model, self.decoder.sink_id, chunks, self.layout,
+                                                         enc.span, enc.scorer))
         return self.decoder.answer(question, blocks, enc.chunk_tokens, max_new).text
 
     def full(self, question: str, documents: list[tuple[str, str]], max_new: int):

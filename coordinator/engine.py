@@ -20,6 +20,7 @@ import numpy as np
 import ray
 
 from ..decoder import model as decoder_model
+from ..decoder import quant
 from ..workers.decoder_worker import DecoderWorker
 from ..workers.encoder import Encoder, chunk_hash
 from ..workers.episodic import hierarchical_readout, reference_pinv
@@ -81,8 +82,9 @@ def store_layout(cfg: EngramConfig) -> StoreLayout:
     keep = t if cfg.encoder.keep_tokens <= 0 else min(cfg.encoder.keep_tokens, t)
     if t % cfg.encoder.span or keep % cfg.encoder.span:
         raise ValueError(f"encoder.chunk_tokens ({t}) and keep_tokens ({keep}) must be multiples of span ({cfg.encoder.span})")
+    quant.check_dtype(cfg.encoder.kv_dtype)
     return StoreLayout(c.num_hidden_layers, c.num_key_value_heads, keep, head_dim, t, cfg.shard.episodic.dim,
-                       cfg.encoder.windows)
+                       cfg.encoder.windows, cfg.encoder.kv_dtype)
 
 
 class Engine:
@@ -95,7 +97,8 @@ class Engine:
         self.tokenizer.model_max_length = 1 << 62  # we chunk ourselves; silence the length warning
         e = cfg.encoder
         self.fingerprint = (f"{cfg.decoder.model}|T{e.chunk_tokens}|S{self.layout.keep_tokens}|{e.span}|{e.scorer}|"
-                            f"{e.embedder}|W{e.window_tokens}/{e.window_stride}")
+                            f"{e.embedder}|W{e.window_tokens}/{e.window_stride}"
+                            + (f"|{e.kv_dtype}" if e.kv_dtype != "float16" else ""))  # fp16 stores predate kv_dtype
         self.m0_pinv = reference_pinv(cfg.shard.episodic)
         self.resume_rebalance = False
         self.shard_ids = self._routing_table()
@@ -162,7 +165,7 @@ class Engine:
         gpus = c.decoder_gpus if c.decoder_gpus is not None else (1 if has_gpu else 0)
         self.decoder = ray.remote(DecoderWorker).options(num_cpus=0, num_gpus=gpus, max_restarts=-1,
                                                          max_task_retries=3).remote(
-            self.cfg.decoder, self.cfg.ask.position_scheme)
+            self.cfg.decoder, self.cfg.ask.position_scheme, self.cfg.encoder.kv_dtype)
         self._next_encoder = itertools.cycle(self.encoders)
         ray.get([s.stats.remote() for s in self.shards] + [e.embed.remote(["warm up"]) for e in self.encoders]
                 + [self.decoder.answer.remote("warm up", self.layout.chunk_tokens, 1, [])])

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import quant
+
 
 @dataclass(frozen=True)
 class KVLayout:
@@ -29,13 +31,15 @@ class KVLayout:
     head_dim: int
     chunk_tokens: int  # T
     keep_tokens: int  # S <= T; S == T means dense
+    kv_dtype: str = "float16"  # stored K/V: float16, int8, int4 or int2 (quant.py)
 
     @classmethod
-    def of(cls, model, chunk_tokens: int, keep_tokens: int) -> KVLayout:
+    def of(cls, model, chunk_tokens: int, keep_tokens: int, kv_dtype: str = "float16") -> KVLayout:
         c = model.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         keep = chunk_tokens if keep_tokens <= 0 else min(keep_tokens, chunk_tokens)
-        return cls(c.num_hidden_layers, c.num_key_value_heads, head_dim, chunk_tokens, keep)
+        quant.check_dtype(kv_dtype)
+        return cls(c.num_hidden_layers, c.num_key_value_heads, head_dim, chunk_tokens, keep, kv_dtype)
 
     @property
     def block_shape(self) -> tuple[int, int, int, int]:
@@ -95,8 +99,10 @@ def select_spans(scores: torch.Tensor, lengths: torch.Tensor, keep: int, span: i
 
 
 @torch.inference_mode()
-def encode_chunks(model, sink_id: int, chunks: list[list[int]], layout: KVLayout, span: int = 8, scorer: str = "attention"):
-    """Encode chunks independently (batched) -> keys, values [B, L, H, S, D] fp16, positions [B, L, H, S] int16."""
+def encode_chunks(model, sink_id: int, chunks: list[list[int]], layout: KVLayout, span: int = 8,
+                  scorer: str = "attention") -> dict[str, np.ndarray]:
+    """Encode chunks independently (batched) -> a block batch: keys, values (and their quantisation scales, see
+    quant.py) [B, L, H, S, ...], positions [B, L, H, S] int16. `blocks_of` splits it into blocks."""
     device = next(model.parameters()).device
     t = layout.chunk_tokens
     ids = torch.zeros((len(chunks), 1 + t), dtype=torch.long, device=device)
@@ -127,13 +133,19 @@ def encode_chunks(model, sink_id: int, chunks: list[list[int]], layout: KVLayout
         keys.append(torch.gather(k, 2, gather))
         values.append(torch.gather(v, 2, gather))
         positions.append(pos)
-    keys_t = torch.stack(keys, 1).to(torch.float16)
-    values_t = torch.stack(values, 1).to(torch.float16)
     pos_t = torch.stack(positions, 1)
     pad = (pos_t < 0)[..., None]
-    keys_t = keys_t.masked_fill(pad, 0)
-    values_t = values_t.masked_fill(pad, 0)
-    return keys_t.cpu().numpy(), values_t.cpu().numpy(), pos_t.to(torch.int16).cpu().numpy()
+    keys_t = torch.stack(keys, 1).masked_fill(pad, 0)
+    values_t = torch.stack(values, 1).masked_fill(pad, 0)
+    batch = quant.pack_kv(keys_t, values_t, layout.kv_dtype)
+    batch["positions"] = pos_t.to(torch.int16)
+    return {name: t.cpu().numpy() for name, t in batch.items()}
+
+
+def blocks_of(batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """A block batch (columns [B, ...]) -> B blocks (columns [...])."""
+    n = len(batch["positions"])
+    return [{name: col[i] for name, col in batch.items()} for i in range(n)]
 
 
 def rerotate(keys: torch.Tensor, delta: int, rotary) -> torch.Tensor:
@@ -160,30 +172,33 @@ class Answer:
 class MemoryDecoder:
     """Greedy decoding over retrieved blocks placed in front of the question (gpt-fast style, plain functions)."""
 
-    def __init__(self, model, tokenizer, question_template: str = "\n{question}", position_scheme: str = "consecutive"):
+    def __init__(self, model, tokenizer, question_template: str = "\n{question}", position_scheme: str = "consecutive",
+                 kv_dtype: str = "float16"):
+        quant.check_dtype(kv_dtype)
         if position_scheme not in ("consecutive", "parallel"):
             raise ValueError(f"position_scheme must be 'consecutive' or 'parallel', not {position_scheme!r}")
         self.model, self.tokenizer = model, tokenizer
-        self.template, self.scheme = question_template, position_scheme
+        self.template, self.scheme, self.kv_dtype = question_template, position_scheme, kv_dtype
         self.device = next(model.parameters()).device
         self.sink_id = sink_token_id(tokenizer)
         with torch.inference_mode():
             out = model(input_ids=torch.tensor([[self.sink_id]], device=self.device), use_cache=True)
         self.sink_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]  # [1, H, 1, D] each
 
-    def build_cache(self, blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]], chunk_tokens: int):
-        """blocks: (keys [L,H,S,D], values, positions [L,H,S]) in reading order -> (cache, next position)."""
+    def build_cache(self, blocks: list[dict[str, np.ndarray]], chunk_tokens: int):
+        """blocks (see blocks_of), in reading order -> (cache, next position)."""
         from transformers import DynamicCache
 
         rotary = self.model.model.rotary_emb
         dtype = self.sink_kv[0][0].dtype
         cache = DynamicCache()
         per_layer: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[kv] for kv in self.sink_kv]
-        for j, (k, v, pos) in enumerate(blocks):
-            n_valid = int((pos[0, 0] >= 0).sum())  # same count in every layer and head (see select_spans)
+        for j, block in enumerate(blocks):
+            n_valid = int((block["positions"][0, 0] >= 0).sum())  # same count in every layer and head (select_spans)
             delta = j * chunk_tokens if self.scheme == "consecutive" else 0
-            kt = torch.from_numpy(np.array(k[:, :, :n_valid])).to(self.device, dtype)
-            vt = torch.from_numpy(np.array(v[:, :, :n_valid])).to(self.device, dtype)
+            kt, vt = quant.unpack_kv({name: torch.from_numpy(np.asarray(col)).to(self.device)
+                                      for name, col in block.items() if name != "positions"}, self.kv_dtype)
+            kt, vt = kt[:, :, :n_valid].to(dtype), vt[:, :, :n_valid].to(dtype)  # [L, H, S', D]
             kt = rerotate(kt, delta, rotary)
             for layer in range(kt.shape[0]):
                 per_layer[layer].append((kt[layer][None], vt[layer][None]))

@@ -24,16 +24,20 @@ def test_rerotate_equals_encoding_at_the_offset(smol, delta):
             torch.testing.assert_close(moved, atd.layers[layer].keys, atol=1e-3, rtol=1e-3)  # float32 trig
 
 
-def test_blocks_answer_a_passkey(smol):
+@pytest.mark.parametrize("kv_dtype", ["float16", "int8", "int4"])
+def test_blocks_answer_a_passkey(smol, kv_dtype):
     model, tok = smol
-    layout = kv.KVLayout.of(model, 64, 0)
-    dec = kv.MemoryDecoder(model, tok)
+    layout = kv.KVLayout.of(model, 64, 0, kv_dtype)
+    dec = kv.MemoryDecoder(model, tok, kv_dtype=kv_dtype)
     filler = tok("The grass is green. The sky is blue. " * 12, add_special_tokens=False).input_ids[:64]
     needle = tok("The pass key is 71432. Remember it. 71432 is the pass key.", add_special_tokens=False).input_ids
     chunks = [filler, (filler[:20] + needle + filler)[:64], filler[3:] + filler[:3]]
-    k, v, p = kv.encode_chunks(model, dec.sink_id, chunks, layout)
-    assert k.shape == (3, layout.layers, layout.kv_heads, 64, layout.head_dim) and k.dtype.name == "float16"
-    a = dec.answer("What is the pass key? The pass key is", [(k[i], v[i], p[i]) for i in range(3)], 64, 8)
+    batch = kv.encode_chunks(model, dec.sink_id, chunks, layout)
+    k = batch["keys"]
+    d = layout.head_dim // 2 if kv_dtype == "int4" else layout.head_dim
+    assert k.shape == (3, layout.layers, layout.kv_heads, 64, d)
+    assert k.dtype.name == ("float16" if kv_dtype == "float16" else "uint8")
+    a = dec.answer("What is the pass key? The pass key is", kv.blocks_of(batch), 64, 8)
     assert a.text.split(".")[0].strip() == "71432"
     assert a.context_tokens == 1 + 3 * 64
 

@@ -11,12 +11,12 @@ from ..decoder import model as decoder_model
 
 
 class DecoderWorker:
-    def __init__(self, cfg: decoder_model.DecoderConfig, position_scheme: str = "consecutive"):
+    def __init__(self, cfg: decoder_model.DecoderConfig, position_scheme: str = "consecutive", kv_dtype: str = "float16"):
         self.cfg = cfg
         if not cfg.threads:  # Ray caps threads of actors that reserve no CPU; the decoder may use the node's cores
             cfg = dataclasses.replace(cfg, threads=os.cpu_count() or 1)
         model, tokenizer = decoder_model.load(cfg)
-        self.decoder = kvlib.MemoryDecoder(model, tokenizer, cfg.question_template, position_scheme)
+        self.decoder = kvlib.MemoryDecoder(model, tokenizer, cfg.question_template, position_scheme, kv_dtype)
 
     def set_options(self, template: str | None = None, position_scheme: str | None = None) -> None:
         """For benchmark sweeps: change the question template or position scheme of a running worker."""
@@ -27,7 +27,7 @@ class DecoderWorker:
 
     def answer(self, question: str, chunk_tokens: int, max_new_tokens: int, order: list[tuple[int, int]],
                *block_lists) -> dict:
-        """block_lists: per shard, its (keys, values, positions) blocks (Ray resolves them before this runs);
+        """block_lists: per shard, its blocks (dicts of block columns) (Ray resolves them before this runs);
         order: (list, index) pairs giving the reading order in which the blocks are placed before the question."""
         started = time.time()
         blocks = [block_lists[i][j] for i, j in order]

@@ -20,6 +20,7 @@ from ..decoder import model as decoder_model
 class EncoderConfig:
     chunk_tokens: int = 128  # T: fixed chunk length (boundaries restart at each document)
     keep_tokens: int = 0  # S tokens kept per layer and KV head; 0 = all (dense). Measured: see BENCHMARKS.md
+    kv_dtype: str = "float16"  # stored K/V: "float16", "int8", "int4" or "int2" (decoder/quant.py; BENCHMARKS.md)
     span: int = 8  # sparse blocks keep whole aligned spans of this many tokens
     scorer: str = "key_norm"  # "key_norm" (low key norm) or "attention" (attention received)
     batch_chunks: int = 8  # chunks per forward pass
@@ -63,7 +64,7 @@ class Encoder:
     def __init__(self, enc: EncoderConfig, dec: decoder_model.DecoderConfig):
         self.cfg = enc
         self.model, self.tokenizer = decoder_model.load(dec)
-        self.layout = kvlib.KVLayout.of(self.model, enc.chunk_tokens, enc.keep_tokens)
+        self.layout = kvlib.KVLayout.of(self.model, enc.chunk_tokens, enc.keep_tokens, enc.kv_dtype)
         self.sink_id = kvlib.sink_token_id(self.tokenizer)
         self.embedder = load_embedder(enc.embedder)
 
@@ -73,16 +74,14 @@ class Encoder:
 
     def encode(self, chunks: list[list[int]], hashes: list[bytes]) -> dict[str, np.ndarray]:
         """Token chunks -> the rows of a block batch, as ShardStore.put_blocks takes them."""
-        keys, values, positions = [], [], []
-        for i in range(0, len(chunks), self.cfg.batch_chunks):
-            k, v, p = kvlib.encode_chunks(self.model, self.sink_id, chunks[i : i + self.cfg.batch_chunks],
-                                          self.layout, self.cfg.span, self.cfg.scorer)
-            keys.append(k), values.append(v), positions.append(p)
+        parts = [kvlib.encode_chunks(self.model, self.sink_id, chunks[i : i + self.cfg.batch_chunks], self.layout,
+                                     self.cfg.span, self.cfg.scorer)
+                 for i in range(0, len(chunks), self.cfg.batch_chunks)]
         tokens = np.full((len(chunks), self.cfg.chunk_tokens), -1, dtype=np.int32)
         for i, c in enumerate(chunks):
             tokens[i, : len(c)] = c
         return {
-            "keys": np.concatenate(keys), "values": np.concatenate(values), "positions": np.concatenate(positions),
+            **{name: np.concatenate([p[name] for p in parts]) for name in parts[0]},
             "tokens": tokens, "length": np.array([len(c) for c in chunks], dtype=np.int32),
             "hash": np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(len(hashes), 16),
             "latent": self.embed_windows(chunks),

@@ -188,9 +188,8 @@ class Shard:
     def export_blocks(self, hashes: list[bytes]) -> dict[str, np.ndarray]:
         """Stored blocks as put_blocks takes them (another shard imports them)."""
         idx = np.array([self.store.hash_index[h] for h in hashes], dtype=np.int64)
-        keys, values, positions = self.store.get_blocks(idx)
         ram = self.store.ram
-        return {"keys": keys, "values": values, "positions": positions, "tokens": self.store.get_tokens(idx),
+        return {**self.store.get_blocks(idx), "tokens": self.store.get_tokens(idx),
                 "length": ram["blocks/length"][idx], "hash": ram["blocks/hash"][idx], "latent": ram["blocks/latent"][idx]}
 
     def import_chunks(self, namespace: str, name: str, request_id: str, hashes: list[bytes], seqs: list[int],
@@ -297,9 +296,10 @@ class Shard:
         rows = np.flatnonzero((ram["chunks/doc"] == doc) & np.isin(ram["chunks/seq"], seqs) & self.chunk_alive)
         return [(int(ram["chunks/seq"][r]), int(ram["chunks/offset"][r]), int(ram["chunks/block"][r])) for r in rows]
 
-    def get_blocks(self, blocks: list[int]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        k, v, p = self.store.get_blocks(blocks)
-        return [(k[i], v[i], p[i]) for i in range(len(blocks))]
+    def get_blocks(self, blocks: list[int]) -> list[dict[str, np.ndarray]]:
+        """-> one dict of block columns (StoreLayout.block_columns) per block."""
+        cols = self.store.get_blocks(blocks)
+        return [{name: col[i] for name, col in cols.items()} for i in range(len(blocks))]
 
     def get_tokens(self, blocks: list[int]) -> list[list[int]]:
         lengths = self.store.ram["blocks/length"][np.asarray(blocks, dtype=np.int64)]

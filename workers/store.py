@@ -1,7 +1,8 @@
 """A shard's Zarr store: KV blocks on disk, read on demand; the per-chunk index mirrored in RAM.
 
 Layout (one store per shard, one writer: the shard actor that owns it):
-  blocks/  keys, values [n, L, H, S, D] fp16 (one Zarr chunk per block), positions [n, L, H, S] int16,
+  blocks/  keys, values [n, L, H, S, D] fp16 (one Zarr chunk per block), or uint8 codes with their scales and
+           zeros (kv_dtype int8/int4; decoder/quant.py), positions [n, L, H, S] int16,
            tokens [n, T] int32 (-1 pad), length [n], hash [n, 16] uint8, latent [n, R, C] float32
   chunks/  block, doc, seq, offset, episode [m]          (a document's chunk -> the block holding its KV)
   docs/    namespace, name (strings), tokens [d]
@@ -35,20 +36,31 @@ class StoreLayout:
     chunk_tokens: int
     latent_dim: int
     latents_per_chunk: int = 1  # R retrieval windows per chunk
+    kv_dtype: str = "float16"  # float16, int8, int4 or int2 (decoder/quant.py)
+
+    def kv_columns(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """The K/V columns of one stored block: name -> (shape, dtype); decoder/quant.py writes and reads them."""
+        lh = (self.layers, self.kv_heads)
+        per_byte = {"int4": 2, "int2": 4}.get(self.kv_dtype, 1)  # codes packed along the head dimension
+        kv = (*lh, self.keep_tokens, self.head_dim // per_byte)
+        if self.kv_dtype == "float16":
+            return {"keys": (kv, "float16"), "values": (kv, "float16")}
+        per_channel, per_token = (*lh, self.head_dim), (*lh, self.keep_tokens)
+        return {"keys": (kv, "uint8"), "values": (kv, "uint8"), "key_scale": (per_channel, "float16"),
+                "key_zero": (per_channel, "float16"), "value_scale": (per_token, "float16"),
+                "value_zero": (per_token, "float16")}
 
     @property
-    def block_bytes(self) -> int:
-        kv = 2 * self.layers * self.kv_heads * self.keep_tokens * self.head_dim * 2
-        return kv + self.layers * self.kv_heads * self.keep_tokens * 2 + self.chunk_tokens * 4 + self.latents_per_chunk * self.latent_dim * 4
+    def block_columns(self) -> tuple[str, ...]:
+        """What a block is at read time: its K/V columns and positions."""
+        return (*self.kv_columns(), "positions")
 
 
 def _tables(lay: StoreLayout) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape of one row, dtype)."""
-    kv = (lay.layers, lay.kv_heads, lay.keep_tokens, lay.head_dim)
     return {
-        "blocks/keys": (kv, "float16"),
-        "blocks/values": (kv, "float16"),
-        "blocks/positions": (kv[:3], "int16"),
+        **{f"blocks/{name}": col for name, col in lay.kv_columns().items()},
+        "blocks/positions": ((lay.layers, lay.kv_heads, lay.keep_tokens), "int16"),
         "blocks/tokens": ((lay.chunk_tokens,), "int32"),
         "blocks/length": ((), "int32"),
         "blocks/hash": ((16,), "uint8"),
@@ -88,7 +100,7 @@ class ShardStore:
         meta = self._read_commit()
         if meta is None:
             meta = {"layout": asdict(layout), **dict.fromkeys(TABLES, 0), "deleted_docs": []}
-        elif meta["layout"] != asdict(layout):
+        elif {"kv_dtype": "float16", **meta["layout"]} != asdict(layout):  # stores from before kv_dtype: fp16
             raise StoreError(f"store {self.path} was written with layout {meta['layout']}, not {asdict(layout)}")
         self.arrays: dict[str, zarr.Array] = {}
         for name, (row, dtype) in _tables(layout).items():
@@ -98,7 +110,7 @@ class ShardStore:
                 chunks = (1, *row) if name.startswith("blocks/") and len(row) > 1 else (ROW_CHUNK, *row)
                 self.arrays[name] = self.group.create_array(
                     name, shape=(0, *row), chunks=chunks, dtype=str if dtype == "str" else dtype,
-                    compressors=None if name in ("blocks/keys", "blocks/values") else "auto",
+                    compressors=None if name in ("blocks/keys", "blocks/values") else "auto",  # zstd gains ~8% on K/V
                 )
         self.counts = {t: meta.get(t, 0) for t in TABLES}  # committed rows (stores from before "drops" lack it)
         self.deleted_docs: set[int] = set(meta["deleted_docs"])
@@ -177,10 +189,10 @@ class ShardStore:
                 self.hash_index[bytes(batch["hash"][i])] = int(row)
         return np.array([self.hash_index[bytes(h)] for h in batch["hash"]], dtype=np.int64)
 
-    def get_blocks(self, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """-> keys, values [n, L, H, S, D], positions [n, L, H, S] (read from disk)."""
+    def get_blocks(self, indices) -> dict[str, np.ndarray]:
+        """-> the block columns (layout.block_columns) of these blocks, [n, ...] each (read from disk)."""
         sel = (np.asarray(indices, dtype=np.int64),)
-        return tuple(self.arrays[f"blocks/{c}"].get_orthogonal_selection(sel) for c in ("keys", "values", "positions"))
+        return {c: self.arrays[f"blocks/{c}"].get_orthogonal_selection(sel) for c in self.layout.block_columns}
 
     def get_tokens(self, indices) -> np.ndarray:
         return self.arrays["blocks/tokens"].get_orthogonal_selection((np.asarray(indices, dtype=np.int64),))

@@ -182,9 +182,9 @@ class LocalDecoder:
         self.window = int(self.model.config.max_position_embeddings)
 
     def needle_chunks(self, documents: list[tuple[str, str]], needles: list[Needle]) -> list[list[tuple]]:
-        """Per needle, the chunks its sentence overlaps as (document, seq, token ids), cut exactly as the
-        service cuts documents."""
-        t = self.cfg.encoder.chunk_tokens
+        """Per needle, the chunks its sentence overlaps as (document, seq, token ids, context ids), cut exactly as
+        the service cuts documents."""
+        t, ctx = self.cfg.encoder.chunk_tokens, self.cfg.encoder.context_tokens
         out: list[list[tuple]] = [[] for _ in needles]
         for doc, text in documents:
             spans = [(k, i, i + len(n.text.strip())) for k, n in enumerate(needles)
@@ -195,13 +195,14 @@ class LocalDecoder:
             ids, offsets = enc.input_ids, enc.offset_mapping
             for k, start, end in spans:
                 for c in sorted({j // t for j, (a, b) in enumerate(offsets) if a < end and b > start}):
-                    out[k].append((doc, c, ids[c * t : (c + 1) * t]))
+                    out[k].append((doc, c, ids[c * t : (c + 1) * t], ids[max(0, c * t - ctx) : c * t]))
         return out
 
-    def oracle(self, question: str, chunks: list[list[int]], max_new: int) -> str:
+    def oracle(self, question: str, chunks: list[tuple[list[int], list[int]]], max_new: int) -> str:
+        """chunks: (tokens, context), encoded as the service encodes them."""
         enc = self.cfg.encoder
-        blocks = self.kv.blocks_of(self.kv.encode_chunks(self.model, self.decoder.sink_id, chunks, self.layout,
-                                                         enc.span, enc.scorer))
+        blocks = self.kv.blocks_of(self.kv.encode_chunks(self.model, self.decoder.sink_id, [c for c, _ in chunks],
+                                                         self.layout, enc.span, enc.scorer, [x for _, x in chunks]))
         return self.decoder.answer(question, blocks, enc.chunk_tokens, max_new).text
 
     def full(self, question: str, documents: list[tuple[str, str]], max_new: int):
@@ -299,8 +300,8 @@ def run(args) -> dict:
                 retrieved = {(ch.document_id, ch.seq) for ch in got.chunks}
                 per_needle = local.needle_chunks(docs, case.needles)
                 # a needle is recalled when a chunk its sentence overlaps is among the top k
-                r["recall_at_k"] = sum(any((d, q) in retrieved for d, q, _ in nc) for nc in per_needle) / len(per_needle)
-                chunks = [ids for nc in per_needle for _, _, ids in nc]
+                r["recall_at_k"] = sum(any((d, q) in retrieved for d, q, *_ in nc) for nc in per_needle) / len(per_needle)
+                chunks = [(ids, ctx) for nc in per_needle for _, _, ids, ctx in nc]
                 if chunks:
                     r["oracle"] = {"score": score(case, a := local.oracle(case.question, chunks, args.max_new_tokens)),
                                    "answer": a, "blocks": len(chunks)}

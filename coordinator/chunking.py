@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -11,10 +11,12 @@ class Chunk:
     seq: int  # chunk number in the document
     offset: int  # first token's offset in the document
     tokens: list[int]
+    context: list[int] = field(default_factory=list)  # the tokens before it that its KV is encoded after
 
 
-def split(ids: list[int], chunk_tokens: int) -> list[Chunk]:
-    return [Chunk(i, off, ids[off : off + chunk_tokens]) for i, off in enumerate(range(0, len(ids), chunk_tokens))]
+def split(ids: list[int], chunk_tokens: int, context_tokens: int = 0) -> list[Chunk]:
+    return [Chunk(i, off, ids[off : off + chunk_tokens], ids[max(0, off - context_tokens) : off])
+            for i, off in enumerate(range(0, len(ids), chunk_tokens))]
 
 
 def route(content_hash: bytes, shard_ids: list[int]) -> int:

@@ -212,8 +212,8 @@ class Engine:
         ids = await asyncio.to_thread(self.tokenize, text)
         if not ids:
             raise EngramError("invalid", f"document {name!r} has no tokens")
-        chunks = chunking.split(ids, self.layout.chunk_tokens)
-        hashes = [chunk_hash(c.tokens, self.fingerprint) for c in chunks]
+        chunks = chunking.split(ids, self.layout.chunk_tokens, self.cfg.encoder.context_tokens)
+        hashes = [chunk_hash(c.tokens, self.fingerprint, c.context) for c in chunks]
         owner = [chunking.route(h, shard_ids) for h in hashes]
         per_shard = {s: [i for i, o in enumerate(owner) if o == s] for s in shard_ids}
         last: Exception | None = None
@@ -248,7 +248,8 @@ class Engine:
 
         async def encode_and_put(shard: int, batch: list[int]) -> None:
             async with sem:
-                ref = next(self._next_encoder).encode.remote([chunks[i].tokens for i in batch], [hashes[i] for i in batch])
+                ref = next(self._next_encoder).encode.remote([chunks[i].tokens for i in batch], [hashes[i] for i in batch],
+                                                             [chunks[i].context for i in batch])
                 await shards[shard].put_blocks.remote(ref)  # the KV goes encoder -> shard, not through here
             done["chunks"] += len(batch)
             if time.perf_counter() - done["logged"] > 10:  # progress of long writes, every 10 s

@@ -100,16 +100,29 @@ def select_spans(scores: torch.Tensor, lengths: torch.Tensor, keep: int, span: i
 
 @torch.inference_mode()
 def encode_chunks(model, sink_id: int, chunks: list[list[int]], layout: KVLayout, span: int = 8,
-                  scorer: str = "attention") -> dict[str, np.ndarray]:
+                  scorer: str = "attention", contexts: list[list[int]] | None = None) -> dict[str, np.ndarray]:
     """Encode chunks independently (batched) -> a block batch: keys, values (and their quantisation scales, see
-    quant.py) [B, L, H, S, ...], positions [B, L, H, S] int16. `blocks_of` splits it into blocks."""
+    quant.py) [B, L, H, S, ...], positions [B, L, H, S] int16. `blocks_of` splits it into blocks.
+
+    contexts: tokens each chunk is encoded after ([sink] + context + chunk) and that are not stored: the chunk's
+    K/V then carry what precedes it (a sentence cut by the chunk boundary stays whole). Keys are re-rotated back
+    to positions 1..T, so a block looks the same to the reader with or without a context."""
     device = next(model.parameters()).device
     t = layout.chunk_tokens
-    ids = torch.zeros((len(chunks), 1 + t), dtype=torch.long, device=device)
+    contexts = contexts or [[] for _ in chunks]
+    ctx = torch.tensor([len(c) for c in contexts], device=device)  # [B]
+    ids = torch.zeros((len(chunks), 1 + int(ctx.max()) + t), dtype=torch.long, device=device)
     ids[:, 0] = sink_id
-    lengths = torch.tensor([1 + len(c) for c in chunks], device=device)
-    for i, c in enumerate(chunks):
-        ids[i, 1 : 1 + len(c)] = torch.tensor(c, dtype=torch.long)
+    for i, (c, x) in enumerate(zip(chunks, contexts)):
+        ids[i, 1 : 1 + len(x) + len(c)] = torch.tensor(x + c, dtype=torch.long)
+    lengths = torch.tensor([1 + len(c) for c in chunks], device=device)  # valid tokens of [sink] + chunk
+    # [sink] + chunk inside each row: index [B, 1+T] into the encoded sequence
+    view = torch.cat([torch.zeros_like(ctx)[:, None], 1 + ctx[:, None] + torch.arange(t, device=device)], 1)
+    view = view.clamp(max=ids.shape[1] - 1)
+
+    def chunk_view(x: torch.Tensor) -> torch.Tensor:  # [B, heads, 1+C+T, D] -> [B, heads, 1+T, D]
+        return torch.gather(x, 2, view[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+
     sparse = layout.keep_tokens < t
     captured, handles = _query_capture(model) if sparse and scorer == "attention" else ([], [])
     try:
@@ -122,9 +135,9 @@ def encode_chunks(model, sink_id: int, chunks: list[list[int]], layout: KVLayout
     cache = out.past_key_values
     keys, values, positions = [], [], []
     for layer in range(layout.layers):
-        k, v = cache.layers[layer].keys, cache.layers[layer].values  # [B, H, 1+T, D]
+        k, v = chunk_view(cache.layers[layer].keys), chunk_view(cache.layers[layer].values)  # [B, H, 1+T, D]
         if sparse:
-            scores = attention_received(captured[layer], k, lengths) if captured else -k.float().norm(dim=-1)
+            scores = attention_received(chunk_view(captured[layer]), k, lengths) if captured else -k.float().norm(dim=-1)
             pos = select_spans(scores, lengths, layout.keep_tokens, span)
         else:
             pos = torch.arange(1, t + 1, device=device).expand(len(chunks), layout.kv_heads, t)
@@ -135,7 +148,8 @@ def encode_chunks(model, sink_id: int, chunks: list[list[int]], layout: KVLayout
         positions.append(pos)
     pos_t = torch.stack(positions, 1)
     pad = (pos_t < 0)[..., None]
-    keys_t = torch.stack(keys, 1).masked_fill(pad, 0)
+    keys_t = rerotate(torch.stack(keys, 1), -ctx, model.model.rotary_emb)  # from 1+ctx.. back to 1..T
+    keys_t = keys_t.masked_fill(pad, 0)
     values_t = torch.stack(values, 1).masked_fill(pad, 0)
     batch = quant.pack_kv(keys_t, values_t, layout.kv_dtype)
     batch["positions"] = pos_t.to(torch.int16)
@@ -148,15 +162,20 @@ def blocks_of(batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     return [{name: col[i] for name, col in batch.items()} for i in range(n)]
 
 
-def rerotate(keys: torch.Tensor, delta: int, rotary) -> torch.Tensor:
-    """Move RoPE'd keys [..., S, D] forward by `delta` positions: exact, since rotations compose."""
+def rerotate(keys: torch.Tensor, delta: int | torch.Tensor, rotary) -> torch.Tensor:
+    """Move RoPE'd keys [..., S, D] forward by `delta` positions (negative: back): exact, rotations compose.
+    delta: one int, or a tensor [B] of one shift per row of keys [B, ..., S, D]."""
     from transformers.models.llama.modeling_llama import rotate_half
 
-    if delta == 0:
+    if isinstance(delta, int):
+        if delta == 0:
+            return keys
+        delta = torch.tensor([delta], device=keys.device)
+    elif not bool(delta.any()):
         return keys
-    pid = torch.tensor([[delta]], device=keys.device)
-    cos, sin = rotary(keys.new_zeros(1, 1, keys.shape[-1]), pid)  # [1, 1, D]
-    cos, sin = cos[0, 0].to(keys.dtype), sin[0, 0].to(keys.dtype)
+    cos, sin = rotary(keys.new_zeros(1, 1, keys.shape[-1]), delta[None].to(keys.device))  # [1, B, D]
+    shape = (len(delta),) + (1,) * (keys.dim() - 2) + (keys.shape[-1],) if len(delta) > 1 else (keys.shape[-1],)
+    cos, sin = cos[0].reshape(shape).to(keys.dtype), sin[0].reshape(shape).to(keys.dtype)
     return keys * cos + rotate_half(keys) * sin
 
 

@@ -76,8 +76,8 @@ def main() -> int:
         missing = duplicated = misplaced = 0
         for doc, n in acked.items():
             ids = engine.tokenize(texts[doc])
-            want = {ch.seq: chunking.route(chunk_hash(ch.tokens, engine.fingerprint), engine.shard_ids)
-                    for ch in chunking.split(ids, engine.layout.chunk_tokens)}
+            want = {ch.seq: chunking.route(chunk_hash(ch.tokens, engine.fingerprint, ch.context), engine.shard_ids)
+                    for ch in chunking.split(ids, engine.layout.chunk_tokens, engine.cfg.encoder.context_tokens)}
             assert len(want) == n
             where: dict[int, list[int]] = {}
             for sid, shard in zip(engine.shard_ids, engine.shards):

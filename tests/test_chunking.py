@@ -12,6 +12,17 @@ def test_split_restarts_per_document_and_covers_every_token():
     assert [c.offset for c in chunks] == [0, 128, 256]
     assert [len(c.tokens) for c in chunks] == [128, 128, 44]
     assert sum((c.tokens for c in chunks), []) == ids
+    assert all(c.context == [] for c in chunks)
+
+
+def test_context_is_the_tokens_just_before_and_part_of_the_address():
+    from engram.workers.encoder import chunk_hash
+
+    chunks = split(list(range(300)), 128, context_tokens=32)
+    assert [c.context for c in chunks] == [[], list(range(96, 128)), list(range(224, 256))]
+    tail = chunks[1]
+    assert chunk_hash(tail.tokens, "f") != chunk_hash(tail.tokens, "f", tail.context)
+    assert chunk_hash(tail.tokens, "f", []) == chunk_hash(tail.tokens, "f")  # stores written without contexts
 
 
 def test_route_is_stable_balanced_and_moves_little_when_growing():

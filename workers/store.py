@@ -100,8 +100,11 @@ class ShardStore:
         meta = self._read_commit()
         if meta is None:
             meta = {"layout": asdict(layout), **dict.fromkeys(TABLES, 0), "deleted_docs": []}
-        elif {"kv_dtype": "float16", **meta["layout"]} != asdict(layout):  # stores from before kv_dtype: fp16
-            raise StoreError(f"store {self.path} was written with layout {meta['layout']}, not {asdict(layout)}")
+        elif (have := {"kv_dtype": "float16", **meta["layout"]}) != asdict(layout):  # before kv_dtype: fp16
+            diff = ", ".join(f"{k} = {have.get(k)!r} (configured: {v!r})" for k, v in asdict(layout).items()
+                             if have.get(k) != v)
+            raise StoreError(f"store {self.path} was written with {diff}: configure the same values (e.g. "
+                             "[encoder] kv_dtype) to open it, or use a new data_dir")
         self.arrays: dict[str, zarr.Array] = {}
         for name, (row, dtype) in _tables(layout).items():
             if name in self.group:

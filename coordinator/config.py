@@ -23,7 +23,7 @@ class ServerConfig:
     max_question_chars: int = 4096
     tls_cert_file: str | None = None  # PEM; with tls_key_file, the server speaks TLS only
     tls_key_file: str | None = None
-    metrics_port: int | None = 9464  # Prometheus /metrics over HTTP on `host`; None = off, 0 = any free port
+    metrics_port: int | None = 9464  # Prometheus /metrics over HTTP on `host`; -1 (or None) = off, 0 = any free port
     metrics_refresh_s: float = 15.0  # how often per-shard gauges are refreshed from the shards
     log_format: str = "text"  # "json": one JSON object per log line (for log shippers)
 

@@ -250,7 +250,7 @@ async def start_server(engine: Engine, cfg: EngramConfig, port: int | None = Non
         bound = server.add_insecure_port(address)
     await server.start()
     await health_servicer.set("engram.v1.Engram", health_pb2.HealthCheckResponse.SERVING)
-    if cfg.server.metrics_port is not None:
+    if cfg.server.metrics_port is not None and cfg.server.metrics_port >= 0:  # TOML has no null: -1 = off
         server.metrics_port = metrics.serve(cfg.server.host, cfg.server.metrics_port)
         server.metrics_task = asyncio.ensure_future(metrics.refresh_forever(engine, cfg.server.metrics_refresh_s))
     server.engram_metrics = metrics

@@ -215,7 +215,7 @@ class MemoryDecoder:
         for j, block in enumerate(blocks):
             n_valid = int((block["positions"][0, 0] >= 0).sum())  # same count in every layer and head (select_spans)
             delta = j * chunk_tokens if self.scheme == "consecutive" else 0
-            kt, vt = quant.unpack_kv({name: torch.from_numpy(np.asarray(col)).to(self.device)
+            kt, vt = quant.unpack_kv({name: torch.from_numpy(np.array(col)).to(self.device)  # Ray: read-only
                                       for name, col in block.items() if name != "positions"}, self.kv_dtype)
             kt, vt = kt[:, :, :n_valid].to(dtype), vt[:, :, :n_valid].to(dtype)  # [L, H, S', D]
             kt = rerotate(kt, delta, rotary)

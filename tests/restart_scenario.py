@@ -23,7 +23,7 @@ def main(phase: str, data_dir: str) -> int:
     cfg = EngramConfig()
     cfg.cluster.num_cpus = 2
     cfg.shard.data_dir = data_dir
-    cfg.server.metrics_port = None
+    cfg.server.metrics_port = -1  # off, as TOML writes it
     if phase == "wrong-shards":
         cfg.cluster.shards = 3
         try:
@@ -33,6 +33,7 @@ def main(phase: str, data_dir: str) -> int:
             return 0
         return 1
     with BackgroundServer(cfg) as srv, EngramClient(srv.address, timeout=300) as c:
+        assert getattr(srv.server, "metrics_port", None) is None  # no /metrics endpoint was started
         if phase == "write":
             c.write([("pk", passkey_context(3000, 0.3, 42424, srv.engine.tokenizer))], namespace="rs")
             for i in range(6):

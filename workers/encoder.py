@@ -27,8 +27,9 @@ class EncoderConfig:
     scorer: str = "key_norm"  # "key_norm" (low key norm) or "attention" (attention received)
     batch_chunks: int = 8  # chunks per forward pass
     # Tokens of the document before a chunk that its KV is computed after (not stored): a sentence cut by a chunk
-    # boundary stays whole in the second block. 0 = each chunk encoded alone. Measured: BENCHMARKS.md.
-    context_tokens: int = 0
+    # boundary stays whole in the second block. 0 = each chunk encoded alone. 32: NIAH 32k+128k sweep 103 vs 99
+    # of 120 asks (top-k 4: 18 vs 16 of 20) for +25% encoding work (BENCHMARKS.md "Answer assembly").
+    context_tokens: int = 32
     # Retrieval keys: one MiniLM latent per window of the chunk, a chunk scores as its best window. A needle
     # sentence is diluted in a whole-chunk embedding (measured: 128k-token essays, needle chunk ranked #30 by
     # whole-chunk latents, #1 by 64-token windows; BENCHMARKS.md), like InfLLM's representative keys.

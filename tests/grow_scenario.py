@@ -9,7 +9,6 @@ answer must be unchanged. Prints one JSON line and exits 0 when all of that hold
 import json
 import os
 import sys
-import tempfile
 import threading
 import time
 
@@ -19,11 +18,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray
 from engram.coordinator import chunking
 from engram.coordinator.client import EngramClient
-from engram.coordinator.config import EngramConfig
 from engram.coordinator.haystack import PASSKEY_QUESTION, passkey_context
 from engram.coordinator.server import BackgroundServer
 from engram.workers.encoder import chunk_hash
-from ray.cluster_utils import Cluster
+from multinode import shard_cluster  # tests/ is this script's directory
 
 NS = "grow"
 
@@ -34,18 +32,8 @@ def note(i: int) -> str:
 
 
 def main() -> int:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    for _ in range(3):
-        cluster.add_node(num_cpus=0, resources={"engram_shard": 2})
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    cfg = EngramConfig()
-    cfg.cluster.address = cluster.address
-    cfg.cluster.shard_resource = "engram_shard"
+    cluster, _, cfg = shard_cluster(3, "engram-grow-")
     cfg.cluster.shards = 1
-    cfg.cluster.encoders = 2
-    cfg.server.metrics_port = None
-    cfg.shard.data_dir = tempfile.mkdtemp(prefix="engram-grow-")
     out = {}
     with BackgroundServer(cfg) as srv, EngramClient(srv.address, timeout=300) as c:
         engine = srv.engine

@@ -9,7 +9,6 @@ Prints `LOST <n> MOVED <shard ids>` and exits 0 when nothing was lost.
 
 import os
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,22 +16,13 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray
 from engram.coordinator.client import EngramClient
-from engram.coordinator.config import EngramConfig
 from engram.coordinator.haystack import PASSKEY_QUESTION, passkey_context
 from engram.coordinator.server import BackgroundServer
-from ray.cluster_utils import Cluster
+from multinode import shard_cluster  # tests/ is this script's directory
 
 
 def main() -> int:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    nodes = [cluster.add_node(num_cpus=0, resources={"engram_shard": 2}) for _ in range(2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    cfg = EngramConfig()
-    cfg.cluster.address = cluster.address
-    cfg.cluster.shard_resource = "engram_shard"
-    cfg.cluster.encoders = 2
-    cfg.shard.data_dir = tempfile.mkdtemp(prefix="engram-nodeloss-")
+    cluster, nodes, cfg = shard_cluster(2, "engram-nodeloss-")
     with BackgroundServer(cfg) as srv, EngramClient(srv.address, timeout=300) as c:
         engine = srv.engine
         c.write([("pk", passkey_context(3000, 0.5, 61616, engine.tokenizer))], namespace="nl")

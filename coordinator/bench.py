@@ -244,6 +244,7 @@ def machine() -> dict:
 
 # --- the run -----------------------------------------------------------------------------------------------------
 def run(args) -> dict:
+    import grpc
     import torch
     from tqdm import tqdm
 
@@ -314,6 +315,14 @@ def run(args) -> dict:
                 if args.delete:
                     for doc, _ in docs:
                         c.delete(doc, namespace=ns)
+            storage = {}
+            try:  # Stats needs a "*" token where auth is on
+                st = c.stats()
+                storage = {"stored_bytes": st.stored_bytes, "distinct_block_tokens": st.blocks * cfg.encoder.chunk_tokens,
+                           "bytes_per_distinct_token": st.unique_bytes_per_token,
+                           "full_fp16_kv_bytes_per_token": st.full_fp16_kv_bytes_per_token}
+            except grpc.RpcError as e:
+                print(f"storage not measured: Stats refused ({e.code().name})")
     finally:
         memory = peak_memory_mb()
         if srv is not None:
@@ -329,7 +338,7 @@ def run(args) -> dict:
         "server": args.server or "local", "config": asdict(cfg)},
         "ingest": {**ingest, "tokens_per_s": ingest["tokens"] / max(ingest["seconds"], 1e-9),
                    "mb_per_s": ingest["bytes"] / 1e6 / max(ingest["seconds"], 1e-9)},
-        "peak_memory_mb": memory, "seconds": time.perf_counter() - t_start, "torch_threads": torch.get_num_threads(),
+        "storage": storage, "peak_memory_mb": memory, "seconds": time.perf_counter() - t_start, "torch_threads": torch.get_num_threads(),
         "summary": summarise(cases), "cases": [asdict(c) for c in cases]}
     return out
 
@@ -414,6 +423,10 @@ def print_summary(result: dict) -> None:
     i = result["ingest"]
     print(f"ingest: {i['tokens']:,} tokens in {i['seconds']:.1f} s = {i['tokens_per_s']:,.0f} tokens/s, "
           f"{i['mb_per_s']:.3f} MB/s over gRPC ({i['new_blocks']:,} blocks encoded; the rest de-duplicated)")
+    if st := result["storage"]:
+        print(f"stored: {st['bytes_per_distinct_token']:,.0f} bytes per token of the distinct blocks (all tables, on disk) vs "
+              f"{st['full_fp16_kv_bytes_per_token']:,.0f} for the decoder's full fp16 KV "
+              f"({st['full_fp16_kv_bytes_per_token'] / max(st['bytes_per_distinct_token'], 1e-9):.1f}x smaller)")
     print("peak RSS MB: " + ", ".join(f"{k} {v:,.0f}" for k, v in result["peak_memory_mb"].items()))
 
 

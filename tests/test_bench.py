@@ -24,6 +24,8 @@ def test_bench_niah_writes_json_and_heatmap(tmp_path):
     row = result["summary"]["niah"]["2000"]
     assert row["recall_at_k"] == 1.0 and row["oracle"]["accuracy"] == 1.0  # the needle is found and answerable
     assert row["engram"]["accuracy"] >= 0.5, row
+    st = result["storage"]  # default int4 blocks: well under half the decoder's full fp16 KV per token
+    assert 0 < st["bytes_per_distinct_token"] < st["full_fp16_kv_bytes_per_token"] / 2, st
     png = (tmp_path / "niah.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "tokens/s" in p.stdout and "wrote" in p.stdout

@@ -222,7 +222,11 @@ class ShardStore:
         self.deleted_docs.add(int(doc))
 
     def stored_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        """Bytes on disk; walked again only after a commit changed the store (metrics poll this every 15 s)."""
+        version = (tuple(self.counts.values()), len(self.deleted_docs))
+        if getattr(self, "_bytes_at", (None,))[0] != version:
+            self._bytes_at = (version, sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file()))
+        return self._bytes_at[1]
 
     def close(self) -> None:
         self.staged = {t: 0 for t in self.counts}

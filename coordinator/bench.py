@@ -243,8 +243,21 @@ def machine() -> dict:
 
 
 # --- the run -----------------------------------------------------------------------------------------------------
-def run(args) -> dict:
+def measure_storage(client, chunk_tokens: int) -> dict:
+    """Stored bytes per token of the distinct blocks (every table, on disk), against the decoder's fp16 KV."""
     import grpc
+
+    try:  # Stats needs a "*" token where auth is on
+        st = client.stats()
+    except grpc.RpcError as e:
+        print(f"storage not measured: Stats refused ({e.code().name})")
+        return {}
+    return {"stored_bytes": st.stored_bytes, "distinct_block_tokens": st.blocks * chunk_tokens,
+            "bytes_per_distinct_token": st.unique_bytes_per_token,
+            "full_fp16_kv_bytes_per_token": st.full_fp16_kv_bytes_per_token}
+
+
+def run(args) -> dict:
     import torch
     from tqdm import tqdm
 
@@ -276,6 +289,7 @@ def run(args) -> dict:
     cases = [make_case(args.task, v, n, d, t, rng) for v in variants for n in lengths for d in depths
              for t in range(args.trials)]
     ingest = {"tokens": 0, "bytes": 0, "seconds": 0.0, "new_blocks": 0}
+    storage: dict = {}
     t_start = time.perf_counter()
     try:
         with EngramClient(address, token=args.token, timeout=7200) as c:
@@ -312,17 +326,11 @@ def run(args) -> dict:
                     if full is not None:
                         r["full"] = {"score": score(case, full.text), "answer": full.text, "ttft_s": full.prefill_s,
                                      "latency_s": time.perf_counter() - t0, "context_tokens": full.context_tokens}
+                if case is cases[-1]:  # before any delete: the store holding every block this run wrote
+                    storage = measure_storage(c, cfg.encoder.chunk_tokens)
                 if args.delete:
                     for doc, _ in docs:
                         c.delete(doc, namespace=ns)
-            storage = {}
-            try:  # Stats needs a "*" token where auth is on
-                st = c.stats()
-                storage = {"stored_bytes": st.stored_bytes, "distinct_block_tokens": st.blocks * cfg.encoder.chunk_tokens,
-                           "bytes_per_distinct_token": st.unique_bytes_per_token,
-                           "full_fp16_kv_bytes_per_token": st.full_fp16_kv_bytes_per_token}
-            except grpc.RpcError as e:
-                print(f"storage not measured: Stats refused ({e.code().name})")
     finally:
         memory = peak_memory_mb()
         if srv is not None:
@@ -423,7 +431,7 @@ def print_summary(result: dict) -> None:
     i = result["ingest"]
     print(f"ingest: {i['tokens']:,} tokens in {i['seconds']:.1f} s = {i['tokens_per_s']:,.0f} tokens/s, "
           f"{i['mb_per_s']:.3f} MB/s over gRPC ({i['new_blocks']:,} blocks encoded; the rest de-duplicated)")
-    if st := result["storage"]:
+    if (st := result["storage"]) and st["bytes_per_distinct_token"]:
         print(f"stored: {st['bytes_per_distinct_token']:,.0f} bytes per token of the distinct blocks (all tables, on disk) vs "
               f"{st['full_fp16_kv_bytes_per_token']:,.0f} for the decoder's full fp16 KV "
               f"({st['full_fp16_kv_bytes_per_token'] / max(st['bytes_per_distinct_token'], 1e-9):.1f}x smaller)")

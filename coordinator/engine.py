@@ -83,6 +83,9 @@ def store_layout(cfg: EngramConfig) -> StoreLayout:
     if t % cfg.encoder.span or keep % cfg.encoder.span:
         raise ValueError(f"encoder.chunk_tokens ({t}) and keep_tokens ({keep}) must be multiples of span ({cfg.encoder.span})")
     quant.check_dtype(cfg.encoder.kv_dtype)
+    room = getattr(c, "max_position_embeddings", 1 << 30) - 1 - t  # [sink] + context + chunk must fit the window
+    if not 0 <= cfg.encoder.context_tokens <= room:
+        raise ValueError(f"encoder.context_tokens must be between 0 and {room}, not {cfg.encoder.context_tokens}")
     return StoreLayout(c.num_hidden_layers, c.num_key_value_heads, keep, head_dim, t, cfg.shard.episodic.dim,
                        cfg.encoder.windows, cfg.encoder.kv_dtype)
 

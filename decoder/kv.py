@@ -1,9 +1,10 @@
 """Explicit memory blocks: encode chunks to sparse KV, and answer a question over retrieved blocks.
 
-A block is one chunk's keys/values, computed by the decoder on `[sink] + chunk` from position 0, with the sink
-removed (BRIEF §6: independently encoded blocks side by side need ONE shared start token, not one each).
-Shapes, per block: keys/values [L, H, S, D] (layers, KV heads, kept tokens, head dim), positions [L, H, S]
-(the token's position at encode time, 1..T; -1 = padding, always sorted last).
+A block is one chunk's keys/values, computed by the decoder on `[sink] + context + chunk` from position 0, with
+the sink and the context removed (BRIEF §6: independently encoded blocks side by side need ONE shared start
+token, not one each) and keys rotated as if the chunk sat at 1..T. Shapes, per block: keys/values [L, H, S, D]
+(layers, KV heads, kept tokens, head dim; stored as fp16 or integer codes, quant.py), positions [L, H, S] (the
+token's position in the chunk, 1..T; -1 = padding, always sorted last).
 
 Sparsification (Memory^3 §2, adapted by measurement, BRIEF §6): tokens are scored by attention received inside
 the chunk, score_j = log Σ_i exp(q_i·k_j/√d) over all queries of the group, no causal mask; scattered tokens

@@ -11,7 +11,7 @@ def test_split_restarts_per_document_and_covers_every_token():
     chunks = split(ids, 128)
     assert [c.offset for c in chunks] == [0, 128, 256]
     assert [len(c.tokens) for c in chunks] == [128, 128, 44]
-    assert sum((c.tokens for c in chunks), []) == ids
+    assert [t for c in chunks for t in c.tokens] == ids
     assert all(c.context == [] for c in chunks)
 
 
@@ -45,3 +45,17 @@ def test_config_overrides_and_unknown_keys(tmp_path):
     f.write_text("[cluster]\nshard = 3\n")
     with pytest.raises(ValueError, match="cluster.*shard"):
         EngramConfig.load(f)
+
+
+@pytest.mark.parametrize("encoder, error", [
+    ({"kv_dtype": "int3"}, "kv_dtype must be one of"),
+    ({"context_tokens": -1}, "context_tokens must be between 0 and 8063"),
+    ({"context_tokens": 8064}, "context_tokens must be between 0 and 8063"),
+    ({"keep_tokens": 12}, "multiples of span"),
+])
+def test_encoder_settings_are_checked_before_anything_starts(encoder, error):
+    from engram.coordinator.engine import store_layout
+
+    with pytest.raises(ValueError, match=error):
+        store_layout(EngramConfig.load(None, encoder=encoder))
+    assert store_layout(EngramConfig.load(None, encoder={"context_tokens": 8063})).kv_dtype == "int4"

@@ -244,7 +244,8 @@ def machine() -> dict:
 
 # --- the run -----------------------------------------------------------------------------------------------------
 def measure_storage(client, chunk_tokens: int) -> dict:
-    """Stored bytes per token of the distinct blocks (every table, on disk), against the decoder's fp16 KV."""
+    """Stored bytes per token of the distinct blocks (every table, on disk), against the decoder's fp16 KV. Blocks of
+    deleted documents stay on disk until a compaction, so a run with --delete overstates it a little."""
     import grpc
 
     try:  # Stats needs a "*" token where auth is on

@@ -2,7 +2,7 @@
 
 Layout (one store per shard, one writer: the shard actor that owns it):
   blocks/  keys, values [n, L, H, S, D] fp16 (one Zarr chunk per block), or uint8 codes with their scales and
-           zeros (kv_dtype int8/int4; decoder/quant.py), positions [n, L, H, S] int16,
+           zeros (kv_dtype int8/int4/int2; decoder/quant.py), positions [n, L, H, S] int16,
            tokens [n, T] int32 (-1 pad), length [n], hash [n, 16] uint8, latent [n, R, C] float32
   chunks/  block, doc, seq, offset, episode [m]          (a document's chunk -> the block holding its KV)
   docs/    namespace, name (strings), tokens [d]

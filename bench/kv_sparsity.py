@@ -13,7 +13,6 @@ import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np
 import torch
 from engram.coordinator.haystack import PASSKEY_FILLER, PASSKEY_QUESTION, passkey_needle
 from engram.decoder import kv
@@ -41,8 +40,7 @@ def stored_bytes_per_token(model, keep: int, kv_dtype: str) -> float:
     c = model.config
     lay = StoreLayout(c.num_hidden_layers, c.num_key_value_heads, keep, c.hidden_size // c.num_attention_heads, T, 384,
                       kv_dtype=kv_dtype)
-    cols = {**lay.kv_columns(), "positions": ((lay.layers, lay.kv_heads, keep), "int16")}
-    return sum(np.prod(shape) * np.dtype(dt).itemsize for shape, dt in cols.values()) / T
+    return lay.block_bytes / T
 
 
 def main():

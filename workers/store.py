@@ -55,6 +55,13 @@ class StoreLayout:
         """What a block is at read time: its K/V columns and positions."""
         return (*self.kv_columns(), "positions")
 
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block's read-time columns (K/V codes, scales, positions)."""
+        tables = _tables(self)
+        return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
+                   for shape, dtype in (tables[f"blocks/{c}"] for c in self.block_columns))
+
 
 def _tables(lay: StoreLayout) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape of one row, dtype)."""

@@ -36,6 +36,7 @@ def main():
     ap.add_argument("--orders", nargs="+", default=["score", "document"])
     ap.add_argument("--templates", nargs="+", default=["\n{question}"], help="decoder.question_template values")
     ap.add_argument("--schemes", nargs="+", default=["consecutive"], help="ask.position_scheme values")
+    ap.add_argument("--min-score-ratios", type=float, nargs="+", default=[0.0], help="ask.min_score_ratio values")
     ap.add_argument("--rag", action="store_true", help="also score the RAG baseline at each top-k")
     ap.add_argument("--config", help="engram.toml for the service (e.g. [encoder] kv_dtype)")
     args = ap.parse_args()
@@ -57,13 +58,14 @@ def main():
                     case = bench.make_case("niah", "", n, t / max(1, args.trials - 1), t, rng)
                     c.write(hay.documents(n, case.needles), namespace=ns)
                     cases.append((n, ns, case.question, lambda a, case=case: bench.score(case, a) == 1.0, 20))
-        print(f"| tokens | positions | template | top-k | +following | order | {args.task} |"
-              + (" RAG |" if args.rag else "") + "\n|---|---|---|---|---|---|---|" + ("---|" if args.rag else ""))
+        print(f"| tokens | positions | template | top-k | +following | order | min score ratio | {args.task} |"
+              + (" RAG |" if args.rag else "") + "\n|---|---|---|---|---|---|---|---|" + ("---|" if args.rag else ""))
         for n in args.lengths:
             mine = [x for x in cases if x[0] == n]
-            for scheme, tpl, k, nb, order in itertools.product(args.schemes, args.templates, args.top_k,
-                                                               args.neighbors, args.orders):
+            for scheme, tpl, k, nb, order, ratio in itertools.product(args.schemes, args.templates, args.top_k,
+                                                                      args.neighbors, args.orders, args.min_score_ratios):
                 srv.engine.cfg.ask.neighbors, srv.engine.cfg.ask.block_order = nb, order
+                srv.engine.cfg.ask.min_score_ratio = ratio
                 ray.get(srv.engine.decoder.set_options.remote(tpl, scheme))
                 ok = sum(right(c.ask(q, namespace=ns, top_k=k, max_new_tokens=m).answer) for _, ns, q, right, m in mine)
                 rag = ""
@@ -71,7 +73,8 @@ def main():
                     r = sum(right(c.ask(q, namespace=ns, top_k=k, max_new_tokens=m, mode="rag").answer)
                             for _, ns, q, right, m in mine)
                     rag = f" {r}/{len(mine)} |"
-                print(f"| {n} | {scheme} | {tpl!r} | {k} | {nb} | {order} | {ok}/{len(mine)} |{rag}", flush=True)
+                print(f"| {n} | {scheme} | {tpl!r} | {k} | {nb} | {order} | {ratio} | {ok}/{len(mine)} |{rag}",
+                      flush=True)
 
 
 if __name__ == "__main__":

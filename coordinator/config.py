@@ -59,6 +59,10 @@ class AskConfig:
     # Following chunks added per hit. 0 by default: with the default template they cost accuracy
     # (passkey 32k: 18/20 with 1 vs 20/20 without; BENCHMARKS.md).
     neighbors: int = 0
+    # Drop hits scoring below this fraction of the best hit's score: a chunk far less like the question than the
+    # best one only distracts the decoder (1M passkey: top-4 with three filler chunks at 0.10 beside the needle at
+    # 0.59 loses the key; BENCHMARKS.md). 0 keeps all top_k.
+    min_score_ratio: float = 0.0
     # Order of the retrieved blocks before the question: "score" puts runs of consecutive chunks in order of
     # their best score, best last (nearest the question; k=4: 3/3 vs 2/3 for "document"); "document" keeps
     # reading order.
@@ -67,6 +71,18 @@ class AskConfig:
     max_new_tokens: int = 32
     max_max_new_tokens: int = 512
     position_scheme: str = "consecutive"  # "consecutive" (keys re-rotated) or "parallel" (Memory^3)
+
+    def __post_init__(self):
+        if not 1 <= self.top_k <= self.max_top_k:
+            raise ValueError(f"ask.top_k must be between 1 and ask.max_top_k ({self.max_top_k}), not {self.top_k}")
+        if self.neighbors < 0:
+            raise ValueError(f"ask.neighbors must be 0 or more, not {self.neighbors}")
+        if not 0.0 <= self.min_score_ratio <= 1.0:
+            raise ValueError(f"ask.min_score_ratio must be between 0 and 1, not {self.min_score_ratio}")
+        if self.block_order not in ("score", "document"):
+            raise ValueError(f"ask.block_order must be 'score' or 'document', not {self.block_order!r}")
+        if self.position_scheme not in ("consecutive", "parallel"):
+            raise ValueError(f"ask.position_scheme must be 'consecutive' or 'parallel', not {self.position_scheme!r}")
 
 
 @dataclass

@@ -73,6 +73,14 @@ def _unique(hits: list[Retrieved]) -> list[Retrieved]:
     return [h for h in hits if (h.document_id, h.seq) not in seen and not seen.add((h.document_id, h.seq))]
 
 
+def top_hits(hits: list[Retrieved], top_k: int, min_score_ratio: float) -> list[Retrieved]:
+    """The global top-k of all shards' hits, best first, less those scoring under min_score_ratio x the best."""
+    hits = _unique(sorted(hits, key=lambda h: -h.score))[:top_k]
+    if hits and hits[0].score > 0:  # a ratio of a non-positive best score would keep everything or nothing
+        hits = [h for h in hits if h.score >= min_score_ratio * hits[0].score]
+    return hits
+
+
 def store_layout(cfg: EngramConfig) -> StoreLayout:
     from transformers import AutoConfig
 
@@ -295,7 +303,7 @@ class Engine:
         hits = [Retrieved(float(sc), s, int(b), d, int(q), int(o))
                 for s, r in zip(self.shard_ids, results)
                 for sc, b, d, q, o in zip(r["score"], r["block"], r["doc"], r["seq"], r["offset"])]
-        hits = _unique(sorted(hits, key=lambda h: -h.score))[:top_k]
+        hits = top_hits(hits, top_k, self.cfg.ask.min_score_ratio)
         readouts = np.stack([r["readout"] for r in results if r["episodes"]])
         readout = hierarchical_readout(readouts, z, self.m0_pinv, self.cfg.shard.episodic)
         return hits, readout, {"embed_s": t1 - t0, "retrieve_s": time.perf_counter() - t1}

@@ -47,6 +47,18 @@ def test_config_overrides_and_unknown_keys(tmp_path):
         EngramConfig.load(f)
 
 
+@pytest.mark.parametrize("ask, error", [
+    ({"top_k": 0}, "ask.top_k must be between 1"),
+    ({"top_k": 65}, "ask.top_k must be between 1 and ask.max_top_k"),
+    ({"min_score_ratio": 1.5}, "ask.min_score_ratio must be between 0 and 1"),
+    ({"block_order": "random"}, "ask.block_order must be"),
+    ({"position_scheme": "alibi"}, "ask.position_scheme must be"),
+])
+def test_ask_settings_are_checked_on_load(ask, error):
+    with pytest.raises(ValueError, match=error):
+        EngramConfig.load(None, ask=ask)
+
+
 @pytest.mark.parametrize("encoder, error", [
     ({"kv_dtype": "int3"}, "kv_dtype must be one of"),
     ({"context_tokens": -1}, "context_tokens must be between 0 and 8063"),
@@ -59,3 +71,16 @@ def test_encoder_settings_are_checked_before_anything_starts(encoder, error):
     with pytest.raises(ValueError, match=error):
         store_layout(EngramConfig.load(None, encoder=encoder))
     assert store_layout(EngramConfig.load(None, encoder={"context_tokens": 8063})).kv_dtype == "int4"
+
+
+def test_top_hits_merges_shards_and_drops_far_weaker_hits():
+    from engram.coordinator.engine import Retrieved, top_hits
+
+    hits = [Retrieved(s, shard, b, doc, seq, 0) for s, shard, b, doc, seq in [
+        (0.10, 0, 1, "a", 0), (0.59, 1, 7, "a", 9), (0.12, 0, 2, "a", 1), (0.40, 1, 8, "b", 0),
+        (0.59, 0, 7, "a", 9)]]  # the last: the same chunk seen on a second shard mid-rebalance
+    assert [(h.document_id, h.seq) for h in top_hits(hits, 4, 0.0)] == [("a", 9), ("b", 0), ("a", 1), ("a", 0)]
+    assert [(h.document_id, h.seq) for h in top_hits(hits, 4, 0.3)] == [("a", 9), ("b", 0)]
+    assert [(h.document_id, h.seq) for h in top_hits(hits, 1, 0.3)] == [("a", 9)]
+    negative = [Retrieved(-0.2, 0, 1, "a", 0, 0), Retrieved(-0.5, 0, 2, "a", 1, 0)]
+    assert len(top_hits(negative, 4, 0.5)) == 2  # no positive best score: the ratio cannot rank them

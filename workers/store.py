@@ -41,7 +41,8 @@ class StoreLayout:
     def kv_columns(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """The K/V columns of one stored block: name -> (shape, dtype); decoder/quant.py writes and reads them."""
         lh = (self.layers, self.kv_heads)
-        per_byte = {"int4": 2, "int2": 4}.get(self.kv_dtype, 1)  # codes packed along the head dimension
+        # codes packed along the head dimension, as decoder/quant.py packs them (restated: shards stay torch-free)
+        per_byte = {"int4": 2, "int2": 4}.get(self.kv_dtype, 1)
         kv = (*lh, self.keep_tokens, self.head_dim // per_byte)
         if self.kv_dtype == "float16":
             return {"keys": (kv, "float16"), "values": (kv, "float16")}

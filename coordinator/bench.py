@@ -244,8 +244,8 @@ def machine() -> dict:
 
 # --- the run -----------------------------------------------------------------------------------------------------
 def measure_storage(client, chunk_tokens: int) -> dict:
-    """Stored bytes per token of the distinct blocks (every table, on disk), against the decoder's fp16 KV. Blocks of
-    deleted documents stay on disk until a compaction, so a run with --delete overstates it a little."""
+    """Stored bytes per token of the distinct blocks (every table, on disk), against the decoder's fp16 KV. A store
+    of a few blocks is dominated by fixed costs (table metadata, episodic memories): measure it on thousands."""
     import grpc
 
     try:  # Stats needs a "*" token where auth is on
@@ -327,7 +327,9 @@ def run(args) -> dict:
                     if full is not None:
                         r["full"] = {"score": score(case, full.text), "answer": full.text, "ttft_s": full.prefill_s,
                                      "latency_s": time.perf_counter() - t0, "context_tokens": full.context_tokens}
-                if case is cases[-1]:  # before any delete: the store holding every block this run wrote
+                # Deleted documents' blocks stay on disk until a compaction: with --delete, measure after the
+                # first case (a clean store); else after the last, the store holding every block the run wrote.
+                if not storage and (args.delete or case is cases[-1]):
                     storage = measure_storage(c, cfg.encoder.chunk_tokens)
                 if args.delete:
                     for doc, _ in docs:

@@ -25,32 +25,22 @@ def main():
     ap.add_argument("--kv-dtype", default="int4")
     args = ap.parse_args()
     rng = random.Random(0)
-    decoders = {}
-    for ctx in args.contexts:
-        cfg = EngramConfig.load(None, encoder={"context_tokens": ctx, "kv_dtype": args.kv_dtype})
-        decoders[ctx] = bench.LocalDecoder(cfg) if not decoders else _share(next(iter(decoders.values())), cfg)
-    hay = bench.Haystack("passkey", decoders[args.contexts[0]].tok, 2048)
+    local = bench.LocalDecoder(EngramConfig.load(None, encoder={"kv_dtype": args.kv_dtype}))
+    hay = bench.Haystack("passkey", local.tok, 2048)
     right = {(where, ctx): 0 for where in ("last chunk", "random depth") for ctx in args.contexts}
     for t in range(args.trials):
         length = rng.randint(8000, 9000)
         for where, depth in (("last chunk", 1.0), ("random depth", rng.random())):
             case = bench.make_case("passkey", "", length, depth, t, rng)
             docs = hay.documents(length, case.needles)
-            for ctx, local in decoders.items():
+            for ctx in args.contexts:
+                local.cfg.encoder.context_tokens = ctx  # needle_chunks and oracle cut and encode with it
                 chunks = [(ids, c) for nc in local.needle_chunks(docs, case.needles) for _, _, ids, c in nc]
                 a = local.oracle(PASSKEY_QUESTION, chunks, 12)
                 right[where, ctx] += bench.score(case, a) == 1.0
     print(f"| needle | {' | '.join(f'context {c}' for c in args.contexts)} |\n|---|" + "---|" * len(args.contexts))
     for where in ("last chunk", "random depth"):
         print(f"| {where} | " + " | ".join(f"{right[where, c]}/{args.trials}" for c in args.contexts) + " |")
-
-
-def _share(other: bench.LocalDecoder, cfg) -> bench.LocalDecoder:
-    """A second LocalDecoder on the first one's model (only the encoder settings differ)."""
-    local = object.__new__(bench.LocalDecoder)
-    local.__dict__.update(other.__dict__)
-    local.cfg = cfg
-    return local
 
 
 if __name__ == "__main__":

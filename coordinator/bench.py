@@ -290,7 +290,7 @@ def run(args) -> dict:
     cases = [make_case(args.task, v, n, d, t, rng) for v in variants for n in lengths for d in depths
              for t in range(args.trials)]
     ingest = {"tokens": 0, "bytes": 0, "seconds": 0.0, "new_blocks": 0}
-    storage: dict = {}
+    storage: dict | None = None  # measured once ({} where Stats is refused)
     t_start = time.perf_counter()
     try:
         with EngramClient(address, token=args.token, timeout=7200) as c:
@@ -329,7 +329,7 @@ def run(args) -> dict:
                                      "latency_s": time.perf_counter() - t0, "context_tokens": full.context_tokens}
                 # Deleted documents' blocks stay on disk until a compaction: with --delete, measure after the
                 # first case (a clean store); else after the last, the store holding every block the run wrote.
-                if not storage and (args.delete or case is cases[-1]):
+                if storage is None and (args.delete or case is cases[-1]):
                     storage = measure_storage(c, cfg.encoder.chunk_tokens)
                 if args.delete:
                     for doc, _ in docs:
@@ -349,7 +349,7 @@ def run(args) -> dict:
         "server": args.server or "local", "config": asdict(cfg)},
         "ingest": {**ingest, "tokens_per_s": ingest["tokens"] / max(ingest["seconds"], 1e-9),
                    "mb_per_s": ingest["bytes"] / 1e6 / max(ingest["seconds"], 1e-9)},
-        "storage": storage, "peak_memory_mb": memory, "seconds": time.perf_counter() - t_start, "torch_threads": torch.get_num_threads(),
+        "storage": storage or {}, "peak_memory_mb": memory, "seconds": time.perf_counter() - t_start, "torch_threads": torch.get_num_threads(),
         "summary": summarise(cases), "cases": [asdict(c) for c in cases]}
     return out
 

@@ -131,6 +131,7 @@ class ShardStore:
                 arr.resize((n, *arr.shape[1:]))
         self.ram = {name: self.arrays[name][:] for name in _IN_RAM}
         self.staged = {t: 0 for t in self.counts}  # rows appended since the last commit
+        self._bytes_at: tuple[tuple, int] | None = None  # (store version, bytes on disk) of the last walk
         self.hash_index = {bytes(h): i for i, h in enumerate(self.ram["blocks/hash"])}
 
     # --- commit protocol -------------------------------------------------------------------------------------
@@ -232,7 +233,7 @@ class ShardStore:
     def stored_bytes(self) -> int:
         """Bytes on disk; walked again only after a commit changed the store (metrics poll this every 15 s)."""
         version = (tuple(self.counts.values()), len(self.deleted_docs))
-        if getattr(self, "_bytes_at", (None,))[0] != version:
+        if self._bytes_at is None or self._bytes_at[0] != version:
             self._bytes_at = (version, sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file()))
         return self._bytes_at[1]
 

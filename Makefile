@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   -- install, then start Ray + the server locally, write a 1M-token passkey context over gRPC, ask
-#   make test   -- install, then run the default test suite (CI runs this via .ci/run)
+#   make test   -- install, then lint and run the default test suite (CI runs this via .ci/run)
+#   make test-unit -- the pure-logic tests only: no Ray, no pretrained model (under a minute)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 
-.PHONY: install demo test test-all proto bench-pg clean
+.PHONY: install demo lint test test-unit test-all proto clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,14 +27,21 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/engram demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	$(BIN)/python -m pytest -m "not slow" -q
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not integration and not model" -q
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 proto: $(STAMP)
-	$(BIN)/python proto/generate.py
+	$(BIN)/python engram/proto/generate.py
 
 clean:
 	rm -rf $(VENV) engram-data .pytest_cache

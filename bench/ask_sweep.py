@@ -19,11 +19,11 @@ import ray
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from engram.coordinator import bench
 from engram.coordinator.client import EngramClient
 from engram.coordinator.config import EngramConfig
-from engram.coordinator.haystack import PASSKEY_QUESTION, first_integer, passkey_context
 from engram.coordinator.server import BackgroundServer
+from engram.evals import cases as bench
+from engram.evals.haystack import PASSKEY_QUESTION, first_integer, passkey_context
 
 
 def main():
@@ -58,23 +58,31 @@ def main():
                     case = bench.make_case("niah", "", n, t / max(1, args.trials - 1), t, rng)
                     c.write(hay.documents(n, case.needles), namespace=ns)
                     cases.append((n, ns, case.question, lambda a, case=case: bench.score(case, a) == 1.0, 20))
-        print(f"| tokens | positions | template | top-k | +following | order | min score ratio | {args.task} |"
-              + (" RAG |" if args.rag else "") + "\n|---|---|---|---|---|---|---|---|" + ("---|" if args.rag else ""))
+        print(
+            f"| tokens | positions | template | top-k | +following | order | min score ratio | {args.task} |"
+            + (" RAG |" if args.rag else "")
+            + "\n|---|---|---|---|---|---|---|---|"
+            + ("---|" if args.rag else "")
+        )
         for n in args.lengths:
             mine = [x for x in cases if x[0] == n]
-            for scheme, tpl, k, nb, order, ratio in itertools.product(args.schemes, args.templates, args.top_k,
-                                                                      args.neighbors, args.orders, args.min_score_ratios):
+            for scheme, tpl, k, nb, order, ratio in itertools.product(
+                args.schemes, args.templates, args.top_k, args.neighbors, args.orders, args.min_score_ratios
+            ):
                 srv.engine.cfg.ask.neighbors, srv.engine.cfg.ask.block_order = nb, order
                 srv.engine.cfg.ask.min_score_ratio = ratio
                 ray.get(srv.engine.decoder.set_options.remote(tpl, scheme))
                 ok = sum(right(c.ask(q, namespace=ns, top_k=k, max_new_tokens=m).answer) for _, ns, q, right, m in mine)
                 rag = ""
                 if args.rag:
-                    r = sum(right(c.ask(q, namespace=ns, top_k=k, max_new_tokens=m, mode="rag").answer)
-                            for _, ns, q, right, m in mine)
+                    r = sum(
+                        right(c.ask(q, namespace=ns, top_k=k, max_new_tokens=m, mode="rag").answer)
+                        for _, ns, q, right, m in mine
+                    )
                     rag = f" {r}/{len(mine)} |"
-                print(f"| {n} | {scheme} | {tpl!r} | {k} | {nb} | {order} | {ratio} | {ok}/{len(mine)} |{rag}",
-                      flush=True)
+                print(
+                    f"| {n} | {scheme} | {tpl!r} | {k} | {nb} | {order} | {ratio} | {ok}/{len(mine)} |{rag}", flush=True
+                )
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ import random
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from engram.coordinator import bench
 from engram.coordinator.config import EngramConfig
-from engram.coordinator.haystack import PASSKEY_QUESTION
+from engram.evals import cases as bench
+from engram.evals.haystack import PASSKEY_QUESTION
+from engram.evals.local_decoder import LocalDecoder
 
 
 def main():
@@ -25,7 +26,7 @@ def main():
     ap.add_argument("--kv-dtype", default="int4")
     args = ap.parse_args()
     rng = random.Random(0)
-    local = bench.LocalDecoder(EngramConfig.load(None, encoder={"kv_dtype": args.kv_dtype}))
+    local = LocalDecoder(EngramConfig.load(None, encoder={"kv_dtype": args.kv_dtype}))
     hay = bench.Haystack("passkey", local.tok, 2048)
     right = {(where, ctx): 0 for where in ("last chunk", "random depth") for ctx in args.contexts}
     for t in range(args.trials):

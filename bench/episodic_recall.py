@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+
 from engram.workers.episodic import EpisodicConfig, HopfieldMemory, reference_pinv, write_one_shot
 
 LOADS = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -28,12 +29,15 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 def essay_latents(n: int) -> np.ndarray:
-    from engram.coordinator.haystack import essays
-    from engram.workers.encoder import EncoderConfig, load_embedder
+    from engram.evals.haystack import essays
+    from engram.workers.embedder import load_embedder
+    from engram.workers.encoder import EncoderConfig
 
     sentences = [s.strip() for s in essays().replace("\n", " ").split(". ") if len(s.strip()) > 40]
-    return np.asarray(load_embedder(EncoderConfig().embedder).encode(sentences[:n], batch_size=64, normalize_embeddings=True),
-                      dtype=np.float64)
+    return np.asarray(
+        load_embedder(EncoderConfig().embedder).encode(sentences[:n], batch_size=64, normalize_embeddings=True),
+        dtype=np.float64,
+    )
 
 
 def measure(items: np.ndarray, cfg: EpisodicConfig, betas: list[float], cos: float, rng: np.random.Generator) -> dict:
@@ -96,8 +100,11 @@ def main(argv: list[str] | None = None) -> dict:
     sets = {"random": unit(rng.standard_normal((n_max, cfg.dim)))}
     if not args.random_only:
         sets["MiniLM essay-sentence"] = essay_latents(n_max)
-    results = {f"{name} items, query cos {c:g}": measure(items, cfg, args.betas, c, rng)
-               for name, items in sets.items() for c in args.cos}
+    results = {
+        f"{name} items, query cos {c:g}": measure(items, cfg, args.betas, c, rng)
+        for name, items in sets.items()
+        for c in args.cos
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps({"rows": cfg.rows, "dim": cfg.dim, "results": results}, indent=1))
     plot(results, args.out + ".png")
@@ -106,8 +113,10 @@ def main(argv: list[str] | None = None) -> dict:
         names = list(next(iter(table.values())))
         print("N/K   " + "".join(f"{n:>22s}" for n in names))
         for load, row in table.items():
-            print(f"{float(load):<6g}" + "".join(f"{row[n]['identification']:>13.3f} / {row[n]['reconstruction']:.3f}"
-                                               for n in names))
+            print(
+                f"{float(load):<6g}"
+                + "".join(f"{row[n]['identification']:>13.3f} / {row[n]['reconstruction']:.3f}" for n in names)
+            )
     return results
 
 

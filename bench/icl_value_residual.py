@@ -67,8 +67,9 @@ def distinct_classes(gen: torch.Generator, batch: int, per: int, classes: int) -
         cls[bad] = torch.randint(classes, (int(bad.sum()), per), generator=gen)
 
 
-def sample_sequences(gen: torch.Generator, task: TaskConfig, means: torch.Tensor, label_vecs: torch.Tensor,
-                     batch: int, novel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_sequences(
+    gen: torch.Generator, task: TaskConfig, means: torch.Tensor, label_vecs: torch.Tensor, batch: int, novel: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Bursty sequences x1 l1 … xN lN xq -> (inputs [B, 2N+1, D+2N+1], target label [B]).
 
     Training (novel=False): classes drawn from the K training means, label = class mod L, so both in-weights and
@@ -115,8 +116,9 @@ class ICLTransformer(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([Attention(width), Attention(width)])
         self.value_residual = value_residual
-        self.readout = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                     nn.Linear(hidden, labels))
+        self.readout = nn.Sequential(
+            nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, labels)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, W] -> logits [B, L]
         v_prev = None
@@ -162,9 +164,16 @@ def train(task: TaskConfig, cfg: TrainConfig, progress: bool = False) -> dict:
                 break
     if bar:
         bar.close()
-    return {"seed": cfg.seed, "value_residual": cfg.value_residual, "optimizer": cfg.optimizer, "lr": cfg.lr,
-            "curve": curve, "steps_to_target": reached,
-            "final_accuracy": curve[-1][1] if curve else None, "seconds": time.perf_counter() - start}
+    return {
+        "seed": cfg.seed,
+        "value_residual": cfg.value_residual,
+        "optimizer": cfg.optimizer,
+        "lr": cfg.lr,
+        "curve": curve,
+        "steps_to_target": reached,
+        "final_accuracy": curve[-1][1] if curve else None,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def summarise(runs: list[dict], target: float) -> dict:
@@ -174,8 +183,12 @@ def summarise(runs: list[dict], target: float) -> dict:
         hit = [s for s in steps if s is not None]
         mean = sum(hit) / len(hit) if hit else None
         sd = (sum((s - mean) ** 2 for s in hit) / (len(hit) - 1)) ** 0.5 if len(hit) > 1 else 0.0
-        out["value_residual" if vr else "baseline"] = {"steps": steps, "mean": mean, "sd": sd,
-                                                       "reached": f"{len(hit)}/{len(steps)}"}
+        out["value_residual" if vr else "baseline"] = {
+            "steps": steps,
+            "mean": mean,
+            "sd": sd,
+            "reached": f"{len(hit)}/{len(steps)}",
+        }
     b, v = out["baseline"]["mean"], out["value_residual"]["mean"]
     out["ratio"] = v / b if b and v else None  # < 1: the value residual reaches the target sooner
     out["target"] = target
@@ -191,8 +204,13 @@ def plot(runs: list[dict], task: TaskConfig, target: float, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for r in runs:
         steps, acc = zip(*r["curve"]) if r["curve"] else ((), ())
-        ax.plot(steps, acc, color="tab:orange" if r["value_residual"] else "tab:blue", alpha=0.8,
-                label=("value residual" if r["value_residual"] else "baseline") + f" (seed {r['seed']})")
+        ax.plot(
+            steps,
+            acc,
+            color="tab:orange" if r["value_residual"] else "tab:blue",
+            alpha=0.8,
+            label=("value residual" if r["value_residual"] else "baseline") + f" (seed {r['seed']})",
+        )
     ax.axhline(target, color="grey", ls="--", lw=0.8)
     ax.set_xlabel(f"training step (batch 128, {runs[0].get('optimizer', 'sgd')} lr {runs[0].get('lr', 0.01)})")
     ax.set_ylabel("in-context accuracy, novel classes")
@@ -216,15 +234,27 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     task = TaskConfig(classes=args.classes)
+
     def config(seed: int, vr: bool) -> TrainConfig:
-        return TrainConfig(steps=args.steps, eval_every=args.eval_every, seed=seed, value_residual=vr,
-                           optimizer=args.optimizer, lr=args.lr, stop_after=args.stop_after, threads=args.threads)
+        return TrainConfig(
+            steps=args.steps,
+            eval_every=args.eval_every,
+            seed=seed,
+            value_residual=vr,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            stop_after=args.stop_after,
+            threads=args.threads,
+        )
 
     runs = [train(task, config(seed, vr), progress=not args.no_progress) for seed in args.seeds for vr in (False, True)]
     summary = summarise(runs, TrainConfig.target)
-    result = {"task": asdict(task), "train": {k: v for k, v in asdict(config(0, False)).items()
-                                              if k not in ("seed", "value_residual")},
-              "summary": summary, "runs": runs}
+    result = {
+        "task": asdict(task),
+        "train": {k: v for k, v in asdict(config(0, False)).items() if k not in ("seed", "value_residual")},
+        "summary": summary,
+        "runs": runs,
+    }
     from pathlib import Path
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -232,8 +262,10 @@ def main(argv: list[str] | None = None) -> dict:
     plot(runs, task, TrainConfig.target, args.out + ".png")
     for name in ("baseline", "value_residual"):
         s = summary[name]
-        print(f"{name:15s} steps to {TrainConfig.target:.0%}: {s['steps']}  mean {s['mean']} ± {s['sd']:.0f}"
-              f"  reached {s['reached']}")
+        print(
+            f"{name:15s} steps to {TrainConfig.target:.0%}: {s['steps']}  mean {s['mean']} ± {s['sd']:.0f}"
+            f"  reached {s['reached']}"
+        )
     print(f"ratio value_residual / baseline: {summary['ratio']}")
     return result
 

@@ -14,10 +14,12 @@ import re
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from engram.coordinator.haystack import PASSKEY_FILLER, PASSKEY_QUESTION, passkey_needle
-from engram.decoder import kv
+
+from engram.decoder import blocks as kv
+from engram.decoder.generate import MemoryDecoder
+from engram.decoder.layout import BlockLayout
 from engram.decoder.model import DecoderConfig, load
-from engram.workers.store import StoreLayout
+from engram.evals.haystack import PASSKEY_FILLER, PASSKEY_QUESTION, passkey_needle
 
 T = 128
 
@@ -37,10 +39,7 @@ def chunks_for(tok, key, needle_at, n_chunks, rng):
 
 def stored_bytes_per_token(model, keep: int, kv_dtype: str) -> float:
     """K/V columns (codes + scales) and positions of one block, per chunk token (tokens/latents not included)."""
-    c = model.config
-    lay = StoreLayout(c.num_hidden_layers, c.num_key_value_heads, keep, c.hidden_size // c.num_attention_heads, T, 384,
-                      kv_dtype=kv_dtype)
-    return lay.block_bytes / T
+    return BlockLayout.of(model.config, T, keep, kv_dtype).block_bytes / T
 
 
 def main():
@@ -53,13 +52,13 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     model, tok = load(DecoderConfig())
-    full = kv.KVLayout.of(model, T, 0).full_fp16_bytes_per_token
+    full = BlockLayout.of(model.config, T, 0).full_fp16_bytes_per_token
     print(f"| kept / 128 | K/V dtype | bytes/token (vs {full:,} fp16) | blocks | passkey | mean TTFT |")
     print("|---|---|---|---|---|---|")
     for keep in args.keep:
         for kv_dtype in args.dtypes:
-            layout = kv.KVLayout.of(model, T, keep, kv_dtype)
-            dec = kv.MemoryDecoder(model, tok, kv_dtype=kv_dtype)
+            layout = BlockLayout.of(model.config, T, keep, kv_dtype)
+            dec = MemoryDecoder(model, tok, kv_dtype=kv_dtype)
             per_token = stored_bytes_per_token(model, layout.keep_tokens, kv_dtype)
             for n_blocks in args.blocks:
                 rng = random.Random(0)  # the same needles and depths in every cell
@@ -72,8 +71,11 @@ def main():
                     got = re.findall(r"\d+", a.text)
                     ok += bool(got) and got[0] == str(key)
                     ttft += a.prefill_s
-                print(f"| {keep} | {kv_dtype} | {per_token:,.0f} ({full / per_token:.1f}x smaller) | {n_blocks} | "
-                      f"{ok}/{args.trials} | {ttft / args.trials:.3f} s |", flush=True)
+                print(
+                    f"| {keep} | {kv_dtype} | {per_token:,.0f} ({full / per_token:.1f}x smaller) | {n_blocks} | "
+                    f"{ok}/{args.trials} | {ttft / args.trials:.3f} s |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -11,10 +11,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
-from engram.coordinator.haystack import NIAH_QUESTION, niah_context
-from engram.decoder import kv
+
+from engram.decoder import blocks as kv
+from engram.decoder.generate import MemoryDecoder
+from engram.decoder.layout import BlockLayout
 from engram.decoder.model import DecoderConfig, load
-from engram.workers.encoder import load_embedder
+from engram.evals.haystack import NIAH_QUESTION, niah_context
+from engram.workers.embedder import load_embedder
 
 T = 128
 
@@ -27,8 +30,8 @@ def main():
     torch.set_num_threads(os.cpu_count() or 1)
     model, tok = load(DecoderConfig())
     emb = load_embedder("minilm")
-    layout = kv.KVLayout.of(model, T, 0)
-    dec = kv.MemoryDecoder(model, tok)
+    layout = BlockLayout.of(model.config, T, 0)
+    dec = MemoryDecoder(model, tok)
     q = emb.encode([NIAH_QUESTION], normalize_embeddings=True)[0]
     results: dict[tuple, list[bool]] = {}
     for depth in args.depths:
@@ -36,14 +39,24 @@ def main():
         chunks = [ids[i : i + T] for i in range(0, len(ids), T)]
         needle = next(i for i, c in enumerate(chunks) if "Dolores" in tok.decode(c))
         whole = emb.encode(tok.batch_decode(chunks), batch_size=64, normalize_embeddings=True) @ q
-        wins = emb.encode([tok.decode(c[s : s + 64]) for c in chunks for s in (0, 32, 64)], batch_size=64,
-                          normalize_embeddings=True).reshape(len(chunks), 3, -1) @ q
+        wins = (
+            emb.encode(
+                [tok.decode(c[s : s + 64]) for c in chunks for s in (0, 32, 64)],
+                batch_size=64,
+                normalize_embeddings=True,
+            ).reshape(len(chunks), 3, -1)
+            @ q
+        )
         best = wins.max(1)
-        print(f"depth {depth}: {len(ids)} tokens, needle chunk {needle}; rank by whole-chunk latent "
-              f"{int((whole > whole[needle]).sum()) + 1}, by 64-token windows {int((best > best[needle]).sum()) + 1}")
+        print(
+            f"depth {depth}: {len(ids)} tokens, needle chunk {needle}; rank by whole-chunk latent "
+            f"{int((whole > whole[needle]).sum()) + 1}, by 64-token windows {int((best > best[needle]).sum()) + 1}"
+        )
         top = list(np.argsort(-best)[:8])
         sel_all = sorted(set(top) | {i + 1 for i in top if i + 1 < len(chunks)})
-        blk = dict(zip(sel_all, kv.blocks_of(kv.encode_chunks(model, dec.sink_id, [chunks[i] for i in sel_all], layout))))
+        blk = dict(
+            zip(sel_all, kv.blocks_of(kv.encode_chunks(model, dec.sink_id, [chunks[i] for i in sel_all], layout)))
+        )
         for n in (1, 2, 4, 8):
             hits = top[:n]
             for nb in (0, 1):

@@ -30,11 +30,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 def run(shards: int, totals: list[int], doc_tokens: int, asks: int, num_cpus: int | None) -> list[dict]:
     import ray
+    from tqdm import tqdm
+
     from engram.coordinator.client import EngramClient
     from engram.coordinator.config import EngramConfig
-    from engram.coordinator.haystack import PASSKEY_QUESTION, first_integer, passkey_context
     from engram.coordinator.server import BackgroundServer
-    from tqdm import tqdm
+    from engram.evals.haystack import PASSKEY_QUESTION, first_integer, passkey_context
 
     cfg = EngramConfig()
     cfg.cluster.shards, cfg.cluster.num_cpus, cfg.server.metrics_port = shards, num_cpus, None
@@ -44,12 +45,16 @@ def run(shards: int, totals: list[int], doc_tokens: int, asks: int, num_cpus: in
         with BackgroundServer(cfg) as srv, EngramClient(srv.address, timeout=3600) as c:
             rng, stored, n_doc, ingest_s, ingest_tokens, ingest_bytes = random.Random(shards), 0, 0, 0.0, 0, 0
             for total in totals:
-                with tqdm(total=total, initial=stored, unit="tok", unit_scale=True,
-                          desc=f"{shards} shards -> {total / 1e6:g}M tokens") as bar:
+                with tqdm(
+                    total=total,
+                    initial=stored,
+                    unit="tok",
+                    unit_scale=True,
+                    desc=f"{shards} shards -> {total / 1e6:g}M tokens",
+                ) as bar:
                     while stored < total:
                         key = rng.randint(10_000, 99_999)
-                        text = passkey_context(min(doc_tokens, total - stored), rng.random(), key,
-                                               srv.engine.tokenizer)
+                        text = passkey_context(min(doc_tokens, total - stored), rng.random(), key, srv.engine.tokenizer)
                         t0 = time.perf_counter()
                         w = c.write([(f"doc-{n_doc}", text)], namespace="scale")
                         ingest_s += time.perf_counter() - t0
@@ -64,15 +69,23 @@ def run(shards: int, totals: list[int], doc_tokens: int, asks: int, num_cpus: in
                     ttft.append(a.timings.ttft_s)
                     right += first_integer(a.answer) is not None  # the key of *some* document: all hold one
                 s = c.stats()
-                rows.append({
-                    "shards": shards, "tokens_stored": s.tokens, "documents": s.documents, "chunks": s.chunks,
-                    "blocks": s.blocks, "ingest_tokens_per_s": ingest_tokens / ingest_s,
-                    "ingest_mb_per_s": ingest_bytes / 1e6 / ingest_s,
-                    "ask_latency_s_median": statistics.median(latencies), "ttft_s_median": statistics.median(ttft),
-                    "retrieve_s_last": a.timings.retrieve_s, "answers_with_a_key": f"{right}/{asks}",
-                    "shard_rss_mb": [round(sh.resident_bytes / 1e6) for sh in s.shards],
-                    "shard_chunks": [sh.chunks for sh in s.shards],
-                })
+                rows.append(
+                    {
+                        "shards": shards,
+                        "tokens_stored": s.tokens,
+                        "documents": s.documents,
+                        "chunks": s.chunks,
+                        "blocks": s.blocks,
+                        "ingest_tokens_per_s": ingest_tokens / ingest_s,
+                        "ingest_mb_per_s": ingest_bytes / 1e6 / ingest_s,
+                        "ask_latency_s_median": statistics.median(latencies),
+                        "ttft_s_median": statistics.median(ttft),
+                        "retrieve_s_last": a.timings.retrieve_s,
+                        "answers_with_a_key": f"{right}/{asks}",
+                        "shard_rss_mb": [round(sh.resident_bytes / 1e6) for sh in s.shards],
+                        "shard_chunks": [sh.chunks for sh in s.shards],
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
     ray.shutdown()
     return rows
@@ -91,12 +104,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     Path(args.out).write_text(json.dumps({"machine": machine, "args": vars(args), "rows": rows}, indent=1))
-    print(f"\n{'shards':>6} {'tokens':>11} {'chunks':>8} {'ingest tok/s':>13} {'MB/s':>6} {'ask s':>6} "
-          f"{'TTFT s':>7} {'retrieve s':>10}  shard RSS MB")
+    print(
+        f"\n{'shards':>6} {'tokens':>11} {'chunks':>8} {'ingest tok/s':>13} {'MB/s':>6} {'ask s':>6} "
+        f"{'TTFT s':>7} {'retrieve s':>10}  shard RSS MB"
+    )
     for r in rows:
-        print(f"{r['shards']:>6} {r['tokens_stored']:>11,} {r['chunks']:>8,} {r['ingest_tokens_per_s']:>13,.0f} "
-              f"{r['ingest_mb_per_s']:>6.2f} {r['ask_latency_s_median']:>6.2f} {r['ttft_s_median']:>7.2f} "
-              f"{r['retrieve_s_last']:>10.3f}  {r['shard_rss_mb']}")
+        print(
+            f"{r['shards']:>6} {r['tokens_stored']:>11,} {r['chunks']:>8,} {r['ingest_tokens_per_s']:>13,.0f} "
+            f"{r['ingest_mb_per_s']:>6.2f} {r['ask_latency_s_median']:>6.2f} {r['ttft_s_median']:>7.2f} "
+            f"{r['retrieve_s_last']:>10.3f}  {r['shard_rss_mb']}"
+        )
     return rows
 
 

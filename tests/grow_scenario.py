@@ -16,19 +16,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray
-from engram.coordinator import chunking
-from engram.coordinator.client import EngramClient
-from engram.coordinator.haystack import PASSKEY_QUESTION, first_integer, passkey_context
-from engram.coordinator.server import BackgroundServer
-from engram.workers.encoder import chunk_hash
 from multinode import shard_cluster  # tests/ is this script's directory
+
+from engram.coordinator import routing
+from engram.coordinator.client import EngramClient
+from engram.coordinator.server import BackgroundServer
+from engram.evals.haystack import PASSKEY_QUESTION, first_integer, passkey_context
 
 NS = "grow"
 
 
 def note(i: int) -> str:
-    return (f"Logbook entry {i}. The crate in locker {i} holds {i * 37 % 101} brass keys, painted "
-            f"{['red', 'green', 'blue', 'amber'][i % 4]}. " * 10)
+    return (
+        f"Logbook entry {i}. The crate in locker {i} holds {i * 37 % 101} brass keys, painted "
+        f"{['red', 'green', 'blue', 'amber'][i % 4]}. " * 10
+    )
 
 
 def main() -> int:
@@ -46,7 +48,7 @@ def main() -> int:
             for i in range(14):
                 try:
                     acked[f"note-{i}"] = c.write([(f"note-{i}", note(i))], namespace=NS, request_id=f"note-{i}").chunks
-                except Exception as e:  # noqa: BLE001 - reported below
+                except Exception as e:
                     errors.append(f"note-{i}: {e}")
 
         t = threading.Thread(target=writer)
@@ -64,34 +66,58 @@ def main() -> int:
         missing = duplicated = misplaced = 0
         for doc, n in acked.items():
             ids = engine.tokenize(texts[doc])
-            want = {ch.seq: chunking.route(chunk_hash(ch.tokens, engine.fingerprint, ch.context), engine.shard_ids)
-                    for ch in chunking.split(ids, engine.layout.chunk_tokens, engine.cfg.encoder.context_tokens)}
+            want = {
+                ch.seq: routing.route(routing.chunk_hash(ch.tokens, engine.fingerprint, ch.context), engine.shard_ids)
+                for ch in routing.split(ids, engine.layout.chunk_tokens, engine.cfg.encoder.context_tokens)
+            }
             assert len(want) == n
             where: dict[int, list[int]] = {}
             for sid, shard in zip(engine.shard_ids, engine.shards):
-                for seq, _, _ in ray.get(shard.chunks_at.remote(NS, doc, list(want))):
+                for seq in (r.seq for r in ray.get(shard.chunks_at.remote(NS, doc, list(want)))):
                     where.setdefault(seq, []).append(sid)
             missing += sum(seq not in where for seq in want)
             duplicated += sum(len(v) > 1 for v in where.values())
             misplaced += sum(v != [want[seq]] for seq, v in where.items() if len(v) == 1)
         final = c.ask(PASSKEY_QUESTION, namespace=NS)
         hit = c.read("Which locker holds amber brass keys? Logbook entry 7", namespace=NS, top_k=4)
-        out = {"shards": list(grown.shards), "added": list(grown.added), "acked": len(acked), "errors": errors,
-               "missing": missing, "duplicated": duplicated, "misplaced": misplaced,
-               "chunks": s.chunks, "acked_chunks": sum(acked.values()),
-               "per_shard_chunks": [sh.chunks for sh in s.shards], "moved": s.rebalance.moved_chunks,
-               "rebalance_error": s.rebalance.error, "mid_asks": len(mid_answers),
-               # the key, not the whole text: the notes written meanwhile may join the retrieved chunks
-               "mid_same": all(first_integer(a) == 73737 for a in mid_answers),
-               "same_answer": first_integer(final.answer) == first_integer(answer) == 73737,
-               "answer": answer, "final_answer": final.answer, "final_chunks": [ch.chunk_id for ch in final.chunks],
-               "read_top_doc": hit.chunks[0].document_id if hit.chunks else ""}
+        out = {
+            "shards": list(grown.shards),
+            "added": list(grown.added),
+            "acked": len(acked),
+            "errors": errors,
+            "missing": missing,
+            "duplicated": duplicated,
+            "misplaced": misplaced,
+            "chunks": s.chunks,
+            "acked_chunks": sum(acked.values()),
+            "per_shard_chunks": [sh.chunks for sh in s.shards],
+            "moved": s.rebalance.moved_chunks,
+            "rebalance_error": s.rebalance.error,
+            "mid_asks": len(mid_answers),
+            # the key, not the whole text: the notes written meanwhile may join the retrieved chunks
+            "mid_same": all(first_integer(a) == 73737 for a in mid_answers),
+            "same_answer": first_integer(final.answer) == first_integer(answer) == 73737,
+            "answer": answer,
+            "final_answer": final.answer,
+            "final_chunks": [ch.chunk_id for ch in final.chunks],
+            "read_top_doc": hit.chunks[0].document_id if hit.chunks else "",
+        }
     ray.shutdown()
     cluster.shutdown()
     print(json.dumps(out), flush=True)
-    ok = (not errors and missing == 0 and duplicated == 0 and misplaced == 0 and out["same_answer"]
-          and out["mid_same"] and out["chunks"] == out["acked_chunks"] and all(out["per_shard_chunks"])
-          and len(out["shards"]) == 4 and out["moved"] > 0 and not out["rebalance_error"])
+    ok = (
+        not errors
+        and missing == 0
+        and duplicated == 0
+        and misplaced == 0
+        and out["same_answer"]
+        and out["mid_same"]
+        and out["chunks"] == out["acked_chunks"]
+        and all(out["per_shard_chunks"])
+        and len(out["shards"]) == 4
+        and out["moved"] > 0
+        and not out["rebalance_error"]
+    )
     return 0 if ok else 1
 
 

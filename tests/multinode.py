@@ -4,8 +4,9 @@ coordinator, encoders and decoder, and CPU-less worker nodes offering the `engra
 import tempfile
 
 import ray
-from engram.coordinator.config import EngramConfig
 from ray.cluster_utils import Cluster
+
+from engram.coordinator.config import EngramConfig
 
 
 def shard_cluster(shard_nodes: int, data_prefix: str):

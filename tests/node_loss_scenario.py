@@ -15,10 +15,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray
-from engram.coordinator.client import EngramClient
-from engram.coordinator.haystack import PASSKEY_QUESTION, passkey_context
-from engram.coordinator.server import BackgroundServer
 from multinode import shard_cluster  # tests/ is this script's directory
+
+from engram.coordinator.client import EngramClient
+from engram.coordinator.server import BackgroundServer
+from engram.evals.haystack import PASSKEY_QUESTION, passkey_context
 
 
 def main() -> int:
@@ -29,24 +30,28 @@ def main() -> int:
         acked = {}
         for i in range(12):
             doc = f"note-{i}"
-            acked[doc] = c.write([(doc, f"Note {i}: locker {i} holds crate {i * 31 % 97}. " * 12)],
-                                 namespace="nl", request_id=doc).chunks
+            acked[doc] = c.write(
+                [(doc, f"Note {i}: locker {i} holds crate {i * 31 % 97}. " * 12)], namespace="nl", request_id=doc
+            ).chunks
         answer = c.ask(PASSKEY_QUESTION, namespace="nl").answer
         before = {i: ray.get(s.stats.remote()) for i, s in enumerate(engine.shards)}
         node_ids = {n.node_id: n for n in nodes}
-        victim_id = ray.get(engine.shards[0].stats.remote())["node"].split("/")[1]
+        victim_id = ray.get(engine.shards[0].stats.remote()).node.split("/")[1]
         victim = next(n for nid, n in node_ids.items() if nid.startswith(victim_id))
-        on_victim = [i for i, st in before.items() if st["node"].endswith(victim_id)]
+        on_victim = [i for i, st in before.items() if st.node.endswith(victim_id)]
         cluster.remove_node(victim)
         deadline = time.time() + 180
         for i in on_victim:  # wait until Ray has restarted them on the surviving node
             while True:
                 try:
                     st = ray.get(engine.shards[i].stats.remote(), timeout=30)
-                    if not st["node"].endswith(victim_id):
+                    if not st.node.endswith(victim_id):
                         break
-                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
-                        ray.exceptions.ActorUnavailableError):
+                except (
+                    ray.exceptions.RayActorError,
+                    ray.exceptions.GetTimeoutError,
+                    ray.exceptions.ActorUnavailableError,
+                ):
                     pass
                 if time.time() > deadline:
                     print("shard did not come back", i)
@@ -55,9 +60,9 @@ def main() -> int:
         lost = 0
         for doc, n in acked.items():
             rows = [r for s in engine.shards for r in ray.get(s.chunks_at.remote("nl", doc, list(range(n + 2))))]
-            lost += n - len({seq for seq, _, _ in rows})
+            lost += n - len({r.seq for r in rows})
         after = {i: ray.get(s.stats.remote()) for i, s in enumerate(engine.shards)}
-        same = all((before[i]["chunks"], before[i]["blocks"]) == (after[i]["chunks"], after[i]["blocks"]) for i in before)
+        same = all((before[i].chunks, before[i].blocks) == (after[i].chunks, after[i].blocks) for i in before)
         same_answer = c.ask(PASSKEY_QUESTION, namespace="nl").answer == answer
         print(f"LOST {lost} MOVED {on_victim} SAME_COUNTS {same} SAME_ANSWER {same_answer}", flush=True)
     ray.shutdown()

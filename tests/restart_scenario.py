@@ -12,11 +12,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray
-from engram.coordinator.chunking import route
+
 from engram.coordinator.client import EngramClient
 from engram.coordinator.config import EngramConfig
-from engram.coordinator.haystack import PASSKEY_QUESTION, passkey_context
+from engram.coordinator.routing import route
 from engram.coordinator.server import BackgroundServer
+from engram.evals.haystack import PASSKEY_QUESTION, passkey_context
 
 
 def main(phase: str, data_dir: str) -> int:
@@ -37,8 +38,10 @@ def main(phase: str, data_dir: str) -> int:
         if phase == "write":
             c.write([("pk", passkey_context(3000, 0.3, 42424, srv.engine.tokenizer))], namespace="rs")
             for i in range(6):
-                c.write([(f"note-{i}", f"Note {i}: shelf {i} holds {i * 13} jars of {['plum', 'fig'][i % 2]} jam. " * 9)],
-                        namespace="rs")
+                c.write(
+                    [(f"note-{i}", f"Note {i}: shelf {i} holds {i * 13} jars of {['plum', 'fig'][i % 2]} jam. " * 9)],
+                    namespace="rs",
+                )
         if phase == "resume" and srv.engine.resume_rebalance:  # the last coordinator died mid-growth
             import time
 
@@ -50,11 +53,25 @@ def main(phase: str, data_dir: str) -> int:
                 for _, _, hashes in ray.get(shard.chunk_table.remote()):
                     misplaced += sum(route(h, engine.shard_ids) != sid for h in hashes)
             s = c.stats()
-            print(json.dumps({"shards": len(s.shards), "misplaced": misplaced, "moved": s.rebalance.moved_chunks,
-                              "per_shard_chunks": [sh.chunks for sh in s.shards]}))
+            print(
+                json.dumps(
+                    {
+                        "shards": len(s.shards),
+                        "misplaced": misplaced,
+                        "moved": s.rebalance.moved_chunks,
+                        "per_shard_chunks": [sh.chunks for sh in s.shards],
+                    }
+                )
+            )
         s = c.stats()
-        print(json.dumps({"answer": c.ask(PASSKEY_QUESTION, namespace="rs").answer,
-                          "counts": [s.documents, s.chunks, s.blocks, s.tokens, s.stored_bytes]}))
+        print(
+            json.dumps(
+                {
+                    "answer": c.ask(PASSKEY_QUESTION, namespace="rs").answer,
+                    "counts": [s.documents, s.chunks, s.blocks, s.tokens, s.stored_bytes],
+                }
+            )
+        )
     return 0
 
 

@@ -11,8 +11,25 @@ pytestmark = pytest.mark.integration
 
 def test_bench_niah_writes_json_and_heatmap(tmp_path):
     out = tmp_path / "niah"
-    p = subprocess.run([sys.executable, "-m", "engram.coordinator.cli", "bench", "niah", "--lengths", "2k",
-                        "--depths", "2", "--out", str(out)], capture_output=True, text=True, timeout=900, check=False)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engram.coordinator.cli",
+            "bench",
+            "niah",
+            "--lengths",
+            "2k",
+            "--depths",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads((tmp_path / "niah.json").read_text())
     assert result["machine"]["cpus"] and result["settings"]["lengths"] == [2000]

@@ -2,8 +2,9 @@ import os
 from collections import Counter
 
 import pytest
-from engram.coordinator.chunking import route, split
+
 from engram.coordinator.config import EngramConfig
+from engram.coordinator.routing import route, split
 
 
 def test_split_restarts_per_document_and_covers_every_token():
@@ -16,7 +17,7 @@ def test_split_restarts_per_document_and_covers_every_token():
 
 
 def test_context_is_the_tokens_just_before_and_part_of_the_address():
-    from engram.workers.encoder import chunk_hash
+    from engram.coordinator.routing import chunk_hash
 
     chunks = split(list(range(300)), 128, context_tokens=32)
     assert [c.context for c in chunks] == [[], list(range(96, 128)), list(range(224, 256))]
@@ -39,46 +40,68 @@ def test_route_is_stable_balanced_and_moves_little_when_growing():
 
 def test_config_overrides_and_unknown_keys(tmp_path):
     f = tmp_path / "engram.toml"
-    f.write_text('[cluster]\nshards = 3\n[shard.episodic]\nrows = 64\n')
+    f.write_text("[cluster]\nshards = 3\n[shard.episodic]\nrows = 64\n")
     cfg = EngramConfig.load(f, server={"port": 1234, "host": None})
     assert (cfg.cluster.shards, cfg.shard.episodic.rows, cfg.server.port, cfg.server.host) == (3, 64, 1234, "127.0.0.1")
     f.write_text("[cluster]\nshard = 3\n")
-    with pytest.raises(ValueError, match="cluster.*shard"):
+    with pytest.raises(ValueError, match=r"cluster.*shard"):
         EngramConfig.load(f)
 
 
-@pytest.mark.parametrize("ask, error", [
-    ({"top_k": 0}, "ask.top_k must be between 1"),
-    ({"top_k": 65}, "ask.top_k must be between 1 and ask.max_top_k"),
-    ({"min_score_ratio": 1.5}, "ask.min_score_ratio must be between 0 and 1"),
-    ({"block_order": "random"}, "ask.block_order must be"),
-    ({"position_scheme": "alibi"}, "ask.position_scheme must be"),
-])
+@pytest.mark.parametrize(
+    "ask, error",
+    [
+        ({"top_k": 0}, "ask.top_k must be between 1"),
+        ({"top_k": 65}, "ask.top_k must be between 1 and ask.max_top_k"),
+        ({"min_score_ratio": 1.5}, "ask.min_score_ratio must be between 0 and 1"),
+        ({"block_order": "random"}, "ask.block_order must be"),
+        ({"position_scheme": "alibi"}, "ask.position_scheme must be"),
+    ],
+)
 def test_ask_settings_are_checked_on_load(ask, error):
     with pytest.raises(ValueError, match=error):
         EngramConfig.load(None, ask=ask)
 
 
-@pytest.mark.parametrize("encoder, error", [
-    ({"kv_dtype": "int3"}, "kv_dtype must be one of"),
-    ({"context_tokens": -1}, "context_tokens must be between 0 and 8063"),
-    ({"context_tokens": 8064}, "context_tokens must be between 0 and 8063"),
-    ({"keep_tokens": 12}, "multiples of span"),
-])
-def test_encoder_settings_are_checked_before_anything_starts(encoder, error):
-    from engram.coordinator.engine import store_layout
-
+@pytest.mark.parametrize(
+    "encoder, error",
+    [
+        ({"kv_dtype": "int3"}, "kv_dtype must be one of"),
+        ({"context_tokens": -1}, "context_tokens must be 0 or more"),
+        ({"keep_tokens": 12}, "multiples of span"),
+        ({"scorer": "magic"}, "encoder.scorer must be"),
+    ],
+)
+def test_encoder_settings_are_checked_on_load(encoder, error):
     with pytest.raises(ValueError, match=error):
-        store_layout(EngramConfig.load(None, encoder=encoder))
-    assert store_layout(EngramConfig.load(None, encoder={"context_tokens": 8063})).kv_dtype == "int4"
+        EngramConfig.load(None, encoder=encoder)
+
+
+@pytest.mark.model
+def test_context_must_fit_the_decoders_window():
+    """What needs the model's own config is checked when the layout is derived, before any actor starts."""
+    from engram.coordinator.config import block_layout
+
+    with pytest.raises(ValueError, match="context_tokens must be between 0 and 8063"):
+        block_layout(EngramConfig.load(None, encoder={"context_tokens": 8064}))
+    layout = block_layout(EngramConfig.load(None, encoder={"context_tokens": 8063}))
+    assert (layout.kv_dtype, layout.layers, layout.kv_heads, layout.head_dim) == ("int4", 30, 3, 64)
+    assert layout.full_fp16_bytes_per_token == 30 * 2 * 3 * 64 * 2
 
 
 def test_top_hits_merges_shards_and_drops_far_weaker_hits():
-    from engram.coordinator.engine import Retrieved, top_hits
+    from engram.coordinator.ask import Retrieved, top_hits
 
-    hits = [Retrieved(s, shard, b, doc, seq, 0) for s, shard, b, doc, seq in [
-        (0.10, 0, 1, "a", 0), (0.59, 1, 7, "a", 9), (0.12, 0, 2, "a", 1), (0.40, 1, 8, "b", 0),
-        (0.59, 0, 7, "a", 9)]]  # the last: the same chunk seen on a second shard mid-rebalance
+    hits = [
+        Retrieved(s, shard, b, doc, seq, 0)
+        for s, shard, b, doc, seq in [
+            (0.10, 0, 1, "a", 0),
+            (0.59, 1, 7, "a", 9),
+            (0.12, 0, 2, "a", 1),
+            (0.40, 1, 8, "b", 0),
+            (0.59, 0, 7, "a", 9),
+        ]
+    ]  # the last: the same chunk seen on a second shard mid-rebalance
     assert [(h.document_id, h.seq) for h in top_hits(hits, 4, 0.0)] == [("a", 9), ("b", 0), ("a", 1), ("a", 0)]
     assert [(h.document_id, h.seq) for h in top_hits(hits, 4, 0.3)] == [("a", 9), ("b", 0)]
     assert [(h.document_id, h.seq) for h in top_hits(hits, 1, 0.3)] == [("a", 9)]

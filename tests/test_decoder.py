@@ -2,8 +2,14 @@
 
 import pytest
 import torch
-from engram.decoder import kv
-from engram.decoder.model import DecoderConfig, load, model_path
+
+from engram.decoder import blocks as kv
+from engram.decoder.generate import MemoryDecoder, decode_one_token, prefill
+from engram.decoder.layout import BlockLayout
+from engram.decoder.model import DecoderConfig, load, model_path, sink_token_id
+from engram.decoder.rope import rerotate
+
+pytestmark = pytest.mark.model
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +26,7 @@ def test_rerotate_equals_encoding_at_the_offset(smol, delta):
         at0 = model(input_ids=ids, use_cache=True).past_key_values
         atd = model(input_ids=ids, position_ids=torch.arange(delta, delta + n)[None], use_cache=True).past_key_values
         for layer in (0, 15, 29):
-            moved = kv.rerotate(at0.layers[layer].keys, delta, model.model.rotary_emb)
+            moved = rerotate(at0.layers[layer].keys, delta, model.model.rotary_emb)
             torch.testing.assert_close(moved, atd.layers[layer].keys, atol=1e-3, rtol=1e-3)  # float32 trig
 
 
@@ -29,21 +35,25 @@ def test_context_is_encoded_but_not_stored(smol):
     keys are rotated back to 1..T; later layers carry the context; a batch mixing context lengths and a short
     chunk gives the same rows as encoding each alone."""
     model, tok = smol
-    ids = tok("Alice keeps the spare key under the blue flower pot by the door. " * 3, add_special_tokens=False).input_ids
-    layout = kv.KVLayout.of(model, 16, 0)
-    sink = kv.sink_token_id(tok)
+    ids = tok(
+        "Alice keeps the spare key under the blue flower pot by the door. " * 3, add_special_tokens=False
+    ).input_ids
+    layout = BlockLayout.of(model.config, 16, 0)
+    sink = sink_token_id(tok)
     chunks, contexts = [ids[16:32], ids[32:44], ids[0:16]], [ids[6:16], ids[16:32], []]
     alone = kv.encode_chunks(model, sink, chunks[:1], layout)
     batch = kv.encode_chunks(model, sink, chunks, layout, contexts=contexts)
     for name in ("keys", "values"):
-        torch.testing.assert_close(torch.from_numpy(batch[name][0, 0]), torch.from_numpy(alone[name][0, 0]),
-                                   atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(
+            torch.from_numpy(batch[name][0, 0]), torch.from_numpy(alone[name][0, 0]), atol=2e-3, rtol=2e-3
+        )
         assert (batch[name][0, 10] != alone[name][0, 10]).any()  # layer 10 has seen the context
     for i, (c, x) in enumerate(zip(chunks, contexts)):
         one = kv.encode_chunks(model, sink, [c], layout, contexts=[x])
         for name, col in one.items():
-            torch.testing.assert_close(torch.from_numpy(batch[name][i]).float(), torch.from_numpy(col[0]).float(),
-                                       atol=2e-3, rtol=2e-3)
+            torch.testing.assert_close(
+                torch.from_numpy(batch[name][i]).float(), torch.from_numpy(col[0]).float(), atol=2e-3, rtol=2e-3
+            )
     assert batch["positions"][1, 0, 0].tolist() == [*range(1, 1 + len(chunks[1])), *[-1] * (16 - len(chunks[1]))]
     assert len(chunks[1]) < 16
 
@@ -51,8 +61,8 @@ def test_context_is_encoded_but_not_stored(smol):
 @pytest.mark.parametrize("kv_dtype", ["float16", "int8", "int4"])
 def test_blocks_answer_a_passkey(smol, kv_dtype):
     model, tok = smol
-    layout = kv.KVLayout.of(model, 64, 0, kv_dtype)
-    dec = kv.MemoryDecoder(model, tok, kv_dtype=kv_dtype)
+    layout = BlockLayout.of(model.config, 64, 0, kv_dtype)
+    dec = MemoryDecoder(model, tok, kv_dtype=kv_dtype)
     filler = tok("The grass is green. The sky is blue. " * 12, add_special_tokens=False).input_ids[:64]
     needle = tok("The pass key is 71432. Remember it. 71432 is the pass key.", add_special_tokens=False).input_ids
     chunks = [filler, (filler[:20] + needle + filler)[:64], filler[3:] + filler[:3]]
@@ -66,10 +76,24 @@ def test_blocks_answer_a_passkey(smol, kv_dtype):
     assert a.context_tokens == 1 + 3 * 64
 
 
+def test_decode_one_token_equals_a_full_forward(smol):
+    """One decode step on the cache gives the token a plain forward over the whole sequence gives."""
+    from transformers import DynamicCache
+
+    model, tok = smol
+    ids = tok("The capital of France is Paris. The capital of Italy is", add_special_tokens=False).input_ids
+    with torch.inference_mode():
+        cache = DynamicCache()
+        first = prefill(model, cache, torch.tensor([ids]), 0).argmax(-1)
+        second = decode_one_token(model, cache, first, len(ids))
+        full = model(input_ids=torch.tensor([[*ids, int(first)]])).logits[0, -1].argmax()
+    assert int(second) == int(full)
+
+
 def test_local_model_folder(smol, tmp_path):
     """Any local Hugging Face causal-LM folder works as the decoder (here: the converted SmolLM2)."""
     cfg = DecoderConfig(model=str(model_path(DecoderConfig())))
-    model, tok = load(cfg)
+    model, _ = load(cfg)
     assert model.config.num_hidden_layers == 30
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         model_path(DecoderConfig(model=str(tmp_path)))

@@ -19,8 +19,15 @@ def load_all(name: str) -> list[dict]:
 
 def test_ray_cluster_launcher():
     cfg = load_all("ray-cluster.yaml")[0]
-    for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "setup_commands",
-                "worker_start_ray_commands", "head_start_ray_commands"):
+    for key in (
+        "cluster_name",
+        "provider",
+        "available_node_types",
+        "head_node_type",
+        "setup_commands",
+        "worker_start_ray_commands",
+        "head_start_ray_commands",
+    ):
         assert key in cfg, key
     types = cfg["available_node_types"]
     assert cfg["head_node_type"] in types
@@ -37,9 +44,12 @@ def test_kuberay_manifests():
     assert "engram_shard" in groups["shards"]["rayStartParams"]["resources"]
     gpu = groups["decoder"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert gpu["nvidia.com/gpu"] == "1"
-    claims = {v["persistentVolumeClaim"]["claimName"]
-              for g in [rc["spec"]["headGroupSpec"], *groups.values()]
-              for v in g["template"]["spec"].get("volumes", []) if "persistentVolumeClaim" in v}
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for g in [rc["spec"]["headGroupSpec"], *groups.values()]
+        for v in g["template"]["spec"].get("volumes", [])
+        if "persistentVolumeClaim" in v
+    }
     assert claims == {docs["PersistentVolumeClaim"]["metadata"]["name"]}
     assert docs["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]  # shards move between pods
     assert "engram.toml" in docs["ConfigMap"]["data"]
@@ -58,14 +68,20 @@ def test_local_multinode_recipe_serves(tmp_path):
         assert up.returncode == 0, up.stdout + up.stderr + (tmp_path / "serve.log").read_text()[-3000:]
         doc = tmp_path / "memo.txt"
         doc.write_text("The harbour master keeps the spare anchor in shed number 17. " * 4)
-        w = subprocess.run([engram, "write", str(doc), "--server", "127.0.0.1:50597"], capture_output=True,
-                           text=True, timeout=300)
+        w = subprocess.run(
+            [engram, "write", str(doc), "--server", "127.0.0.1:50597"], capture_output=True, text=True, timeout=300
+        )
         assert w.returncode == 0, w.stderr
-        a = subprocess.run([engram, "ask", "Where is the spare anchor kept? It is kept in shed number", "--server",
-                            "127.0.0.1:50597"], capture_output=True, text=True, timeout=300)
+        a = subprocess.run(
+            [engram, "ask", "Where is the spare anchor kept? It is kept in shed number", "--server", "127.0.0.1:50597"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert a.returncode == 0 and "17" in a.stdout, a.stdout + a.stderr
-        s = subprocess.run([engram, "stats", "--server", "127.0.0.1:50597"], capture_output=True, text=True,
-                           timeout=120)
+        s = subprocess.run(
+            [engram, "stats", "--server", "127.0.0.1:50597"], capture_output=True, text=True, timeout=120
+        )
         assert s.returncode == 0 and "total: 1 documents" in s.stdout, s.stdout + s.stderr
     finally:
         subprocess.run([script, "down", str(tmp_path)], env=env, capture_output=True, timeout=120)

@@ -8,8 +8,9 @@ import time
 
 import pytest
 import ray
+
 from engram.coordinator.client import EngramClient
-from engram.coordinator.haystack import PASSKEY_QUESTION, passkey_context
+from engram.evals.haystack import PASSKEY_QUESTION, passkey_context
 
 pytestmark = pytest.mark.integration
 KILLS = 20
@@ -18,7 +19,7 @@ KILLS = 20
 def live_pid(shard, deadline: float) -> int:
     while True:
         try:
-            return ray.get(shard.stats.remote(), timeout=30)["pid"]
+            return ray.get(shard.stats.remote(), timeout=30).pid
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
             if time.time() > deadline:
                 raise
@@ -46,7 +47,7 @@ def test_sigkill_shards_20_times_during_streaming_ingest(service, caplog):
                 try:
                     r = c.write([(doc, doc_text(i))], namespace="dur", request_id=f"req-{i}", retries=20)
                     acked[doc] = r.chunks
-                except Exception as e:  # noqa: BLE001 - recorded and asserted on below
+                except Exception as e:
                     failed.append((doc, repr(e)))
                 i += 1
 
@@ -70,7 +71,7 @@ def test_sigkill_shards_20_times_during_streaming_ingest(service, caplog):
             live_pid(s, time.time() + 120)
         for doc, n in acked.items():
             rows = [row for s in engine.shards for row in ray.get(s.chunks_at.remote("dur", doc, list(range(n + 2))))]
-            seqs = sorted(seq for seq, _, _ in rows)
+            seqs = sorted(r.seq for r in rows)
             assert seqs == list(range(n)), (doc, seqs, n)
         stats = c.stats()
         assert c.ask(PASSKEY_QUESTION, namespace="dur-base").answer == answer_before

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from engram.workers.episodic import (
     EpisodicConfig,
     EpisodicMemory,

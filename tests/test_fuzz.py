@@ -3,30 +3,52 @@ written before is unchanged."""
 
 import grpc
 import pytest
-from engram.coordinator.client import EngramClient
-from engram.coordinator.haystack import passkey_context
-from engram.proto import engram_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from engram.coordinator.client import EngramClient
+from engram.evals.haystack import passkey_context
+from engram.proto import engram_pb2 as pb
+
 pytestmark = pytest.mark.integration
 EXAMPLES = 1000
 PROTECTED = "fuzz-base"
-ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-           grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.RESOURCE_EXHAUSTED}
+ALLOWED = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 
 names = st.one_of(st.just(""), st.text(max_size=300), st.sampled_from(["fz", "fz-2", "a\nb", "x\x00y"])).filter(
-    lambda n: n != PROTECTED)
+    lambda n: n != PROTECTED
+)
 small_or_huge = lambda lo, hi: st.one_of(st.integers(0, lo), st.integers(hi, 2**32 - 1))
-writes = st.builds(lambda ns, doc, parts, rid: ("write", [pb.WriteRequest(namespace=ns, document_id=doc, text=p,
-                                                                            request_id=rid) for p in parts]),
-                   names, names, st.lists(st.one_of(st.binary(max_size=64), st.text(max_size=64).map(str.encode)),
-                                          max_size=3), st.text(max_size=140))
-asks = st.builds(lambda ns, q, k, m: ("ask", pb.AskRequest(namespace=ns, question=q, top_k=k, max_new_tokens=m)),
-                 st.one_of(names, st.just(PROTECTED)), st.text(max_size=5000), small_or_huge(8, 65), small_or_huge(2, 513))
-reads = st.builds(lambda ns, q, k: ("read", pb.ReadRequest(namespace=ns, query=q, top_k=k)),
-                  st.one_of(names, st.just(PROTECTED)), st.text(max_size=5000), small_or_huge(8, 65))
+writes = st.builds(
+    lambda ns, doc, parts, rid: (
+        "write",
+        [pb.WriteRequest(namespace=ns, document_id=doc, text=p, request_id=rid) for p in parts],
+    ),
+    names,
+    names,
+    st.lists(st.one_of(st.binary(max_size=64), st.text(max_size=64).map(str.encode)), max_size=3),
+    st.text(max_size=140),
+)
+asks = st.builds(
+    lambda ns, q, k, m: ("ask", pb.AskRequest(namespace=ns, question=q, top_k=k, max_new_tokens=m)),
+    st.one_of(names, st.just(PROTECTED)),
+    st.text(max_size=5000),
+    small_or_huge(8, 65),
+    small_or_huge(2, 513),
+)
+reads = st.builds(
+    lambda ns, q, k: ("read", pb.ReadRequest(namespace=ns, query=q, top_k=k)),
+    st.one_of(names, st.just(PROTECTED)),
+    st.text(max_size=5000),
+    small_or_huge(8, 65),
+)
 deletes = st.builds(lambda ns, doc: ("delete", pb.DeleteRequest(namespace=ns, document_id=doc)), names, names)
 stats = st.just(("stats", pb.StatsRequest()))
 
@@ -49,14 +71,19 @@ def test_fuzz_every_rpc(fuzz_client):
     before = snapshot(c)
     seen: dict[str, int] = {}
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
     @given(st.one_of(writes, asks, reads, deletes, stats))
     def one(op):
         kind, req = op
-        call = {"write": lambda: c.stub.Write(iter(req), timeout=60), "ask": lambda: c.stub.Ask(req, timeout=60),
-                "read": lambda: c.stub.Read(req, timeout=60), "delete": lambda: c.stub.Delete(req, timeout=60),
-                "stats": lambda: c.stub.Stats(req, timeout=60)}[kind]
+        call = {
+            "write": lambda: c.stub.Write(iter(req), timeout=60),
+            "ask": lambda: c.stub.Ask(req, timeout=60),
+            "read": lambda: c.stub.Read(req, timeout=60),
+            "delete": lambda: c.stub.Delete(req, timeout=60),
+            "stats": lambda: c.stub.Stats(req, timeout=60),
+        }[kind]
         try:
             call()
             code = grpc.StatusCode.OK

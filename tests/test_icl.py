@@ -55,11 +55,20 @@ def test_sequences_are_bursty_and_answerable_in_context():
         assert len(set(ctx_labels[0].tolist())) == task.pairs // task.burstiness  # B copies of N/B classes
 
 
+@pytest.mark.model  # a training run: not in the unit tier
 @pytest.mark.parametrize("value_residual", [False, True])
 def test_short_training_learns_in_context_above_chance(value_residual):
     """Reduced run (Adam, K = 8192 so weights cannot memorise): novel-class accuracy well above 1/L."""
-    cfg = icl.TrainConfig(steps=600, eval_every=200, eval_sequences=512, seed=0, value_residual=value_residual,
-                          optimizer="adam", lr=1e-3, hidden=128)
+    cfg = icl.TrainConfig(
+        steps=600,
+        eval_every=200,
+        eval_sequences=512,
+        seed=0,
+        value_residual=value_residual,
+        optimizer="adam",
+        lr=1e-3,
+        hidden=128,
+    )
     r = icl.train(icl.TaskConfig(classes=8192), cfg)
     chance = 1 / icl.TaskConfig.labels
     assert r["curve"][-1][1] > 4 * chance, r["curve"]

@@ -7,8 +7,9 @@ import time
 import grpc
 import pytest
 import ray
+
 from engram.coordinator.client import EngramClient
-from engram.coordinator.haystack import NIAH_QUESTION, PASSKEY_QUESTION, first_integer, niah_context, passkey_context
+from engram.evals.haystack import NIAH_QUESTION, PASSKEY_QUESTION, first_integer, niah_context, passkey_context
 from engram.proto import engram_pb2 as pb
 
 pytestmark = pytest.mark.integration
@@ -19,8 +20,10 @@ COUNTED = ("documents", "chunks", "blocks", "tokens", "stored_bytes")
 @pytest.fixture(scope="module")
 def client(service, tokenizer):
     c = EngramClient(service.address, timeout=600)
-    c.write([("passkey", passkey_context(8000, 0.6, KEY, tokenizer)),
-             ("essays", niah_context(6000, 0.3, tokenizer))], namespace="it")
+    c.write(
+        [("passkey", passkey_context(8000, 0.6, KEY, tokenizer)), ("essays", niah_context(6000, 0.3, tokenizer))],
+        namespace="it",
+    )
     yield c
     c.close()
 
@@ -79,29 +82,39 @@ def test_delete_forgets_a_document(client):
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-@pytest.mark.parametrize("call,code", [
-    (lambda c: c.write([("empty", "")], namespace="bad"), grpc.StatusCode.INVALID_ARGUMENT),
-    (lambda c: c.write([("x", "text")], namespace=""), grpc.StatusCode.INVALID_ARGUMENT),
-    (lambda c: c.write([("passkey", "again")], namespace="it"), grpc.StatusCode.ALREADY_EXISTS),
-    (lambda c: c.write([], namespace="it"), grpc.StatusCode.INVALID_ARGUMENT),
-    (lambda c: c.write([("latin1", "caf\xe9 au lait".encode("latin-1"))], namespace="it"), grpc.StatusCode.INVALID_ARGUMENT),
-    (lambda c: c.stub.Write(iter([pb.WriteRequest(namespace="it", document_id="huge", text=b"a" * (17 << 20))])),
-     grpc.StatusCode.RESOURCE_EXHAUSTED),  # one message over server.max_message_bytes (16 MiB)
-    (lambda c: c.ask("anything?", namespace="nobody"), grpc.StatusCode.NOT_FOUND),
-    (lambda c: c.ask("   ", namespace="it"), grpc.StatusCode.INVALID_ARGUMENT),
-    (lambda c: c.ask("q?", namespace="it", top_k=10_000), grpc.StatusCode.INVALID_ARGUMENT),
-    (lambda c: c.ask("q?", namespace="it", max_new_tokens=100_000), grpc.StatusCode.INVALID_ARGUMENT),
-    (lambda c: c.ask("q" * 5000, namespace="it"), grpc.StatusCode.INVALID_ARGUMENT),
-    (lambda c: c.ask("q?", namespace="it", mode="telepathy"), grpc.StatusCode.INVALID_ARGUMENT),
-    (lambda c: c.add_shards(0), grpc.StatusCode.INVALID_ARGUMENT),
-])
+@pytest.mark.parametrize(
+    "call,code",
+    [
+        (lambda c: c.write([("empty", "")], namespace="bad"), grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda c: c.write([("x", "text")], namespace=""), grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda c: c.write([("passkey", "again")], namespace="it"), grpc.StatusCode.ALREADY_EXISTS),
+        (lambda c: c.write([], namespace="it"), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            lambda c: c.write([("latin1", "caf\xe9 au lait".encode("latin-1"))], namespace="it"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            lambda c: c.stub.Write(iter([pb.WriteRequest(namespace="it", document_id="huge", text=b"a" * (17 << 20))])),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ),  # one message over server.max_message_bytes (16 MiB)
+        (lambda c: c.ask("anything?", namespace="nobody"), grpc.StatusCode.NOT_FOUND),
+        (lambda c: c.ask("   ", namespace="it"), grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda c: c.ask("q?", namespace="it", top_k=10_000), grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda c: c.ask("q?", namespace="it", max_new_tokens=100_000), grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda c: c.ask("q" * 5000, namespace="it"), grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda c: c.ask("q?", namespace="it", mode="telepathy"), grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda c: c.add_shards(0), grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
 def test_bad_input_is_rejected_and_changes_nothing(client, call, code):
     before = client.stats()
     with pytest.raises(grpc.RpcError) as e:
         call(client)
     assert e.value.code() == code and e.value.details()
     after = client.stats()
-    assert [getattr(after, k) for k in COUNTED[:1] + COUNTED[2:]] == [getattr(before, k) for k in COUNTED[:1] + COUNTED[2:]]
+    assert [getattr(after, k) for k in COUNTED[:1] + COUNTED[2:]] == [
+        getattr(before, k) for k in COUNTED[:1] + COUNTED[2:]
+    ]
 
 
 def test_kill_9_shard_after_ack(service, client):
@@ -112,19 +125,22 @@ def test_kill_9_shard_after_ack(service, client):
     answer = client.ask(PASSKEY_QUESTION, namespace="it").answer
     answer3 = client.ask(PASSKEY_QUESTION, namespace="it3").answer
     shard = service.engine.shards[0]
-    pid = ray.get(shard.stats.remote())["pid"]
+    pid = ray.get(shard.stats.remote()).pid
     os.kill(pid, signal.SIGKILL)
     deadline = time.time() + 120
     while time.time() < deadline:  # wait for the restart
         try:
-            if ray.get(shard.stats.remote(), timeout=10)["pid"] != pid:
+            if ray.get(shard.stats.remote(), timeout=10).pid != pid:
                 break
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             time.sleep(0.5)
     after = client.stats()
-    assert [getattr(after, k) for k in ("documents", "chunks", "tokens", "stored_bytes")] == \
-        [getattr(before, k) for k in ("documents", "chunks", "tokens", "stored_bytes")]
-    assert [(s.chunks, s.blocks, s.tokens) for s in after.shards] == [(s.chunks, s.blocks, s.tokens) for s in before.shards]
+    assert [getattr(after, k) for k in ("documents", "chunks", "tokens", "stored_bytes")] == [
+        getattr(before, k) for k in ("documents", "chunks", "tokens", "stored_bytes")
+    ]
+    assert [(s.chunks, s.blocks, s.tokens) for s in after.shards] == [
+        (s.chunks, s.blocks, s.tokens) for s in before.shards
+    ]
     assert client.ask(PASSKEY_QUESTION, namespace="it").answer == answer
     assert client.ask(PASSKEY_QUESTION, namespace="it3").answer == answer3
     assert first_integer(answer3) == 11111
@@ -146,8 +162,7 @@ def test_metrics_health_and_reflection(service, client):
     assert 'engram_shard_chunks{shard="0"}' in text and 'engram_shard_chunks{shard="1"}' in text
     assert "engram_written_total" in text and "engram_ask_stage_seconds_count" in text
     with grpc.insecure_channel(service.address) as ch:
-        ok = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="engram.v1.Engram"),
-                                                  timeout=10)
+        ok = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="engram.v1.Engram"), timeout=10)
         assert ok.status == health_pb2.HealthCheckResponse.SERVING
         services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
         assert {"engram.v1.Engram", "grpc.health.v1.Health"} <= services

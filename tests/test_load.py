@@ -1,7 +1,8 @@
 """The loopback load script, short: several clients mixing writes and asks; no errors."""
 
 import pytest
-from engram.coordinator.loadgen import run_load
+
+from engram.evals.loadgen import run_load
 
 pytestmark = pytest.mark.integration
 

@@ -1,8 +1,9 @@
 """The issue's long checks: 1M-token passkey and >=128k-token essays with a needle. `pytest -m slow`."""
 
 import pytest
+
 from engram.coordinator.client import EngramClient
-from engram.coordinator.haystack import NIAH_QUESTION, PASSKEY_QUESTION, first_integer, niah_context, passkey_context
+from engram.evals.haystack import NIAH_QUESTION, PASSKEY_QUESTION, first_integer, niah_context, passkey_context
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -21,7 +22,9 @@ def test_essays_128k_with_needle(service, tokenizer):
         assert w.tokens >= 131_072
         r = c.ask(NIAH_QUESTION, namespace="long-niah", top_k=4)
         best = max(r.chunks, key=lambda ch: ch.score)
-        print(f"answer: {r.answer!r}; ttft {r.timings.ttft_s:.2f}s; best chunk {best.chunk_id} {best.score:.3f}; "
-              f"write {w.tokens} tokens in {w.seconds:.0f}s")
+        print(
+            f"answer: {r.answer!r}; ttft {r.timings.ttft_s:.2f}s; best chunk {best.chunk_id} {best.score:.3f}; "
+            f"write {w.tokens} tokens in {w.seconds:.0f}s"
+        )
         assert "Dolores Park" in best.text
         assert "sandwich" in r.answer.lower() and "dolores park" in r.answer.lower(), r.answer

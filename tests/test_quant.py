@@ -5,8 +5,11 @@ import zlib
 import numpy as np
 import pytest
 import torch
+
 from engram.decoder import quant
-from engram.workers.store import ShardStore, StoreLayout
+from engram.decoder.layout import KV_DTYPES, BlockLayout
+from engram.workers.block_store import EncodedBlocks
+from engram.workers.store import ShardStore
 
 
 def reference(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
@@ -33,7 +36,7 @@ def test_pack_matches_reference(kv_dtype, shape, scale):
     values = torch.randn(shape, generator=g)
     packed = quant.pack_kv(keys, values, kv_dtype)
     k, v = quant.unpack_kv(packed, kv_dtype)
-    bits = quant.KV_DTYPES[kv_dtype]
+    bits = KV_DTYPES[kv_dtype]
     for got, x, dim in ((k, keys, -2), (v, values, -1)):
         lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
         step = (hi - lo) / (2**bits - 1)
@@ -53,23 +56,30 @@ def test_float16_is_exact_and_unknown_dtype_refused():
 
 @pytest.mark.parametrize("kv_dtype", ["int8", "int4", "int2"])
 def test_quantised_blocks_round_trip_through_the_store(tmp_path, kv_dtype):
-    layout = StoreLayout(layers=2, kv_heads=3, keep_tokens=4, head_dim=8, chunk_tokens=4, latent_dim=6,
-                         kv_dtype=kv_dtype)
+    layout = BlockLayout(
+        layers=2, kv_heads=3, keep_tokens=4, head_dim=8, chunk_tokens=4, latent_dim=6, kv_dtype=kv_dtype
+    )
     keys, values = torch.randn(3, 2, 3, 4, 8), torch.randn(3, 2, 3, 4, 8)
     batch = {name: t.numpy() for name, t in quant.pack_kv(keys, values, kv_dtype).items()}
     for name, (shape, dtype) in layout.kv_columns().items():
         assert batch[name].shape == (3, *shape) and batch[name].dtype == np.dtype(dtype), name
-    batch |= {"positions": np.ones((3, 2, 3, 4), np.int16), "tokens": np.zeros((3, 4), np.int32),
-              "length": np.full(3, 4, np.int32), "hash": np.arange(48, dtype=np.uint8).reshape(3, 16),
-              "latent": np.zeros((3, 1, 6), np.float32)}
+    batch["positions"] = np.ones((3, 2, 3, 4), np.int16)
     store = ShardStore(tmp_path, layout)
-    store.put_blocks(batch)
+    store.blocks.put(
+        EncodedBlocks(
+            batch,
+            tokens=np.zeros((3, 4), np.int32),
+            length=np.full(3, 4, np.int32),
+            hash=np.arange(48, dtype=np.uint8).reshape(3, 16),
+            latent=np.zeros((3, 1, 6), np.float32),
+        )
+    )
     store.commit()
-    got = ShardStore(tmp_path, layout).get_blocks([1])
+    got = ShardStore(tmp_path, layout).blocks.get([1])
     assert set(got) == set(layout.block_columns)
     k, v = quant.unpack_kv({n: torch.from_numpy(c[0]) for n, c in got.items() if n != "positions"}, kv_dtype)
     k_ref, v_ref = quant.unpack_kv({n: torch.from_numpy(c[1]) for n, c in batch.items() if n in got}, kv_dtype)
     torch.testing.assert_close(k, k_ref, rtol=0, atol=0)
     torch.testing.assert_close(v, v_ref, rtol=0, atol=0)
     with pytest.raises(Exception, match="kv_dtype"):  # a store keeps the dtype it was written with
-        ShardStore(tmp_path, StoreLayout(2, 3, 4, 8, 4, 6, kv_dtype="float16"))
+        ShardStore(tmp_path, BlockLayout(2, 3, 4, 8, 4, 6, kv_dtype="float16"))

@@ -12,8 +12,9 @@ SCRIPT = Path(__file__).with_name("restart_scenario.py")
 
 
 def phase(name: str, data_dir, line: int = -1) -> dict:
-    p = subprocess.run([sys.executable, str(SCRIPT), name, str(data_dir)], capture_output=True, text=True, timeout=600,
-                       check=False)
+    p = subprocess.run(
+        [sys.executable, str(SCRIPT), name, str(data_dir)], capture_output=True, text=True, timeout=600, check=False
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[line])
 

@@ -6,6 +6,7 @@ import subprocess
 
 import grpc
 import pytest
+
 from engram.coordinator.client import EngramClient
 from engram.coordinator.server import start_server
 
@@ -15,9 +16,28 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def secure(service, tmp_path_factory):
     d = tmp_path_factory.mktemp("tls")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-                    "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(d / "key.pem"),
+            "-out",
+            str(d / "cert.pem"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     (d / "tokens.toml").write_text('[tokens]\n"alice-token" = ["alice"]\n"admin-token" = ["*"]\n')
     cfg = copy.deepcopy(service.cfg)
     cfg.auth.tokens_file = str(d / "tokens.toml")
@@ -40,10 +60,12 @@ def test_tokens_guard_namespaces(secure):
     wrong = EngramClient(address, root_certificates=ca, token="nobody", timeout=120)
     admin = EngramClient(address, root_certificates=ca, token="admin-token", timeout=120)
     for c in (anon, wrong):
-        assert code_of(lambda: c.ask("q?", namespace="alice")) == grpc.StatusCode.UNAUTHENTICATED
-        assert code_of(lambda: c.write([("d", "text")], namespace="alice")) == grpc.StatusCode.UNAUTHENTICATED
-        assert code_of(lambda: c.stats()) == grpc.StatusCode.UNAUTHENTICATED
-    assert alice.write([("memo", "Alice keeps the spare key under the blue flowerpot.")], namespace="alice").documents == 1
+        assert code_of(lambda c=c: c.ask("q?", namespace="alice")) == grpc.StatusCode.UNAUTHENTICATED
+        assert code_of(lambda c=c: c.write([("d", "text")], namespace="alice")) == grpc.StatusCode.UNAUTHENTICATED
+        assert code_of(lambda c=c: c.stats()) == grpc.StatusCode.UNAUTHENTICATED
+    assert (
+        alice.write([("memo", "Alice keeps the spare key under the blue flowerpot.")], namespace="alice").documents == 1
+    )
     assert any("flowerpot" in ch.text for ch in alice.read("where is the spare key", namespace="alice").chunks)
     assert code_of(lambda: alice.read("q", namespace="it")) == grpc.StatusCode.PERMISSION_DENIED
     assert code_of(lambda: alice.write([("x", "y")], namespace="bob")) == grpc.StatusCode.PERMISSION_DENIED

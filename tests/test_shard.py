@@ -2,13 +2,15 @@
 
 import numpy as np
 import pytest
-from engram.workers.episodic import EpisodicConfig, write_one_shot
-from engram.workers.shard import Shard, ShardConfig, ShardError
-from engram.workers.store import StoreLayout
 
+from engram.decoder.layout import BlockLayout
+from engram.errors import EngramError, ErrorCode
+from engram.workers.episodic import EpisodicConfig, write_one_shot
+from engram.workers.results import DocChunks
+from engram.workers.shard import Shard, ShardConfig
 from tests.test_store import batch, h
 
-LAYOUT = StoreLayout(layers=2, kv_heads=3, keep_tokens=4, head_dim=8, chunk_tokens=4, latent_dim=6, latents_per_chunk=2)
+LAYOUT = BlockLayout(layers=2, kv_heads=3, keep_tokens=4, head_dim=8, chunk_tokens=4, latent_dim=6, latents_per_chunk=2)
 
 
 def make(tmp_path, read_mode="least_squares"):
@@ -18,14 +20,15 @@ def make(tmp_path, read_mode="least_squares"):
 
 def unit_batch(rng, ids):
     b = batch(rng, [h(i) for i in ids])
-    b["latent"] /= np.linalg.norm(b["latent"], axis=-1, keepdims=True)
+    b.latent /= np.linalg.norm(b.latent, axis=-1, keepdims=True)
     return b
 
 
 def write(shard, name, b, ids, ns="ns"):
     shard.put_blocks(b)
-    return shard.commit_document(ns, name, 4 * len(ids), [h(i) for i in ids], list(range(len(ids))),
-                                 [4 * j for j in range(len(ids))])
+    return shard.commit_document(
+        ns, name, 4 * len(ids), [h(i) for i in ids], list(range(len(ids))), [4 * j for j in range(len(ids))]
+    )
 
 
 @pytest.mark.parametrize("read_mode", ["least_squares", "hopfield"])
@@ -36,10 +39,11 @@ def test_search_finds_the_matching_window(tmp_path, read_mode):
     write(s, "a", b, list(range(5)))
     # 5 chunks x 2 windows, K = 4 items: 2 chunks per episode -> 3 episodes
     assert len(s.memories) == 3
-    r = s.search("ns", b["latent"][3, 1], top_k=2)
-    assert r["block"][0] == 3 and r["score"][0] == pytest.approx(1.0, abs=1e-6 if read_mode == "least_squares" else 0.05)
-    assert r["doc"] == ["a", "a"] and r["seq"][0] == 3 and len(r["readout"]) == 6
-    assert s.search("other", b["latent"][0, 0], 2)["episodes"] == 0
+    r = s.search("ns", b.latent[3, 1], top_k=2, readout=True)
+    assert r.block[0] == 3 and r.score[0] == pytest.approx(1.0, abs=1e-6 if read_mode == "least_squares" else 0.05)
+    assert r.doc == ["a", "a"] and r.seq[0] == 3 and len(r.readout) == 6
+    assert s.search("ns", b.latent[3, 1], top_k=2).readout is None  # Ask does not pay for the readout
+    assert s.search("other", b.latent[0, 0], 2).episodes == 0
 
 
 def test_delete_forgets_exactly_and_survives_restart(tmp_path):
@@ -51,22 +55,24 @@ def test_delete_forgets_exactly_and_survives_restart(tmp_path):
     assert len(s.memories) == 1
     assert s.delete_document("ns", "a") == 1
     (ep,) = s.memories
-    alone = write_one_shot(bb["latent"].reshape(-1, 6), s.m0_pinv, s.cfg.episodic.ridge)
+    alone = write_one_shot(bb.latent.reshape(-1, 6), s.m0_pinv, s.cfg.episodic.ridge)
     np.testing.assert_allclose(s.memories[ep].memory, alone.memory, atol=1e-8)
-    assert list(s.search("ns", ba["latent"][0, 0], 5)["doc"]) == ["b"]
-    with pytest.raises(ShardError, match="already exists"):
+    assert list(s.search("ns", ba.latent[0, 0], 5).doc) == ["b"]
+    with pytest.raises(EngramError, match="already exists") as e:
         write(s, "b", bb, [2])
+    assert e.value.code == ErrorCode.ALREADY_EXISTS
     restarted = make(tmp_path)
     assert restarted.documents() == [("ns", "b")]
     np.testing.assert_allclose(restarted.memories[ep].memory, s.memories[ep].memory, atol=1e-8)
-    assert restarted.stats()["chunks"] == 1 and restarted.stats()["blocks"] == 1
+    assert restarted.stats().chunks == 1 and restarted.stats().blocks == 1
 
 
 def test_commit_refuses_unknown_blocks_and_changes_nothing(tmp_path):
     s = make(tmp_path)
-    with pytest.raises(ShardError, match="not stored"):
+    with pytest.raises(EngramError, match="not stored") as e:
         s.commit_document("ns", "x", 4, [h(99)], [0], [0])
-    assert s.documents() == [] and s.store.counts == {"blocks": 0, "chunks": 0, "docs": 0, "drops": 0}
+    assert e.value.code == ErrorCode.STALE
+    assert s.documents() == [] and s.store.tables.counts == {"blocks": 0, "chunks": 0, "docs": 0, "drops": 0}
 
 
 def test_hopfield_shard_forgets_and_rebuilds(tmp_path):
@@ -78,8 +84,8 @@ def test_hopfield_shard_forgets_and_rebuilds(tmp_path):
     (ep,) = s.memories
     assert s.memories[ep].count == 4
     assert s.delete_document("ns", "a") == 1
-    np.testing.assert_array_equal(s.memories[ep].items, bb["latent"].reshape(-1, 6))
-    assert list(s.search("ns", ba["latent"][0, 0], 5)["doc"]) == ["b"]
+    np.testing.assert_array_equal(s.memories[ep].items, bb.latent.reshape(-1, 6))
+    assert list(s.search("ns", ba.latent[0, 0], 5).doc) == ["b"]
     restarted = make(tmp_path, "hopfield")
     np.testing.assert_array_equal(restarted.memories[ep].items, s.memories[ep].items)
 
@@ -93,29 +99,27 @@ def test_chunks_move_between_shards_exactly_once(tmp_path):
     write(src, "a", b, list(range(5)))
     moving = [1, 3, 4]
     dst.put_blocks(src.export_blocks([h(i) for i in moving]))
-    doc = src.doc_chunks("ns", "a")
-    pick = [doc["seq"].index(i) for i in moving]
-    args = [[doc[k][i] for i in pick] for k in ("hash", "seq", "offset", "length")]
-    assert dst.import_chunks("ns", "a", doc["request"], *args) == 3
-    assert dst.import_chunks("ns", "a", doc["request"], *args) == 0  # a retried move adds nothing
+    moved = src.doc_chunks("ns", "a").pick(moving)  # rows 1, 3, 4 hold chunks 1, 3, 4
+    assert moved.seq == moving
+    assert dst.import_chunks("ns", "a", moved) == 3
+    assert dst.import_chunks("ns", "a", moved) == 0  # a retried move adds nothing
     assert src.drop_chunks("ns", "a", moving) == 3 and src.drop_chunks("ns", "a", moving) == 0
     for shard, seqs in ((src, [0, 2]), (dst, moving)):
-        assert sorted(q for q, _, _ in shard.chunks_at("ns", "a", list(range(5)))) == seqs
+        assert sorted(c.seq for c in shard.chunks_at("ns", "a", list(range(5)))) == seqs
         for q in seqs:  # each chunk is found on its shard, scored through that shard's memory
-            r = shard.search("ns", b["latent"][q, 0], top_k=1)
-            assert r["seq"][0] == q and r["score"][0] == pytest.approx(1.0, abs=1e-6)
+            r = shard.search("ns", b.latent[q, 0], top_k=1)
+            assert r.seq[0] == q and r.score[0] == pytest.approx(1.0, abs=1e-6)
         assert sum(m.count for m in shard.memories.values()) == 2 * len(seqs)  # R = 2 windows per chunk
-    assert src.stats()["tokens"] == 8 and dst.stats()["tokens"] == 12
+    assert src.stats().tokens == 8 and dst.stats().tokens == 12
     # durable: both reopen with the same rows
     src2, dst2 = make(tmp_path), Shard(1, src.cfg, LAYOUT)
-    assert sorted(q for q, _, _ in src2.chunks_at("ns", "a", list(range(5)))) == [0, 2]
-    assert sorted(q for q, _, _ in dst2.chunks_at("ns", "a", list(range(5)))) == moving
+    assert sorted(c.seq for c in src2.chunks_at("ns", "a", list(range(5)))) == [0, 2]
+    assert sorted(c.seq for c in dst2.chunks_at("ns", "a", list(range(5)))) == moving
     # moving the rest empties the document here
     dst2.put_blocks(src2.export_blocks([h(0), h(2)]))
-    rest = src2.doc_chunks("ns", "a")
-    assert dst2.import_chunks("ns", "a", rest["request"], rest["hash"], rest["seq"], rest["offset"], rest["length"]) == 2
+    assert dst2.import_chunks("ns", "a", src2.doc_chunks("ns", "a")) == 2
     assert src2.drop_chunks("ns", "a", [0, 2]) == 2
     assert src2.documents() == [] and make(tmp_path).documents() == [] and src2.memories == {}
-    assert dst2.stats()["chunks"] == 5 and dst2.document_request("ns", "a") == ""
-    with pytest.raises(ShardError, match="another request"):
-        dst2.import_chunks("ns", "a", "other-request", [h(0)], [0], [0], [4])
+    assert dst2.stats().chunks == 5 and dst2.document_request("ns", "a") == ""
+    with pytest.raises(EngramError, match="another request"):
+        dst2.import_chunks("ns", "a", DocChunks("other-request", [h(0)], [0], [0], [4]))

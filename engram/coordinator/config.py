@@ -1,0 +1,149 @@
+"""The one configuration tree. Every section is a dataclass owned by the package that uses it; a TOML file
+(`engram serve --config engram.toml`) overrides any field: [cluster] shards = 4, [shard] data_dir = "/data", ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..decoder.layout import BlockLayout, check_position_scheme
+from ..decoder.model import DecoderConfig, model_config
+from ..workers.encoder import EncoderConfig
+from ..workers.shard import ShardConfig
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50551
+    max_message_bytes: int = 16 * 1024 * 1024  # per gRPC message, both directions; clients send 1 MiB parts
+    max_document_bytes: int = 256 * 1024 * 1024  # one document, all its parts together
+    max_question_chars: int = 4096
+    tls_cert_file: str | None = None  # PEM; with tls_key_file, the server speaks TLS only
+    tls_key_file: str | None = None
+    metrics_port: int | None = 9464  # Prometheus /metrics over HTTP on `host`; -1 (or None) = off, 0 = any free port
+    metrics_refresh_s: float = 15.0  # how often per-shard gauges are refreshed from the shards
+    log_format: str = "text"  # "json": one JSON object per log line (for log shippers)
+
+
+@dataclass
+class AuthConfig:
+    """Per-namespace bearer tokens. tokens_file is TOML:  [tokens]  "<token>" = ["namespace", ...]
+    ("*" = every namespace, and Stats). No file: no authentication (bind to loopback)."""
+
+    tokens_file: str | None = None
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None  # Ray address to join; None starts a local Ray
+    num_cpus: int | None = None  # for a local Ray; None = all cores
+    shards: int = 2
+    encoders: int = 0  # encoder actors; 0 = one per CPU of the cluster (at least 1)
+    encoder_cpus: float = 1.0  # each encoder uses this many cores (torch threads)
+    encoder_gpus: float = 0.0  # > 0: each encoder asks Ray for this share of a GPU and encodes with CUDA
+    # Custom Ray resource shard actors require (e.g. "engram_shard": give CPU nodes `--resources
+    # '{"engram_shard": 4}'`); None places shards anywhere.
+    shard_resource: str | None = None
+    decoder_gpus: float | None = None  # None = 1 if the cluster has a GPU, else run on CPU
+    max_in_flight: int = 0  # encode batches in flight per write; 0 = 2 per encoder
+    write_attempts: int = 4  # a document write rides out this many shard failures before giving up
+    namespace: str = "engram"  # Ray namespace the actors are registered under
+
+
+@dataclass
+class AskConfig:
+    top_k: int = 4  # NIAH at 133k tokens: the needle chunk ranked 1st-3rd (BENCHMARKS.md)
+    # Following chunks added per hit. 0 by default: with the default template they cost accuracy
+    # (passkey 32k: 18/20 with 1 vs 20/20 without; BENCHMARKS.md).
+    neighbors: int = 0
+    # Drop hits scoring below this fraction of the best hit's score: a chunk far less like the question than the
+    # best one only distracts the decoder (passkey 1M, top-4: 10/10 with 0.3 vs 9/10 with 0, which fills three
+    # slots with filler chunks scoring 0.10 beside the needle's 0.59; NIAH unchanged; BENCHMARKS.md). 0 keeps all.
+    min_score_ratio: float = 0.3
+    # Order of the retrieved blocks before the question: "score" puts runs of consecutive chunks in order of
+    # their best score, best last (nearest the question; k=4: 3/3 vs 2/3 for "document"); "document" keeps
+    # reading order.
+    block_order: str = "score"
+    max_top_k: int = 64
+    max_new_tokens: int = 32
+    max_max_new_tokens: int = 512
+    position_scheme: str = "consecutive"  # "consecutive" (keys re-rotated) or "parallel" (Memory^3)
+
+    def __post_init__(self):
+        if not 1 <= self.top_k <= self.max_top_k:
+            raise ValueError(f"ask.top_k must be between 1 and ask.max_top_k ({self.max_top_k}), not {self.top_k}")
+        if self.neighbors < 0:
+            raise ValueError(f"ask.neighbors must be 0 or more, not {self.neighbors}")
+        if not 0.0 <= self.min_score_ratio <= 1.0:
+            raise ValueError(f"ask.min_score_ratio must be between 0 and 1, not {self.min_score_ratio}")
+        if self.block_order not in ("score", "document"):
+            raise ValueError(f"ask.block_order must be 'score' or 'document', not {self.block_order!r}")
+        if not 1 <= self.max_new_tokens <= self.max_max_new_tokens:
+            raise ValueError(
+                f"ask.max_new_tokens must be between 1 and ask.max_max_new_tokens "
+                f"({self.max_max_new_tokens}), not {self.max_new_tokens}"
+            )
+        check_position_scheme(self.position_scheme)
+
+
+@dataclass
+class EngramConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    ask: AskConfig = field(default_factory=AskConfig)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides: dict) -> EngramConfig:
+        data = tomllib.loads(Path(path).read_text()) if path else {}
+        for section, values in overrides.items():
+            data.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+        return _build(cls, data, "")
+
+
+def block_layout(cfg: EngramConfig) -> BlockLayout:
+    """The block layout every part uses, derived once from the decoder's own config (reads no weights; converts
+    the embedded GGUF on first use). Checks what needs the model: the context fits its window."""
+    e = cfg.encoder
+    return BlockLayout.of(
+        model_config(cfg.decoder),
+        e.chunk_tokens,
+        e.keep_tokens,
+        e.kv_dtype,
+        cfg.shard.episodic.dim,
+        e.windows,
+        e.context_tokens,
+    )
+
+
+def from_args(args) -> EngramConfig:
+    """The configuration a command asks for: its --config file, then the flags it was given (serve, bench,
+    demo, load: --host, --port, --shards, --ray-address, --data-dir, --model)."""
+    return EngramConfig.load(
+        getattr(args, "config", None),
+        server={"host": getattr(args, "host", None), "port": getattr(args, "port", None)},
+        cluster={"shards": getattr(args, "shards", None), "address": getattr(args, "ray_address", None)},
+        shard={"data_dir": getattr(args, "data_dir", None)},
+        decoder={"model": getattr(args, "model", None)},
+    )
+
+
+def _build(cls, data: dict, where: str):
+    kwargs = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in fields:
+            raise ValueError(f"unknown configuration key {where}{key!r}; known: {', '.join(fields)}")
+        default = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = _build(type(default), value, f"{where}{key}.")
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)

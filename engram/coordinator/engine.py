@@ -1,0 +1,116 @@
+"""The coordinator's Ray side, one object the server talks to: the cluster (actors, routing table), the write
+path, the read path and rebalancing, each in its own module. Knows Ray, not gRPC (server.py maps this onto the
+service). All methods are async and never block the loop: Ray ObjectRefs are awaited, tokenisation runs in a
+thread."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from ..decoder import model as decoder_model
+from ..errors import EngramError, ErrorCode
+from ..workers.results import ShardStats
+from .ask import AskResult, Reader, ReadResult
+from .cluster import Cluster
+from .config import EngramConfig
+from .rebalance import Rebalancer, RebalanceState
+from .write import Writer, Written
+
+
+@dataclass
+class ClusterStats:
+    shards: list[ShardStats]
+    documents: int  # (namespace, document) pairs, each counted once however many shards hold its chunks
+    chunks: int
+    blocks: int
+    tokens: int
+    stored_bytes: int
+    bytes_per_token: float  # stored bytes per written token (identical chunks share a block)
+    unique_bytes_per_token: float  # stored bytes per token of the distinct blocks
+    full_fp16_kv_bytes_per_token: float  # the decoder's own fp16 KV cache per token, for comparison
+    rebalance: RebalanceState
+
+
+class Engine:
+    def __init__(self, cfg: EngramConfig):
+        self.cfg = cfg
+        self.tokenizer = decoder_model.load_tokenizer(cfg.decoder)
+        self.tokenizer.model_max_length = 1 << 62  # we chunk ourselves; silence the length warning
+        self.cluster = Cluster(cfg)
+        self.writer = Writer(self.cluster, self.tokenizer)
+        self.reader = Reader(self.cluster, self.tokenizer)
+        self.rebalancer = Rebalancer(self.cluster)
+
+    # what tests, benchmarks and scenario scripts read of the running cluster
+    @property
+    def layout(self):
+        return self.cluster.layout
+
+    @property
+    def fingerprint(self) -> str:
+        return self.cluster.fingerprint
+
+    @property
+    def shards(self) -> list:
+        return self.cluster.shards
+
+    @property
+    def shard_ids(self) -> list[int]:
+        return self.cluster.shard_ids
+
+    @property
+    def decoder(self):
+        return self.cluster.decoder
+
+    @property
+    def resume_rebalance(self) -> bool:
+        return self.cluster.resume_rebalance
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.writer.tokenize(text)
+
+    # --- the service ---------------------------------------------------------------------------------------------
+    async def write_document(self, namespace: str, name: str, text: str, request_id: str = "") -> Written:
+        return await self.writer.write_document(namespace, name, text, request_id)
+
+    async def ask(
+        self, namespace: str, question: str, top_k: int, max_new_tokens: int, mode: str = "memory"
+    ) -> AskResult:
+        return await self.reader.ask(namespace, question, top_k, max_new_tokens, mode)
+
+    async def read(self, namespace: str, query: str, top_k: int) -> ReadResult:
+        return await self.reader.read(namespace, query, top_k)
+
+    async def delete(self, namespace: str, name: str) -> int:
+        async with self.cluster.doc_lock(namespace, name):  # not while a rebalance moves this document
+            removed = await self.cluster.all_shards("delete_document", namespace, name)
+        if not sum(removed):  # a document lives on a shard only through its chunks
+            raise EngramError(ErrorCode.NOT_FOUND, f"no document {name!r} in namespace {namespace!r}")
+        return int(sum(removed))
+
+    async def stats(self) -> ClusterStats:
+        shards, docs = await asyncio.gather(self.cluster.all_shards("stats"), self.cluster.all_shards("documents"))
+        total = {k: sum(getattr(s, k) for s in shards) for k in ("chunks", "blocks", "tokens", "stored_bytes")}
+        unique_tokens = total["blocks"] * self.layout.chunk_tokens
+        return ClusterStats(
+            shards=shards,
+            documents=len(set().union(*docs)),
+            **total,
+            bytes_per_token=total["stored_bytes"] / total["tokens"] if total["tokens"] else 0.0,
+            unique_bytes_per_token=total["stored_bytes"] / unique_tokens if unique_tokens else 0.0,
+            full_fp16_kv_bytes_per_token=float(self.layout.full_fp16_bytes_per_token),
+            rebalance=RebalanceState(**self.rebalancer.state.as_dict()),
+        )
+
+    async def add_shards(self, count: int) -> tuple[list[int], list[int]]:
+        return await self.rebalancer.add_shards(count)
+
+    async def rebalance(self) -> int:
+        return await self.rebalancer.rebalance()
+
+    def start_background(self) -> None:
+        self.rebalancer.resume()
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()

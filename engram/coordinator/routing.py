@@ -1,0 +1,54 @@
+"""Tokens -> fixed-length chunks (restarting at each document) -> content addresses -> shards (rendezvous hashing).
+
+A chunk's address covers everything that shapes its stored block: the settings (the fingerprint), the context it
+is encoded after and its tokens. Routing by address keeps identical chunks on one shard, where they share a block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..decoder.layout import BlockLayout
+
+
+@dataclass
+class Chunk:
+    seq: int  # chunk number in the document
+    offset: int  # first token's offset in the document
+    tokens: list[int]
+    context: list[int] = field(default_factory=list)  # the tokens before it that its KV is encoded after
+
+
+def split(ids: list[int], chunk_tokens: int, context_tokens: int = 0) -> list[Chunk]:
+    return [
+        Chunk(i, off, ids[off : off + chunk_tokens], ids[max(0, off - context_tokens) : off])
+        for i, off in enumerate(range(0, len(ids), chunk_tokens))
+    ]
+
+
+def fingerprint(
+    model: str, layout: BlockLayout, span: int, scorer: str, embedder: str, window_tokens: int, window_stride: int
+) -> str:
+    """The settings every stored block depends on; part of each chunk's address and kept in cluster.json."""
+    return (
+        f"{model}|T{layout.chunk_tokens}|S{layout.keep_tokens}|{span}|{scorer}|{embedder}"
+        f"|W{window_tokens}/{window_stride}" + (f"|{layout.kv_dtype}" if layout.kv_dtype != "float16" else "")
+    )  # fp16 stores predate kv_dtype
+
+
+def chunk_hash(tokens, fingerprint: str, context=()) -> bytes:
+    """Content address of a chunk: its tokens and everything that shapes its stored block (its context too)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(fingerprint.encode())
+    if len(context):
+        h.update(b"ctx%d:" % len(context) + np.asarray(context, dtype=np.int32).tobytes())
+    h.update(np.asarray(tokens, dtype=np.int32).tobytes())
+    return h.digest()
+
+
+def route(content_hash: bytes, shard_ids: list[int]) -> int:
+    """Rendezvous (highest-random-weight) hashing: stable, and adding a shard moves only ~1/n of the chunks."""
+    return max(shard_ids, key=lambda s: hashlib.blake2b(content_hash + s.to_bytes(4, "little"), digest_size=8).digest())

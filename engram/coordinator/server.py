@@ -1,0 +1,374 @@
+"""The async gRPC service (grpc.aio, route_guide style): validates requests and maps them onto the Engine."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import tomllib
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ..errors import EngramError, ErrorCode
+from ..proto import engram_pb2 as pb
+from ..proto import engram_pb2_grpc as pb_grpc
+from .config import EngramConfig
+from .engine import ClusterStats, Engine
+from .metrics import Metrics
+
+log = logging.getLogger("engram")
+
+STATUS = {  # every ErrorCode (tests/test_errors.py checks none is missing)
+    ErrorCode.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorCode.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.BUSY: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCode.STALE: grpc.StatusCode.UNAVAILABLE,  # a shard restarted mid-write: retry with the same request_id
+}
+INVALID = ErrorCode.INVALID
+
+
+def _check_name(kind: str, value: str) -> None:
+    if not value or len(value) > 256 or any(ch in value for ch in "\x00\n\r"):
+        raise EngramError(INVALID, f"{kind} must be 1-256 characters without NUL or newlines, got {value[:40]!r}")
+
+
+def _chunks(hits, texts) -> list[pb.Chunk]:
+    return [
+        pb.Chunk(
+            chunk_id=f"{h.document_id}#{h.seq}",
+            document_id=h.document_id,
+            seq=h.seq,
+            offset=h.offset,
+            score=h.score,
+            shard=h.shard,
+            text=t,
+        )
+        for h, t in zip(hits, texts)
+    ]
+
+
+def stats_reply(s: ClusterStats) -> pb.StatsReply:
+    shards = [
+        pb.ShardStats(
+            shard=sh.shard,
+            node=sh.node,
+            documents=sh.documents,
+            chunks=sh.chunks,
+            blocks=sh.blocks,
+            tokens=sh.tokens,
+            stored_bytes=sh.stored_bytes,
+            episodes=sh.episodes,
+            resident_bytes=sh.resident_bytes,
+        )
+        for sh in s.shards
+    ]
+    r = s.rebalance
+    return pb.StatsReply(
+        shards=shards,
+        documents=s.documents,
+        chunks=s.chunks,
+        blocks=s.blocks,
+        tokens=s.tokens,
+        stored_bytes=s.stored_bytes,
+        bytes_per_token=s.bytes_per_token,
+        unique_bytes_per_token=s.unique_bytes_per_token,
+        full_fp16_kv_bytes_per_token=s.full_fp16_kv_bytes_per_token,
+        rebalance=pb.Rebalance(
+            running=r.running,
+            moved_chunks=r.moved_chunks,
+            scanned_shards=r.scanned_shards,
+            total_shards=r.total_shards,
+            error=r.error,
+        ),
+    )
+
+
+class Auth:
+    """Bearer tokens from the tokens file; None when authentication is off."""
+
+    def __init__(self, tokens_file: str | None):
+        self.tokens: dict[str, set[str]] | None = None
+        if tokens_file:
+            data = tomllib.loads(Path(tokens_file).read_text())
+            self.tokens = {tok: set(ns) for tok, ns in data.get("tokens", {}).items()}
+            if not self.tokens:
+                raise ValueError(f"{tokens_file} has no [tokens] table; see README (Security)")
+
+    def check(self, context, namespace: str | None) -> None:
+        """namespace None = cluster-wide (Stats): needs a "*" token."""
+        if self.tokens is None:
+            return
+        header = dict(context.invocation_metadata()).get("authorization", "")
+        if not header.startswith("Bearer "):
+            raise AuthError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing credentials: send gRPC metadata 'authorization: Bearer <token>'",
+            )
+        presented = header[len("Bearer ") :].encode()
+        allowed = None
+        for token, namespaces in self.tokens.items():  # compare every token in constant time
+            if hmac.compare_digest(token.encode(), presented):
+                allowed = namespaces
+        if allowed is None:
+            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "unknown token")
+        if "*" not in allowed and (namespace is None or namespace not in allowed):
+            what = "cluster-wide statistics" if namespace is None else f"namespace {namespace!r}"
+            raise AuthError(grpc.StatusCode.PERMISSION_DENIED, f"this token may not access {what}")
+
+
+class AuthError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class EngramService(pb_grpc.EngramServicer):
+    def __init__(self, engine: Engine, cfg: EngramConfig, metrics: Metrics | None = None):
+        self.engine, self.cfg = engine, cfg
+        self.auth = Auth(cfg.auth.tokens_file)
+        self.metrics = metrics or Metrics()
+
+    async def _run(self, context, coro, method: str = ""):
+        t0, code = time.perf_counter(), grpc.StatusCode.OK
+        try:
+            return await coro
+        except EngramError as e:
+            code = STATUS[e.code]
+            await context.abort(code, str(e))
+        except AuthError as e:
+            code = e.code
+            await context.abort(code, str(e))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            method = method or getattr(coro, "__qualname__", "?").split(".")[-2]
+            self.metrics.requests.labels(method=method, code=code.name).inc()
+            self.metrics.latency.labels(method=method).observe(time.perf_counter() - t0)
+
+    async def Write(self, request_iterator, context):
+        t0 = time.perf_counter()
+        totals = {"documents": 0, "chunks": 0, "tokens": 0, "new_blocks": 0}
+        limit = self.cfg.server.max_document_bytes
+
+        async def flush(key, parts, request_id):
+            """Validate one whole document, then write it (durable when this returns)."""
+            try:
+                text = b"".join(parts).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise EngramError(
+                    INVALID, f"document {key[1]!r} is not valid UTF-8 (byte {e.start}); send UTF-8 text"
+                ) from None
+            if not text.strip():
+                raise EngramError(INVALID, f"document {key[1]!r} is empty")
+            try:
+                out = await self.engine.write_document(key[0], key[1], text, request_id)
+            except EngramError as e:
+                stored = (
+                    f" ({totals['documents']} earlier documents of this stream are stored)"
+                    if totals["documents"]
+                    else ""
+                )
+                raise EngramError(e.code, f"{e}{stored}") from e
+            totals["documents"] += 1
+            for k in ("chunks", "tokens", "new_blocks"):
+                totals[k] += getattr(out, k)
+
+        async def consume():
+            key, parts, size, request_id = None, [], 0, ""
+            async for req in request_iterator:
+                _check_name("namespace", req.namespace)
+                _check_name("document_id", req.document_id)
+                self.auth.check(context, req.namespace)
+                if len(req.request_id) > 128:
+                    raise EngramError(INVALID, "request_id must be at most 128 characters")
+                if (req.namespace, req.document_id) != key:
+                    if key is not None:
+                        await flush(key, parts, request_id)  # backpressure: the next part is read after this commit
+                    key, parts, size, request_id = (req.namespace, req.document_id), [], 0, req.request_id
+                size += len(req.text)
+                if size > limit:
+                    raise EngramError(
+                        INVALID,
+                        f"document {req.document_id!r} exceeds the {limit}-byte limit "
+                        "(server.max_document_bytes); split it into several documents",
+                    )
+                parts.append(req.text)
+            if key is None:
+                raise EngramError(INVALID, "the write stream carried no documents")
+            await flush(key, parts, request_id)
+
+        try:
+            await self._run(context, consume(), "Write")
+        finally:
+            for k, v in totals.items():
+                self.metrics.written.labels(kind=k).inc(v)
+        return pb.WriteReply(seconds=time.perf_counter() - t0, **totals)
+
+    def _ask_options(self, top_k: int, max_new: int = 0) -> tuple[int, int]:
+        a = self.cfg.ask
+        if top_k > a.max_top_k:
+            raise EngramError(INVALID, f"top_k must be at most {a.max_top_k}, got {top_k}")
+        if max_new > a.max_max_new_tokens:
+            raise EngramError(INVALID, f"max_new_tokens must be at most {a.max_max_new_tokens}, got {max_new}")
+        return top_k or a.top_k, max_new or a.max_new_tokens
+
+    def _check_question(self, question: str) -> None:
+        if not question.strip():
+            raise EngramError(INVALID, "the question is empty")
+        if len(question) > self.cfg.server.max_question_chars:
+            raise EngramError(
+                INVALID,
+                f"the question is {len(question)} characters; the limit is "
+                f"{self.cfg.server.max_question_chars} (server.max_question_chars)",
+            )
+
+    async def Ask(self, request, context):
+        async def go():
+            _check_name("namespace", request.namespace)
+            self.auth.check(context, request.namespace)
+            self._check_question(request.question)
+            top_k, max_new = self._ask_options(request.top_k, request.max_new_tokens)
+            if request.mode not in ("", "memory", "rag"):
+                raise EngramError(INVALID, f"mode must be 'memory' or 'rag', got {request.mode[:40]!r}")
+            out = await self.engine.ask(request.namespace, request.question, top_k, max_new, request.mode or "memory")
+            for stage, seconds in out.timings.items():
+                self.metrics.ask_stage.labels(stage=stage.removesuffix("_s")).observe(seconds)
+            return pb.AskReply(
+                answer=out.answer,
+                chunks=_chunks(out.hits, out.texts),
+                timings=pb.Timings(**out.timings),
+                context_tokens=out.context_tokens,
+            )
+
+        return await self._run(context, go(), "Ask")
+
+    async def Read(self, request, context):
+        async def go():
+            _check_name("namespace", request.namespace)
+            self.auth.check(context, request.namespace)
+            self._check_question(request.query)
+            top_k, _ = self._ask_options(request.top_k)
+            out = await self.engine.read(request.namespace, request.query, top_k)
+            return pb.ReadReply(
+                chunks=_chunks(out.hits, out.texts), readout=out.readout.tolist(), timings=pb.Timings(**out.timings)
+            )
+
+        return await self._run(context, go(), "Read")
+
+    async def Delete(self, request, context):
+        async def go():
+            _check_name("namespace", request.namespace)
+            _check_name("document_id", request.document_id)
+            self.auth.check(context, request.namespace)
+            return pb.DeleteReply(chunks=await self.engine.delete(request.namespace, request.document_id))
+
+        return await self._run(context, go(), "Delete")
+
+    async def Stats(self, request, context):
+        async def go():
+            self.auth.check(context, None)
+            s = await self.engine.stats()
+            self.metrics.observe_stats(s)
+            return stats_reply(s)
+
+        return await self._run(context, go(), "Stats")
+
+    async def AddShards(self, request, context):
+        async def go():
+            self.auth.check(context, None)
+            shards, added = await self.engine.add_shards(request.count)
+            return pb.AddShardsReply(shards=shards, added=added)
+
+        return await self._run(context, go(), "AddShards")
+
+
+async def start_server(engine: Engine, cfg: EngramConfig, port: int | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start serving on cfg.server.host; port 0 picks a free one. Returns (server, bound port). Also starts the
+    Prometheus endpoint (server.metrics_port) and resumes an unfinished rebalance."""
+    limit = cfg.server.max_message_bytes
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    )
+    metrics = Metrics()
+    service = EngramService(engine, cfg, metrics)
+    pb_grpc.add_EngramServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (pb.DESCRIPTOR.services_by_name["Engram"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{cfg.server.host}:{cfg.server.port if port is None else port}"
+    if cfg.server.tls_cert_file and cfg.server.tls_key_file:
+        creds = grpc.ssl_server_credentials(
+            [(Path(cfg.server.tls_key_file).read_bytes(), Path(cfg.server.tls_cert_file).read_bytes())]
+        )
+        bound = server.add_secure_port(address, creds)
+    elif cfg.server.tls_cert_file or cfg.server.tls_key_file:
+        raise ValueError("server.tls_cert_file and server.tls_key_file go together")
+    else:
+        bound = server.add_insecure_port(address)
+    await server.start()
+    await health_servicer.set("engram.v1.Engram", health_pb2.HealthCheckResponse.SERVING)
+    if cfg.server.metrics_port is not None and cfg.server.metrics_port >= 0:  # TOML has no null: -1 = off
+        server.metrics_port = metrics.serve(cfg.server.host, cfg.server.metrics_port)
+        server.metrics_task = asyncio.ensure_future(metrics.refresh_forever(engine, cfg.server.metrics_refresh_s))
+    server.engram_metrics = metrics
+    engine.start_background()
+    log.info("engram serving on %s:%d", cfg.server.host, bound)
+    return server, bound
+
+
+async def serve_forever(cfg: EngramConfig) -> None:
+    engine = await asyncio.to_thread(Engine, cfg)
+    server, port = await start_server(engine, cfg)
+    print(f"engram: serving on {cfg.server.host}:{port} with {len(engine.shards)} shards", flush=True)
+    await server.wait_for_termination()
+
+
+class BackgroundServer:
+    """Engine + gRPC server on an event loop in a daemon thread (for the demo and tests).
+
+    with BackgroundServer(cfg) as srv: EngramClient(srv.address)..."""
+
+    def __init__(self, cfg: EngramConfig, port: int = 0):
+        import threading
+
+        self.cfg, self.port = cfg, port
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="engram-server")
+        self.engine: Engine | None = None
+        self.server: grpc.aio.Server | None = None
+
+    def start(self) -> BackgroundServer:
+        self.engine = Engine(self.cfg)
+        self.thread.start()
+        fut = asyncio.run_coroutine_threadsafe(start_server(self.engine, self.cfg, self.port), self.loop)
+        self.server, self.port = fut.result(timeout=60)
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"{self.cfg.server.host}:{self.port}"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            asyncio.run_coroutine_threadsafe(self.server.stop(grace=1), self.loop).result(timeout=30)
+            self.server.engram_metrics.stop()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,143 @@
+"""The write path: tokenise, chunk, encode the chunks no shard holds yet, commit on every shard."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from ..errors import EngramError, ErrorCode, error_of
+from . import routing
+from .cluster import Cluster
+from .retry import retry, shard_failure
+
+log = logging.getLogger("engram")
+
+
+@dataclass
+class Written:
+    chunks: int
+    tokens: int
+    new_blocks: int  # blocks encoded for this document (the rest were stored already)
+
+
+class Writer:
+    def __init__(self, cluster: Cluster, tokenizer):
+        self.cluster, self.cfg, self.tokenizer = cluster, cluster.cfg, tokenizer
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    async def write_document(self, namespace: str, name: str, text: str, request_id: str = "") -> Written:
+        """Durable on return. Idempotent under `request_id`: a retry of an acknowledged (or half-done) write stores
+        nothing twice. Rides out shard restarts (`cluster.write_attempts`); if it still fails, a document this call
+        created is rolled back everywhere, so a failed write leaves nothing behind."""
+        c = self.cluster
+        epoch = c.epoch
+        c.writes_in_flight[epoch] += 1
+        try:  # the routing this write starts with is the one it finishes with (a rebalance waits for it)
+            return await self._write(namespace, name, text, request_id, c.shard_ids, c.shards)
+        finally:
+            c.writes_in_flight[epoch] -= 1
+
+    async def _write(
+        self, namespace: str, name: str, text: str, request_id: str, shard_ids: list[int], shards: list
+    ) -> Written:
+        existing = await self.cluster.all_shards("document_request", namespace, name, shards=shards)
+        if any(r is not None and (not request_id or r != request_id) for r in existing):
+            raise EngramError(
+                ErrorCode.ALREADY_EXISTS,
+                f"document {name!r} already exists in namespace "
+                f"{namespace!r}; delete it first or use another document_id",
+            )
+        ids = await asyncio.to_thread(self.tokenize, text)
+        if not ids:
+            raise EngramError(ErrorCode.INVALID, f"document {name!r} has no tokens")
+        chunks = routing.split(ids, self.cluster.layout.chunk_tokens, self.cfg.encoder.context_tokens)
+        hashes = [routing.chunk_hash(ch.tokens, self.cluster.fingerprint, ch.context) for ch in chunks]
+        owner = [routing.route(h, shard_ids) for h in hashes]
+        per_shard = {s: [i for i, o in enumerate(owner) if o == s] for s in shard_ids}
+
+        async def wait_for_shards(attempt: int, exc: BaseException) -> None:
+            await asyncio.gather(*[self.cluster.call(s.stats) for s in shards], return_exceptions=True)
+
+        try:
+            new_blocks = await retry(
+                lambda: self._write_once(namespace, name, request_id, chunks, hashes, per_shard, shards),
+                self.cfg.cluster.write_attempts,
+                shard_failure,
+                wait_for_shards,
+                what=f"write {namespace}/{name}",
+            )
+            return Written(len(chunks), len(ids), new_blocks)
+        except Exception as exc:
+            if all(r is None for r in existing):  # never touch a document an earlier request acknowledged
+                await asyncio.gather(
+                    *[self.cluster.call(s.delete_document, namespace, name) for s in shards], return_exceptions=True
+                )
+            err = error_of(exc)
+            if err is not None and err.code != ErrorCode.STALE:
+                raise EngramError(err.code, str(err)) from None
+            if not shard_failure(exc):
+                raise
+            raise EngramError(
+                ErrorCode.UNAVAILABLE,
+                f"write of {name!r} failed ({type(exc).__name__}) and was "
+                "rolled back; nothing of it is stored, retry with the same request_id",
+            ) from None
+
+    async def _write_once(
+        self, namespace: str, name: str, request_id: str, chunks, hashes, per_shard, shards: list
+    ) -> int:
+        new_blocks = 0
+        sem = asyncio.Semaphore(self.cfg.cluster.max_in_flight or 2 * len(self.cluster.encoders))
+        done = {"chunks": 0, "logged": time.perf_counter(), "t0": time.perf_counter()}
+
+        async def encode_and_put(shard: int, batch: list[int]) -> None:
+            async with sem:
+                ref = self.cluster.next_encoder().encode.remote(
+                    [chunks[i].tokens for i in batch], [hashes[i] for i in batch], [chunks[i].context for i in batch]
+                )
+                await shards[shard].put_blocks.remote(ref)  # the KV goes encoder -> shard, not through here
+            done["chunks"] += len(batch)
+            if time.perf_counter() - done["logged"] > 10:  # progress of long writes, every 10 s
+                done["logged"] = time.perf_counter()
+                rate = done["chunks"] * self.cluster.layout.chunk_tokens / (done["logged"] - done["t0"])
+                log.info(
+                    "write %s/%s: encoded %d/%d new chunks (%.0f tokens/s)",
+                    namespace,
+                    name,
+                    done["chunks"],
+                    new_blocks,
+                    rate,
+                )
+
+        jobs = []
+        for s, idx in per_shard.items():
+            unique = list(dict.fromkeys(hashes[i] for i in idx))
+            missing = await self.cluster.call(shards[s].missing, unique)
+            first: dict[bytes, int] = {}
+            for i in idx:
+                first.setdefault(hashes[i], i)
+            todo = [first[h] for h, m in zip(unique, missing) if m]
+            new_blocks += len(todo)
+            step = self.cfg.encoder.batch_chunks
+            jobs += [encode_and_put(s, todo[j : j + step]) for j in range(0, len(todo), step)]
+        await asyncio.gather(*jobs)
+        await asyncio.gather(
+            *[
+                shards[s].commit_document.remote(
+                    namespace,
+                    name,
+                    sum(len(chunks[i].tokens) for i in idx),
+                    [hashes[i] for i in idx],
+                    [chunks[i].seq for i in idx],
+                    [chunks[i].offset for i in idx],
+                    request_id,
+                )
+                for s, idx in per_shard.items()
+                if idx
+            ]
+        )
+        return new_blocks

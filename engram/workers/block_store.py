@@ -1,0 +1,113 @@
+"""The block store: encoded chunks by content hash — KV on disk (one small ranged read per block), the retrieval
+latents and lengths in RAM. contains / put / get / export, LMCache-style; identical chunks share one block."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from ..decoder.layout import BlockLayout
+from .tables import Tables
+
+
+@dataclass
+class EncodedBlocks:
+    """B encoded chunks, as the encoder makes them and the block store takes them (typed across Ray)."""
+
+    kv: dict[str, np.ndarray]  # the layout's read columns (K/V codes, scales, positions), [B, ...] each
+    tokens: np.ndarray  # [B, T] int32, -1 padding
+    length: np.ndarray  # [B] int32: tokens of each chunk
+    hash: np.ndarray  # [B, 16] uint8: content addresses
+    latent: np.ndarray  # [B, R, C] float32: retrieval latents, one per window
+
+    def __len__(self) -> int:
+        return len(self.hash)
+
+    def select(self, rows) -> EncodedBlocks:
+        rows = np.asarray(rows, dtype=np.int64)
+        return EncodedBlocks(
+            {k: np.asarray(v)[rows] for k, v in self.kv.items()},
+            *(np.asarray(getattr(self, f.name))[rows] for f in fields(self)[1:]),
+        )
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """Columns of the store's `blocks` table."""
+        return {**self.kv, **{f.name: getattr(self, f.name) for f in fields(self)[1:]}}
+
+
+def block_schema(layout: BlockLayout) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {
+        **{f"blocks/{name}": col for name, col in layout.read_columns().items()},
+        "blocks/tokens": ((layout.chunk_tokens,), "int32"),
+        "blocks/length": ((), "int32"),
+        "blocks/hash": ((16,), "uint8"),
+        "blocks/latent": ((layout.latents_per_chunk, layout.latent_dim), "float32"),
+    }
+
+
+BLOCKS_IN_RAM = ("blocks/length", "blocks/hash", "blocks/latent")
+
+
+class BlockStore:
+    def __init__(self, tables: Tables, layout: BlockLayout):
+        self.tables, self.layout = tables, layout
+        self._reindex()
+
+    def _reindex(self) -> None:
+        self.index = {bytes(h): i for i, h in enumerate(self.tables.ram["blocks/hash"])}  # hash -> block row
+
+    def __len__(self) -> int:
+        return len(self.tables.ram["blocks/hash"])
+
+    def contains(self, hashes: list[bytes]) -> list[bool]:
+        return [h in self.index for h in hashes]
+
+    def rows(self, hashes: list[bytes]) -> np.ndarray:
+        """Block rows of stored (or staged) hashes; KeyError for one that is neither."""
+        return np.array([self.index[h] for h in hashes], dtype=np.int64)
+
+    def put(self, blocks: EncodedBlocks) -> np.ndarray:
+        """Stage the blocks not stored yet (durable with the next commit) -> the block row of every input."""
+        seen: dict[bytes, int] = {}  # the same hash twice in one batch: keep the first
+        fresh = [
+            i for i, h in enumerate(blocks.hash) if bytes(h) not in self.index and seen.setdefault(bytes(h), i) == i
+        ]
+        if fresh:
+            rows = self.tables.append("blocks", blocks.select(fresh).columns())
+            for i, row in zip(fresh, rows):
+                self.index[bytes(blocks.hash[i])] = int(row)
+        return self.rows([bytes(h) for h in blocks.hash])
+
+    def get(self, rows) -> dict[str, np.ndarray]:
+        """-> the read columns (K/V, positions) of these blocks, [n, ...] each, read from disk."""
+        return {c: self.tables.read(f"blocks/{c}", rows) for c in self.layout.block_columns}
+
+    def tokens(self, rows) -> list[list[int]]:
+        """The token ids of these blocks' chunks (read from disk)."""
+        lengths = self.length(rows)
+        return [row[:n].tolist() for row, n in zip(self.tables.read("blocks/tokens", rows), lengths)]
+
+    def export(self, hashes: list[bytes]) -> EncodedBlocks:
+        """Stored blocks as `put` takes them (another shard imports them)."""
+        rows = self.rows(hashes)
+        ram = self.tables.ram
+        return EncodedBlocks(
+            self.get(rows),
+            self.tables.read("blocks/tokens", rows),
+            ram["blocks/length"][rows],
+            ram["blocks/hash"][rows],
+            ram["blocks/latent"][rows],
+        )
+
+    def latents(self, rows) -> np.ndarray:
+        return self.tables.ram["blocks/latent"][rows]  # [n, R, C]
+
+    def length(self, rows) -> np.ndarray:
+        return self.tables.ram["blocks/length"][np.asarray(rows, dtype=np.int64)]
+
+    def hashes(self, rows) -> list[bytes]:
+        return [bytes(h) for h in self.tables.ram["blocks/hash"][rows]]
+
+    def rolled_back(self) -> None:
+        self._reindex()

@@ -1,0 +1,157 @@
+"""The chunk table: documents, their chunks (each pointing at a block) and drops (chunks moved to another shard).
+
+Changes are staged and take effect — on disk and in the in-RAM indexes — only at the store's commit; a rollback
+undoes all of them, deletes included. A per-document row index serves "this document's live chunks" without a
+scan of the table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .tables import Tables
+
+CHUNK_SCHEMA: dict[str, tuple[tuple[int, ...], str]] = {
+    "chunks/block": ((), "int64"),
+    "chunks/doc": ((), "int64"),
+    "chunks/seq": ((), "int64"),
+    "chunks/offset": ((), "int64"),
+    "chunks/episode": ((), "int64"),
+    "docs/namespace": ((), "str"),
+    "docs/name": ((), "str"),
+    "docs/tokens": ((), "int64"),
+    "docs/request": ((), "str"),
+    "drops/chunk": ((), "int64"),
+}
+
+
+@dataclass
+class ChunkRows:
+    """Column values of chunk rows (one entry per chunk)."""
+
+    block: np.ndarray
+    seq: np.ndarray
+    offset: np.ndarray
+    episode: np.ndarray
+
+
+class ChunkTable:
+    def __init__(self, tables: Tables, deleted_docs: list[int]):
+        self.tables = tables
+        self.deleted: set[int] = set(deleted_docs)  # committed deletions (listed in the commit record)
+        self._pending: list[tuple] = []  # staged changes, applied to the indexes at commit
+        ram = tables.ram
+        n_chunks = len(ram["chunks/doc"])
+        self.lookup = {
+            (str(ns), str(name)): d
+            for d, (ns, name) in enumerate(zip(ram["docs/namespace"], ram["docs/name"]))
+            if d not in self.deleted
+        }
+        self.alive = np.ones(n_chunks, dtype=bool)
+        self.alive[np.isin(ram["chunks/doc"], list(self.deleted))] = False
+        self.alive[ram["drops/chunk"]] = False  # moved to another shard
+        self._rows: dict[int, np.ndarray] = {}  # doc -> its chunk rows (live or not)
+        if n_chunks:
+            order = np.argsort(ram["chunks/doc"], kind="stable")
+            docs, starts = np.unique(ram["chunks/doc"][order], return_index=True)
+            for d, rows in zip(docs.tolist(), np.split(order, starts[1:])):
+                self._rows[d] = rows
+
+    # --- reads ----------------------------------------------------------------------------------------------
+    def doc(self, namespace: str, name: str) -> int | None:
+        return self.lookup.get((namespace, name))
+
+    def request(self, doc: int) -> str:
+        return str(self.tables.ram["docs/request"][doc])
+
+    def namespace(self, doc: int) -> str:
+        return str(self.tables.ram["docs/namespace"][doc])
+
+    def name(self, doc: int) -> str:
+        return str(self.tables.ram["docs/name"][doc])
+
+    def live_rows(self, doc: int) -> np.ndarray:
+        rows = self._rows.get(doc, np.zeros(0, np.int64))
+        return rows[self.alive[rows]]
+
+    def column(self, col: str, rows) -> np.ndarray:
+        """chunks/<col> of these rows (block, doc, seq, offset, episode)."""
+        return self.tables.ram[f"chunks/{col}"][rows]
+
+    def all_live_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.alive)
+
+    def documents(self) -> list[tuple[str, str]]:
+        return list(self.lookup)
+
+    def next_episode(self) -> int:
+        episodes = self.tables.ram["chunks/episode"]
+        return int(episodes.max()) + 1 if len(episodes) else 0
+
+    # --- staged changes ---------------------------------------------------------------------------------------
+    def add_document(self, namespace: str, name: str, tokens: int, request_id: str, rows: ChunkRows) -> int:
+        """Stage a document and its chunk rows -> its doc number."""
+        (doc,) = self.tables.append(
+            "docs",
+            {
+                "namespace": np.array([namespace], dtype=object),
+                "name": np.array([name], dtype=object),
+                "tokens": np.array([tokens]),
+                "request": np.array([request_id], dtype=object),
+            },
+        )
+        self._pending.append(("doc", (namespace, name), int(doc)))
+        self.add_chunks(int(doc), rows)
+        return int(doc)
+
+    def add_chunks(self, doc: int, rows: ChunkRows) -> None:
+        """Stage more chunk rows of a document."""
+        new = self.tables.append(
+            "chunks",
+            {
+                "block": rows.block,
+                "seq": rows.seq,
+                "offset": rows.offset,
+                "episode": rows.episode,
+                "doc": np.full(len(rows.block), doc),
+            },
+        )
+        self._pending.append(("rows", doc, new))
+
+    def drop(self, rows: np.ndarray) -> None:
+        """Stage the removal of chunk rows (they moved to another shard)."""
+        self.tables.append("drops", {"chunk": np.asarray(rows, dtype=np.int64)})
+        self._pending.append(("drop", rows))
+
+    def delete_document(self, doc: int) -> None:
+        self._pending.append(("delete", doc))
+
+    def deleted_after_commit(self) -> list[int]:
+        """The deleted documents the next commit record lists: committed ones and staged ones."""
+        return sorted(self.deleted | {p[1] for p in self._pending if p[0] == "delete"})
+
+    def committed(self) -> None:
+        """Apply the staged changes to the indexes (the store committed them)."""
+        grow = len(self.tables.ram["chunks/doc"]) - len(self.alive)
+        self.alive = np.concatenate([self.alive, np.zeros(grow, dtype=bool)])
+        for change in self._pending:
+            kind = change[0]
+            if kind == "doc":
+                self.lookup[change[1]] = change[2]
+            elif kind == "rows":
+                doc, new = change[1], change[2]
+                self.alive[new] = True
+                self._rows[doc] = np.concatenate([self._rows.get(doc, np.zeros(0, np.int64)), new])
+            elif kind == "drop":
+                self.alive[change[1]] = False
+            else:  # delete
+                doc = change[1]
+                self.deleted.add(doc)
+                self.alive[self._rows.get(doc, np.zeros(0, np.int64))] = False
+                self.lookup.pop((self.namespace(doc), self.name(doc)), None)
+        self._pending = []
+
+    def rolled_back(self) -> None:
+        self._pending = []

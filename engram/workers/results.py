@@ -1,0 +1,65 @@
+"""What shards answer, typed: these cross Ray actor boundaries (pickled), so the coordinator and server read
+named fields, never dict keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class SearchHits:
+    """A shard's top-k distinct blocks of one namespace for a query, best first."""
+
+    score: np.ndarray  # [k]
+    block: np.ndarray  # [k] block rows on this shard
+    doc: list[str]  # [k] document names
+    seq: np.ndarray  # [k] chunk numbers in their documents
+    offset: np.ndarray  # [k] first token of each chunk in its document
+    episodes: int  # episodic memories of the namespace on this shard (0: the namespace holds nothing here)
+    readout: np.ndarray | None = None  # [C] hierarchical episodic readout (asked for by Read only)
+
+
+@dataclass
+class ChunkAt:
+    seq: int
+    offset: int
+    block: int
+
+
+@dataclass
+class DocChunks:
+    """This shard's chunks of one document, as a move to another shard needs them."""
+
+    request: str
+    hash: list[bytes]
+    seq: list[int]
+    offset: list[int]
+    length: list[int]
+
+    def pick(self, rows: list[int]) -> DocChunks:
+        return DocChunks(
+            self.request, *([getattr(self, k)[i] for i in rows] for k in ("hash", "seq", "offset", "length"))
+        )
+
+
+@dataclass
+class Committed:
+    chunks: int
+    doc: int
+    replayed: bool  # the same request committed this document before: nothing changed
+
+
+@dataclass
+class ShardStats:
+    shard: int
+    node: str
+    documents: int
+    chunks: int
+    blocks: int
+    tokens: int
+    stored_bytes: int
+    episodes: int
+    resident_bytes: int
+    pid: int = field(default=0)  # the shard's process (tests kill it; never sent to clients)

@@ -1,0 +1,334 @@
+"""A memory shard: owns one store (its only writer), keeps the episodic memories of its chunks in RAM.
+
+Plain class, no Ray: the coordinator runs it as a Ray actor (max_restarts: a restarted shard rebuilds everything
+from its store in __init__) and passes in the node label. Calls are idempotent where they can be retried: blocks
+are content-addressed, and a document is committed at most once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..decoder.layout import BlockLayout
+from ..errors import EngramError, ErrorCode
+from .block_store import EncodedBlocks
+from .chunk_table import ChunkRows
+from .episodic import EpisodicConfig, Memory, hierarchical_readout, new_memory, reference_pinv
+from .results import ChunkAt, Committed, DocChunks, SearchHits, ShardStats
+from .store import ShardStore
+
+
+@dataclass
+class ShardConfig:
+    data_dir: str = "engram-data"  # each shard keeps <data_dir>/shard-<id>/ on its node's disk
+    fsync: bool = True  # flush to disk before acknowledging (survives a machine crash, not just a process crash)
+    episodic: EpisodicConfig = field(default_factory=EpisodicConfig)
+
+
+class Shard:
+    def __init__(self, shard_id: int, cfg: ShardConfig, layout: BlockLayout, node: str = ""):
+        self.shard_id, self.cfg, self.layout = shard_id, cfg, layout
+        self.node = node or os.uname().nodename
+        self.store = ShardStore(Path(cfg.data_dir).expanduser() / f"shard-{shard_id}", layout, cfg.fsync)
+        self.blocks, self.chunks = self.store.blocks, self.store.chunks
+        self.m0_pinv = reference_pinv(cfg.episodic)
+        self._rebuild()
+
+    # --- episodic memories -------------------------------------------------------------------------------------
+    def _rebuild(self) -> None:
+        """Write every live chunk into the episodic memories it was assigned (from the committed store)."""
+        self.memories: dict[int, Memory] = {}
+        self.episode_namespace: dict[int, str] = {}
+        rows = self.chunks.all_live_rows()
+        episodes = self.chunks.column("episode", rows)
+        for ep in np.unique(episodes):
+            sel = rows[episodes == ep]
+            mem = self.memories[int(ep)] = new_memory(self.cfg.episodic, self.m0_pinv)
+            mem.write(self._items(self.chunks.column("block", sel)))
+            mem.prepare()  # warm before serving
+            self.episode_namespace[int(ep)] = self.chunks.namespace(int(self.chunks.column("doc", sel[:1])[0]))
+        self.next_episode = self.chunks.next_episode()
+
+    def _items(self, blocks: np.ndarray) -> np.ndarray:
+        """The episodic items of chunks: their R window latents each -> [len(blocks) * R, C]."""
+        return self.blocks.latents(blocks).reshape(-1, self.layout.latent_dim)
+
+    def _assign_episodes(self, namespace: str, n: int) -> np.ndarray:
+        """Fill the namespace's open episode up to K items (K // R chunks), then open new ones."""
+        r = self.layout.latents_per_chunk
+        k = max(1, self.cfg.episodic.rows // r)  # chunks per episode
+        out = np.empty(n, dtype=np.int64)
+        open_eps = [
+            ep for ep, ns in self.episode_namespace.items() if ns == namespace and self.memories[ep].count // r < k
+        ]
+        i = 0
+        if open_eps:
+            ep = max(open_eps)
+            take = min(n, k - self.memories[ep].count // r)
+            out[:take], i = ep, take
+        while i < n:
+            take = min(n - i, k)
+            out[i : i + take] = self.next_episode
+            self.next_episode += 1
+            i += take
+        return out
+
+    def _remember(self, namespace: str, blocks: np.ndarray, episodes: np.ndarray) -> None:
+        for ep in np.unique(episodes):
+            mem = self.memories.setdefault(int(ep), new_memory(self.cfg.episodic, self.m0_pinv))
+            self.episode_namespace[int(ep)] = namespace
+            mem.write(self._items(blocks[episodes == ep]))
+            mem.prepare()  # on the write path, not in the first ask
+
+    def _forget(self, rows: np.ndarray) -> None:
+        """Take chunk rows' items out of the episodic memories (exact, α = −1); the rows are already dead."""
+        episodes = self.chunks.column("episode", rows)
+        for ep in np.unique(episodes):
+            mem = self.memories[int(ep)]
+            mem.forget(self._items(self.chunks.column("block", rows[episodes == ep])))
+            if mem.count == 0:
+                del self.memories[int(ep)], self.episode_namespace[int(ep)]
+            else:
+                mem.prepare()
+
+    # --- writes ----------------------------------------------------------------------------------------------------
+    def missing(self, hashes: list[bytes]) -> list[bool]:
+        return [not c for c in self.blocks.contains(hashes)]
+
+    def put_blocks(self, blocks: EncodedBlocks) -> int:
+        """Stage encoded blocks; they become durable with the next committed document."""
+        return len(self.blocks.put(blocks))
+
+    def document_request(self, namespace: str, name: str) -> str | None:
+        """The request id the document was written with ("" if none); None if there is no such document."""
+        doc = self.chunks.doc(namespace, name)
+        return None if doc is None else self.chunks.request(doc)
+
+    def commit_document(
+        self,
+        namespace: str,
+        name: str,
+        tokens: int,
+        hashes: list[bytes],
+        seqs: list[int],
+        offsets: list[int],
+        request_id: str = "",
+    ) -> Committed:
+        """Durably add a document's chunks (their blocks must be staged or stored). Atomic: all or nothing.
+        Idempotent under a request id: committing the same request again changes nothing."""
+        doc = self.chunks.doc(namespace, name)
+        if doc is not None:
+            if request_id and self.chunks.request(doc) == request_id:
+                return Committed(len(self.chunks.live_rows(doc)), doc, replayed=True)
+            raise EngramError(ErrorCode.ALREADY_EXISTS, f"document {name!r} already exists in namespace {namespace!r}")
+        doc = self._add_chunks(namespace, name, None, tokens, hashes, seqs, offsets, request_id)
+        return Committed(len(hashes), doc, replayed=False)
+
+    def _add_chunks(
+        self,
+        namespace: str,
+        name: str,
+        doc: int | None,
+        tokens: int,
+        hashes: list[bytes],
+        seqs: list[int],
+        offsets: list[int],
+        request_id: str,
+    ) -> int:
+        """Commit chunk rows to a new document (doc None) or an existing one, then write them to the episodic
+        memories. All or nothing."""
+        missing = [h.hex() for h, ok in zip(hashes, self.blocks.contains(hashes)) if not ok]
+        if missing:  # staged blocks die with the process that staged them: the writer re-sends them
+            raise EngramError(ErrorCode.STALE, f"{len(missing)} blocks are not stored (lost in a restart?)")
+        blocks = self.blocks.rows(hashes)
+        episodes = self._assign_episodes(namespace, len(hashes))
+        rows = ChunkRows(blocks, np.asarray(seqs, dtype=np.int64), np.asarray(offsets, dtype=np.int64), episodes)
+        try:
+            if doc is None:
+                doc = self.chunks.add_document(namespace, name, tokens, request_id, rows)
+            else:
+                self.chunks.add_chunks(doc, rows)
+            self.store.commit()
+        except BaseException:
+            self.store.rollback()
+            raise
+        self._remember(namespace, blocks, episodes)
+        return doc
+
+    def delete_document(self, namespace: str, name: str) -> int:
+        """Remove a document from both memories; episodic rows go by the exact α = −1 update. -> chunks removed."""
+        doc = self.chunks.doc(namespace, name)
+        if doc is None:
+            return 0
+        rows = self.chunks.live_rows(doc)
+        try:
+            self.chunks.delete_document(doc)
+            self.store.commit()
+        except BaseException:
+            self.store.rollback()
+            raise
+        self._forget(rows)
+        return len(rows)
+
+    # --- rebalancing (chunks move to shards added later; copy to the new owner first, then drop here) --------
+    def chunk_table(self) -> list[tuple[str, str, list[bytes]]]:
+        """(namespace, document, content hashes of its chunks here) for every document on this shard."""
+        return [
+            (ns, name, self.blocks.hashes(self.chunks.column("block", self.chunks.live_rows(doc))))
+            for (ns, name), doc in self.chunks.lookup.items()
+        ]
+
+    def doc_chunks(self, namespace: str, name: str) -> DocChunks | None:
+        """This shard's chunks of one document now (None: not here)."""
+        doc = self.chunks.doc(namespace, name)
+        if doc is None:
+            return None
+        rows = self.chunks.live_rows(doc)
+        blocks = self.chunks.column("block", rows)
+        return DocChunks(
+            self.chunks.request(doc),
+            self.blocks.hashes(blocks),
+            self.chunks.column("seq", rows).tolist(),
+            self.chunks.column("offset", rows).tolist(),
+            self.blocks.length(blocks).tolist(),
+        )
+
+    def export_blocks(self, hashes: list[bytes]) -> EncodedBlocks:
+        """Stored blocks as put_blocks takes them (another shard imports them)."""
+        return self.blocks.export(hashes)
+
+    def import_chunks(self, namespace: str, name: str, moved: DocChunks) -> int:
+        """Commit chunks moved here from another shard (their blocks staged first). Idempotent: chunks of the
+        document this shard already holds are skipped. -> chunks added."""
+        doc = self.chunks.doc(namespace, name)
+        have: set[int] = set()
+        if doc is not None:
+            if moved.request != self.chunks.request(doc):
+                raise EngramError(
+                    ErrorCode.ALREADY_EXISTS,
+                    f"document {name!r} in namespace {namespace!r} here was written by another request; not merging",
+                )
+            have = set(self.chunks.column("seq", self.chunks.live_rows(doc)).tolist())
+        new = moved.pick([i for i, q in enumerate(moved.seq) if q not in have])
+        if not new.seq:
+            return 0
+        self._add_chunks(namespace, name, doc, sum(new.length), new.hash, new.seq, new.offset, new.request)
+        return len(new.seq)
+
+    def drop_chunks(self, namespace: str, name: str, seqs: list[int]) -> int:
+        """Durably remove this shard's chunks of a document with these numbers (they now live elsewhere).
+        A document left with no chunks here leaves this shard. -> chunks removed."""
+        doc = self.chunks.doc(namespace, name)
+        if doc is None:
+            return 0
+        mine = self.chunks.live_rows(doc)
+        rows = mine[np.isin(self.chunks.column("seq", mine), seqs)]
+        if len(rows) == 0:
+            return 0
+        try:
+            self.chunks.drop(rows)
+            if len(rows) == len(mine):
+                self.chunks.delete_document(doc)
+            self.store.commit()
+        except BaseException:
+            self.store.rollback()
+            raise
+        self._forget(rows)
+        return len(rows)
+
+    # --- reads -----------------------------------------------------------------------------------------------------
+    def search(self, namespace: str, query: np.ndarray, top_k: int, readout: bool = False) -> SearchHits:
+        """Score the namespace's chunks through their episodic memories; top-k distinct blocks.
+
+        score_i = max_r <s(e_i), ẑ_ir>: the scorer of chunk i's episode memory (least squares: its readout z_r,
+        which gives the best window's cosine with the query while the episode is within capacity; Hopfield: the
+        readout weighted by its match with the query) against the chunk's stored window latents.
+        readout: also the hierarchical readout of the shard's memories (Read returns it; Ask does not)."""
+        q = np.asarray(query, dtype=np.float64)
+        eps = sorted(ep for ep, ns in self.episode_namespace.items() if ns == namespace)
+        if not eps:
+            return SearchHits(
+                np.zeros(0),
+                np.zeros(0, np.int64),
+                [],
+                np.zeros(0, np.int64),
+                np.zeros(0, np.int64),
+                0,
+                np.zeros(len(q)) if readout else None,
+            )
+        readouts = np.stack([self.memories[ep].read(q) for ep in eps])  # [E, C]
+        scorers = np.stack([self.memories[ep].scorer(q, r) for ep, r in zip(eps, readouts)])  # [E, C]
+        eps_arr = np.asarray(eps, dtype=np.int64)
+        live = self.chunks.all_live_rows()
+        rows = live[np.isin(self.chunks.column("episode", live), eps_arr)]
+        blocks = self.chunks.column("block", rows)
+        lookup = np.searchsorted(eps_arr, self.chunks.column("episode", rows))
+        scores = np.einsum("nrc,nc->nr", self.blocks.latents(blocks).astype(np.float64), scorers[lookup]).max(1)
+        order = np.argsort(-scores, kind="stable")
+        _, first = np.unique(blocks[order], return_index=True)  # identical chunks: keep the best-scored one
+        keep = order[np.sort(first)][:top_k]
+        keep = keep[np.argsort(-scores[keep], kind="stable")]
+        sel = rows[keep]
+        return SearchHits(
+            scores[keep],
+            blocks[keep],
+            [self.chunks.name(d) for d in self.chunks.column("doc", sel)],
+            self.chunks.column("seq", sel),
+            self.chunks.column("offset", sel),
+            len(eps),
+            hierarchical_readout(readouts, q, self.m0_pinv, self.cfg.episodic) if readout else None,
+        )
+
+    def chunks_at(self, namespace: str, name: str, seqs: list[int]) -> list[ChunkAt]:
+        """The document's chunks with these numbers that live on this shard."""
+        doc = self.chunks.doc(namespace, name)
+        if doc is None:
+            return []
+        rows = self.chunks.live_rows(doc)
+        rows = rows[np.isin(self.chunks.column("seq", rows), seqs)]
+        return [
+            ChunkAt(int(q), int(o), int(b))
+            for q, o, b in zip(
+                self.chunks.column("seq", rows), self.chunks.column("offset", rows), self.chunks.column("block", rows)
+            )
+        ]
+
+    def fetch(self, blocks: list[int]) -> tuple[list[list[int]], list[dict[str, np.ndarray]]]:
+        """-> (the blocks' token ids, the blocks: one dict of read columns each). The coordinator calls this with
+        num_returns=2: it reads the tokens and hands the blocks to the decoder worker without touching them."""
+        return self.tokens(blocks), self.get_blocks(blocks)
+
+    def get_blocks(self, blocks: list[int]) -> list[dict[str, np.ndarray]]:
+        cols = self.blocks.get(blocks)
+        return [{name: col[i] for name, col in cols.items()} for i in range(len(blocks))]
+
+    def tokens(self, blocks: list[int]) -> list[list[int]]:
+        return self.blocks.tokens(blocks)
+
+    def documents(self) -> list[tuple[str, str]]:
+        return self.chunks.documents()
+
+    def namespaces(self) -> list[str]:
+        return sorted({ns for ns, _ in self.chunks.lookup})
+
+    def stats(self) -> ShardStats:
+        import psutil
+
+        live = self.chunks.all_live_rows()
+        blocks = self.chunks.column("block", live)
+        return ShardStats(
+            shard=self.shard_id,
+            node=self.node,
+            documents=len(self.chunks.lookup),
+            chunks=len(live),
+            blocks=len(np.unique(blocks)),
+            tokens=int(self.blocks.length(blocks).sum()),
+            stored_bytes=self.store.stored_bytes(),
+            episodes=len(self.memories),
+            resident_bytes=psutil.Process().memory_info().rss,
+            pid=os.getpid(),
+        )

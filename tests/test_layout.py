@@ -72,7 +72,10 @@ def test_layers_depend_downward():
     g = graph()
     for m, deps in g.items():
         if m.startswith(("engram.workers", "engram.decoder")):
-            assert not any(d.startswith(("engram.coordinator", "engram.evals", "engram.proto")) for d in deps), (m, deps)
+            assert not any(d.startswith(("engram.coordinator", "engram.evals", "engram.proto")) for d in deps), (
+                m,
+                deps,
+            )
         if m.startswith("engram.decoder"):
             assert not any(d.startswith("engram.workers") for d in deps), (m, deps)
         assert "engram.coordinator.cli" not in deps, f"{m} imports the CLI"

@@ -120,14 +120,7 @@ class MemoryDecoder:
         tokens = generate(
             self.model, cache, self._prompt(question), next_pos, max_new_tokens, self.tokenizer.eos_token_id
         )
-        text = self.tokenizer.decode(tokens.ids, skip_special_tokens=True)
-        return Answer(
-            text.strip(),
-            tokens.ids,
-            tokens.first_token_s - t0,
-            time.perf_counter() - tokens.first_token_s,
-            context_tokens,
-        )
+        return self._answer(tokens, t0, context_tokens)
 
     @torch.inference_mode()
     def answer_text(self, question: str, chunks: list[list[int]], max_new_tokens: int = 32) -> Answer:
@@ -140,11 +133,9 @@ class MemoryDecoder:
         tokens = generate(
             self.model, DynamicCache(), context + self._prompt(question), 0, max_new_tokens, self.tokenizer.eos_token_id
         )
-        text = self.tokenizer.decode(tokens.ids, skip_special_tokens=True)
-        return Answer(
-            text.strip(),
-            tokens.ids,
-            tokens.first_token_s - t0,
-            time.perf_counter() - tokens.first_token_s,
-            len(context),
-        )
+        return self._answer(tokens, t0, len(context))
+
+    def _answer(self, tokens: Generated, t0: float, context_tokens: int) -> Answer:
+        text = self.tokenizer.decode(tokens.ids, skip_special_tokens=True).strip()
+        first = tokens.first_token_s
+        return Answer(text, tokens.ids, first - t0, time.perf_counter() - first, context_tokens)

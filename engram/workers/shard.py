@@ -147,15 +147,11 @@ class Shard:
         blocks = self.blocks.rows(hashes)
         episodes = self._assign_episodes(namespace, len(hashes))
         rows = ChunkRows(blocks, np.asarray(seqs, dtype=np.int64), np.asarray(offsets, dtype=np.int64), episodes)
-        try:
+        with self.store.transaction():
             if doc is None:
                 doc = self.chunks.add_document(namespace, name, tokens, request_id, rows)
             else:
                 self.chunks.add_chunks(doc, rows)
-            self.store.commit()
-        except BaseException:
-            self.store.rollback()
-            raise
         self._remember(namespace, blocks, episodes)
         return doc
 
@@ -165,12 +161,8 @@ class Shard:
         if doc is None:
             return 0
         rows = self.chunks.live_rows(doc)
-        try:
+        with self.store.transaction():
             self.chunks.delete_document(doc)
-            self.store.commit()
-        except BaseException:
-            self.store.rollback()
-            raise
         self._forget(rows)
         return len(rows)
 
@@ -229,14 +221,10 @@ class Shard:
         rows = mine[np.isin(self.chunks.column("seq", mine), seqs)]
         if len(rows) == 0:
             return 0
-        try:
+        with self.store.transaction():
             self.chunks.drop(rows)
             if len(rows) == len(mine):
                 self.chunks.delete_document(doc)
-            self.store.commit()
-        except BaseException:
-            self.store.rollback()
-            raise
         self._forget(rows)
         return len(rows)
 

@@ -12,6 +12,8 @@ On disk (<data_dir>/shard-<id>/):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -54,6 +56,16 @@ class ShardStore:
         """Make every staged change (blocks, documents, chunks, drops, deletes) durable and visible."""
         self.tables.commit({"layout": asdict(self.layout), "deleted_docs": self.chunks.deleted_after_commit()})
         self.chunks.committed()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """`with store.transaction(): <stage changes>` commits them all on leaving, or none on any error."""
+        try:
+            yield
+            self.commit()
+        except BaseException:
+            self.rollback()
+            raise
 
     def rollback(self) -> None:
         """Undo every staged change, deletes included."""

@@ -112,3 +112,14 @@ def test_every_error_code_maps_to_a_grpc_status():
     assert (e.code, str(e)) == (ErrorCode.ALREADY_EXISTS, "document 'a' already exists")
     with pytest.raises(ValueError):
         EngramError("no-such-code", "x")
+
+
+def test_shard_processes_do_not_load_torch():
+    """A shard actor's process imports its class's module: that must not pull in torch or the model (RSS)."""
+    import subprocess
+    import sys
+
+    heavy = "{'torch', 'transformers', 'grpc'}"
+    code = f"import sys, engram.coordinator.shard_actor; print(sorted({heavy} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout

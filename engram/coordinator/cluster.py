@@ -18,21 +18,12 @@ from ..errors import EngramError, ErrorCode
 from ..workers.decoder_worker import DecoderWorker
 from ..workers.embedder import Embedder
 from ..workers.encoder import Encoder
-from ..workers.shard import Shard
 from . import routing
 from .config import EngramConfig, block_layout
 from .retry import actor_down, retry
+from .shard_actor import ShardActor
 
 log = logging.getLogger("engram")
-
-
-class ShardActor(Shard):
-    """A shard as a Ray actor: labelled with its host and Ray node (shards on one host's several nodes differ)."""
-
-    def __init__(self, shard_id, cfg, layout):
-        super().__init__(
-            shard_id, cfg, layout, node=f"{os.uname().nodename}/{ray.get_runtime_context().get_node_id()[:8]}"
-        )
 
 
 class Cluster:

@@ -15,6 +15,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+import grpc
 import ray
 from multinode import shard_cluster  # tests/ is this script's directory
 
@@ -55,7 +56,22 @@ def main() -> int:
         t.start()
         while len(acked) < 4:  # grow mid-ingest
             time.sleep(0.1)
-        grown = c.add_shards(3)
+        # two AddShards at once: exactly one grows the cluster, the other is refused (never 1 -> 7 shards)
+        adds: list = []
+
+        def add() -> None:
+            try:
+                adds.append(c.add_shards(3))
+            except grpc.RpcError as e:
+                adds.append(e.code().name)
+
+        racers = [threading.Thread(target=add) for _ in range(2)]
+        for r in racers:
+            r.start()
+        for r in racers:
+            r.join()
+        grown = next(a for a in adds if not isinstance(a, str))
+        out["concurrent_adds"] = sorted("OK" if not isinstance(a, str) else a for a in adds)
         mid_answers = []
         while c.stats().rebalance.running:  # reads go on during the move
             mid_answers.append(c.ask(PASSKEY_QUESTION, namespace=NS).answer)
@@ -80,7 +96,7 @@ def main() -> int:
             misplaced += sum(v != [want[seq]] for seq, v in where.items() if len(v) == 1)
         final = c.ask(PASSKEY_QUESTION, namespace=NS)
         hit = c.read("Which locker holds amber brass keys? Logbook entry 7", namespace=NS, top_k=4)
-        out = {
+        out |= {
             "shards": list(grown.shards),
             "added": list(grown.added),
             "acked": len(acked),

@@ -20,4 +20,5 @@ def test_grow_while_writing():
     assert out["errors"] == [] and out["missing"] == 0 and out["duplicated"] == 0 and out["misplaced"] == 0, out
     assert out["chunks"] == out["acked_chunks"] and all(out["per_shard_chunks"]) and out["moved"] > 0, out
     assert out["same_answer"] and out["mid_same"] and out["read_top_doc"] == "note-7", out
+    assert out["concurrent_adds"] == ["FAILED_PRECONDITION", "OK"] and len(out["shards"]) == 4, out
     assert p.returncode == 0, p.stderr[-3000:]

@@ -20,6 +20,7 @@ from ..workers.embedder import Embedder
 from ..workers.encoder import Encoder
 from . import routing
 from .config import EngramConfig, block_layout
+from .locks import DocLocks
 from .retry import actor_down, retry
 from .shard_actor import ShardActor
 
@@ -43,7 +44,7 @@ class Cluster:
         # deletion exclude each other.
         self.epoch = 0
         self.writes_in_flight: collections.Counter[int] = collections.Counter()
-        self._doc_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.doc_locks = DocLocks()
         self._start_actors()
 
     # --- routing table -----------------------------------------------------------------------------------------
@@ -84,8 +85,9 @@ class Cluster:
             os.fsync(f.fileno())
         os.replace(tmp, path)
 
-    def doc_lock(self, namespace: str, name: str) -> asyncio.Lock:
-        return self._doc_locks.setdefault((namespace, name), asyncio.Lock())
+    def doc_lock(self, namespace: str, name: str):
+        """`async with cluster.doc_lock(ns, name)`: one write, delete or move of a document at a time."""
+        return self.doc_locks.hold(namespace, name)
 
     # --- actors ------------------------------------------------------------------------------------------------
     def _start_actors(self) -> None:

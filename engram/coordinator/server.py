@@ -7,6 +7,7 @@ import hmac
 import logging
 import time
 import tomllib
+import uuid
 from pathlib import Path
 
 import grpc
@@ -96,7 +97,15 @@ class Auth:
         self.tokens: dict[str, set[str]] | None = None
         if tokens_file:
             data = tomllib.loads(Path(tokens_file).read_text())
-            self.tokens = {tok: set(ns) for tok, ns in data.get("tokens", {}).items()}
+            self.tokens = {}
+            for tok, namespaces in data.get("tokens", {}).items():
+                # a bare string would silently become a set of its characters
+                if not isinstance(namespaces, list) or not all(isinstance(n, str) and n for n in namespaces):
+                    raise ValueError(
+                        f"{tokens_file}: each token's value must be a list of namespace names, e.g. "
+                        '"<token>" = ["alice"] (or ["*"]); one is not'
+                    )
+                self.tokens[tok] = set(namespaces)
             if not self.tokens:
                 raise ValueError(f"{tokens_file} has no [tokens] table; see README (Security)")
 
@@ -148,8 +157,11 @@ class EngramService(pb_grpc.EngramServicer):
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception:
-            code = grpc.StatusCode.UNKNOWN
-            raise
+            # A bug or an unexpected failure: the client gets an id to quote, never a traceback, path or address.
+            code = grpc.StatusCode.INTERNAL
+            incident = uuid.uuid4().hex[:12]
+            log.exception("internal error %s in %s", incident, method or "?")
+            await context.abort(code, f"internal error (incident {incident}); the server log has the details")
         finally:
             method = method or getattr(coro, "__qualname__", "?").split(".")[-2]
             self.metrics.requests.labels(method=method, code=code.name).inc()
@@ -173,18 +185,18 @@ class EngramService(pb_grpc.EngramServicer):
             try:
                 out = await self.engine.write_document(key[0], key[1], text, request_id)
             except EngramError as e:
-                stored = (
-                    f" ({totals['documents']} earlier documents of this stream are stored)"
-                    if totals["documents"]
-                    else ""
-                )
-                raise EngramError(e.code, f"{e}{stored}") from e
+                raise EngramError(e.code, f"{e}{stored_note()}") from e
             totals["documents"] += 1
             for k in ("chunks", "tokens", "new_blocks"):
                 totals[k] += getattr(out, k)
 
+        def stored_note() -> str:
+            n = totals["documents"]
+            return f" ({n} earlier documents of this stream are stored)" if n else ""
+
         async def consume():
             key, parts, size, request_id = None, [], 0, ""
+            seen: set[tuple[str, str]] = set()
             async for req in request_iterator:
                 _check_name("namespace", req.namespace)
                 _check_name("document_id", req.document_id)
@@ -192,6 +204,13 @@ class EngramService(pb_grpc.EngramServicer):
                 if len(req.request_id) > 128:
                     raise EngramError(INVALID, "request_id must be at most 128 characters")
                 if (req.namespace, req.document_id) != key:
+                    if (req.namespace, req.document_id) in seen:  # its parts would be two documents' text mixed
+                        raise EngramError(
+                            INVALID,
+                            f"document {req.document_id!r} appears twice in this write stream; send each "
+                            f"document's parts together, once{stored_note()}",
+                        )
+                    seen.add((req.namespace, req.document_id))
                     if key is not None:
                         await flush(key, parts, request_id)  # backpressure: the next part is read after this commit
                     key, parts, size, request_id = (req.namespace, req.document_id), [], 0, req.request_id

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -22,6 +23,14 @@ class Written:
     new_blocks: int  # blocks encoded for this document (the rest were stored already)
 
 
+def identity(request_id: str, text: str) -> str:
+    """What shards store as a document's request: the client's request id and a digest of the text, so a replay
+    is recognised only when both match ("" without a request id: nothing is a replay)."""
+    if not request_id:
+        return ""
+    return f"{request_id}|{hashlib.blake2b(text.encode(), digest_size=16).hexdigest()}"
+
+
 class Writer:
     def __init__(self, cluster: Cluster, tokenizer):
         self.cluster, self.cfg, self.tokenizer = cluster, cluster.cfg, tokenizer
@@ -30,14 +39,17 @@ class Writer:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     async def write_document(self, namespace: str, name: str, text: str, request_id: str = "") -> Written:
-        """Durable on return. Idempotent under `request_id`: a retry of an acknowledged (or half-done) write stores
-        nothing twice. Rides out shard restarts (`cluster.write_attempts`); if it still fails, a document this call
-        created is rolled back everywhere, so a failed write leaves nothing behind."""
+        """Durable on return. Idempotent under (`request_id`, the text): a retry of an acknowledged (or half-done)
+        write stores nothing twice, while the same request id with other text is ALREADY_EXISTS. Writes of one
+        document name run one at a time, so two writers never mix their chunks. Rides out shard restarts
+        (`cluster.write_attempts`); if it still fails, a document this call created is rolled back everywhere, so a
+        failed write leaves nothing behind."""
         c = self.cluster
         epoch = c.epoch
         c.writes_in_flight[epoch] += 1
         try:  # the routing this write starts with is the one it finishes with (a rebalance waits for it)
-            return await self._write(namespace, name, text, request_id, c.shard_ids, c.shards)
+            async with c.doc_lock(namespace, name):
+                return await self._write(namespace, name, text, identity(request_id, text), c.shard_ids, c.shards)
         finally:
             c.writes_in_flight[epoch] -= 1
 

@@ -1,0 +1,151 @@
+"""What is acknowledged is exactly what is stored: no mixed documents from repeated names in a stream, request
+ids replayed with new text, or concurrent writers of one name (issue #14, first findings)."""
+
+import asyncio
+import threading
+
+import grpc
+import pytest
+import ray
+
+from engram.coordinator.client import EngramClient
+from engram.coordinator.locks import DocLocks
+from engram.coordinator.server import Auth
+from engram.coordinator.write import identity
+
+
+# --- pure logic ---------------------------------------------------------------------------------------------------
+def test_doc_locks_exclude_and_leave_no_entries():
+    locks, inside, most = DocLocks(), [0], [0]
+
+    async def user(name: str) -> None:
+        async with locks.hold("ns", name):
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+            await asyncio.sleep(0.001)
+            inside[0] -= 1
+
+    async def main() -> None:
+        await asyncio.gather(*[user("a") for _ in range(20)])
+        assert most[0] == 1  # one holder of a document at a time
+        await asyncio.gather(*[user(f"doc-{i}") for i in range(100)])
+
+    asyncio.run(main())
+    assert len(locks) == 0  # no entry outlives its users
+
+
+def test_identity_is_request_id_and_content():
+    assert identity("r1", "text") == identity("r1", "text") != identity("r1", "other text")
+    assert identity("r1", "text") != identity("r2", "text")
+    assert identity("", "text") == ""  # without a request id nothing is a replay
+
+
+def test_tokens_file_values_must_be_lists(tmp_path):
+    f = tmp_path / "tokens.toml"
+    f.write_text('[tokens]\n"t1" = "alice"\n')  # a string, not a list: would allow namespaces "a", "l", "i", ...
+    with pytest.raises(ValueError, match="must be a list of namespace names"):
+        Auth(str(f))
+    f.write_text('[tokens]\n"t1" = ["alice", "shared"]\n')
+    assert Auth(str(f)).tokens == {"t1": {"alice", "shared"}}
+
+
+# --- through the running service ----------------------------------------------------------------------------------
+def stored_tokens(engine, namespace: str, doc: str) -> list[int]:
+    """The document's token ids as the shards hold them, chunk by chunk in order (each chunk exactly once)."""
+    rows = []
+    for shard in engine.shards:
+        found = ray.get(shard.chunks_at.remote(namespace, doc, list(range(4096))))
+        tokens = ray.get(shard.tokens.remote([c.block for c in found])) if found else []
+        rows += [(c.seq, t) for c, t in zip(found, tokens)]
+    seqs = sorted(s for s, _ in rows)
+    assert seqs == list(range(len(seqs))), f"chunks {seqs}: missing or duplicated"
+    return [t for _, toks in sorted(rows, key=lambda r: r[0]) for t in toks]
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    c = EngramClient(service.address, timeout=600)
+    yield c
+    c.close()
+
+
+def text(tag: str, n: int = 40) -> str:
+    return " ".join(f"{tag} sentence {i} says the {tag} shelf holds {i * 7} jars." for i in range(n))
+
+
+@pytest.mark.integration
+def test_a_stream_naming_a_document_twice_is_refused(service, client):
+    v1, v2, b = text("alpha"), text("omega"), text("beta", 5)
+    with pytest.raises(grpc.RpcError) as e:
+        client.write([("a", v1), ("b", b), ("a", v2)], namespace="int-stream")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "appears twice" in e.value.details() and "1 earlier documents" in e.value.details()
+    assert stored_tokens(service.engine, "int-stream", "a") == service.engine.tokenize(v1)  # exactly v1
+
+
+@pytest.mark.integration
+def test_a_request_id_replayed_with_other_text_is_refused(service, client):
+    first, other = text("first"), text("second")
+    client.write([("doc", first)], namespace="int-replay", request_id="req-1")
+    again = client.write([("doc", first)], namespace="int-replay", request_id="req-1")  # a true retry: a no-op
+    assert again.new_blocks == 0 and again.documents == 1
+    with pytest.raises(grpc.RpcError) as e:
+        client.write([("doc", other)], namespace="int-replay", request_id="req-1")
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert stored_tokens(service.engine, "int-replay", "doc") == service.engine.tokenize(first)
+
+
+@pytest.mark.integration
+def test_concurrent_writers_of_one_name(service, client):
+    """8 writers race for one name: exactly one is acknowledged, the others get ALREADY_EXISTS (not UNKNOWN), and
+    the document is exactly the winner's text; deleting it leaves no lock entries behind."""
+    texts = [text(f"writer{i}", 30) for i in range(8)]
+    codes: dict[int, object] = {}
+
+    def write(i: int) -> None:
+        try:
+            client.write([("shared", texts[i])], namespace="int-race")
+            codes[i] = "OK"
+        except grpc.RpcError as e:
+            codes[i] = e.code()
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, c in codes.items() if c == "OK"]
+    assert len(winners) == 1, codes
+    assert all(c == grpc.StatusCode.ALREADY_EXISTS for i, c in codes.items() if i != winners[0]), codes
+    assert stored_tokens(service.engine, "int-race", "shared") == service.engine.tokenize(texts[winners[0]])
+    client.delete("shared", namespace="int-race")
+    for i in range(5):  # NOT_FOUND deletes must not grow the coordinator's lock table either
+        with pytest.raises(grpc.RpcError):
+            client.delete(f"never-{i}", namespace="int-race")
+    assert len(service.engine.cluster.doc_locks) == 0
+
+
+def test_unexpected_errors_reach_clients_without_internals():
+    """A bug inside a handler becomes INTERNAL with an incident id; its text (paths, addresses) stays in the log."""
+    from engram.coordinator.config import EngramConfig
+    from engram.coordinator.server import EngramService
+
+    class Aborted(Exception):
+        pass
+
+    class Context:
+        def invocation_metadata(self):
+            return ()
+
+        async def abort(self, code, details):
+            self.code, self.details = code, details
+            raise Aborted
+
+    async def failing():
+        raise RuntimeError("cannot open /var/lib/engram/shard-0/COMMIT.json on 10.0.0.7")
+
+    ctx = Context()
+    with pytest.raises(Aborted):
+        asyncio.run(EngramService(None, EngramConfig())._run(ctx, failing(), "Ask"))
+    assert ctx.code == grpc.StatusCode.INTERNAL and "incident" in ctx.details
+    assert "/var/lib" not in ctx.details and "10.0.0.7" not in ctx.details and "RuntimeError" not in ctx.details

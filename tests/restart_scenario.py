@@ -50,8 +50,8 @@ def main(phase: str, data_dir: str) -> int:
             engine = srv.engine
             misplaced = 0
             for sid, shard in zip(engine.shard_ids, engine.shards):
-                for _, _, hashes in ray.get(shard.chunk_table.remote()):
-                    misplaced += sum(route(h, engine.shard_ids) != sid for h in hashes)
+                for doc in ray.get(shard.chunk_table.remote()):
+                    misplaced += sum(route(h, engine.shard_ids) != sid for h in doc.hashes)
             s = c.stats()
             print(
                 json.dumps(

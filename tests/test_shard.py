@@ -98,6 +98,8 @@ def test_chunks_move_between_shards_exactly_once(tmp_path):
     b = unit_batch(rng, range(5))
     write(src, "a", b, list(range(5)))
     moving = [1, 3, 4]
+    (table,) = src.chunk_table()  # what a rebalance scans
+    assert (table.namespace, table.name, table.hashes) == ("ns", "a", [h(i) for i in range(5)])
     dst.put_blocks(src.export_blocks([h(i) for i in moving]))
     moved = src.doc_chunks("ns", "a").pick(moving)  # rows 1, 3, 4 hold chunks 1, 3, 4
     assert moved.seq == moving

@@ -74,10 +74,12 @@ class Rebalancer:
             while any(n for e, n in c.writes_in_flight.items() if e < epoch):
                 await asyncio.sleep(0.05)  # writes routed the old way finish first: nothing is left behind
             for s in ids:
-                for namespace, name, hashes in await c.call(shards[s].chunk_table):
-                    if any(routing.route(h, ids) != s for h in hashes):
-                        async with c.doc_lock(namespace, name):
-                            self.state.moved_chunks += await self._move_document(s, namespace, name, ids, shards)
+                for doc in await c.call(shards[s].chunk_table):
+                    if any(routing.route(h, ids) != s for h in doc.hashes):
+                        async with c.doc_lock(doc.namespace, doc.name):
+                            self.state.moved_chunks += await self._move_document(
+                                s, doc.namespace, doc.name, ids, shards
+                            )
                 self.state.scanned_shards += 1
             await asyncio.to_thread(c.persist_routing, ids, False)
             log.info("rebalance done: %d chunks moved", self.state.moved_chunks)

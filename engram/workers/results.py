@@ -29,6 +29,15 @@ class ChunkAt:
 
 
 @dataclass
+class DocHashes:
+    """One document on a shard and the content addresses of its chunks there (what a rebalance scans)."""
+
+    namespace: str
+    name: str
+    hashes: list[bytes]
+
+
+@dataclass
 class DocChunks:
     """This shard's chunks of one document, as a move to another shard needs them."""
 

@@ -18,7 +18,7 @@ from ..errors import EngramError, ErrorCode
 from .block_store import EncodedBlocks
 from .chunk_table import ChunkRows
 from .episodic import EpisodicConfig, Memory, hierarchical_readout, new_memory, reference_pinv
-from .results import ChunkAt, Committed, DocChunks, SearchHits, ShardStats
+from .results import ChunkAt, Committed, DocChunks, DocHashes, SearchHits, ShardStats
 from .store import ShardStore
 
 
@@ -167,10 +167,10 @@ class Shard:
         return len(rows)
 
     # --- rebalancing (chunks move to shards added later; copy to the new owner first, then drop here) --------
-    def chunk_table(self) -> list[tuple[str, str, list[bytes]]]:
-        """(namespace, document, content hashes of its chunks here) for every document on this shard."""
+    def chunk_table(self) -> list[DocHashes]:
+        """Every document on this shard with the content addresses of its chunks here."""
         return [
-            (ns, name, self.blocks.hashes(self.chunks.column("block", self.chunks.live_rows(doc))))
+            DocHashes(ns, name, self.blocks.hashes(self.chunks.column("block", self.chunks.live_rows(doc))))
             for (ns, name), doc in self.chunks.lookup.items()
         ]
 

@@ -37,7 +37,7 @@ def test_doc_locks_exclude_and_leave_no_entries():
 def test_identity_is_request_id_and_content():
     assert identity("r1", "text") == identity("r1", "text") != identity("r1", "other text")
     assert identity("r1", "text") != identity("r2", "text")
-    assert identity("", "text") == ""  # without a request id nothing is a replay
+    assert identity("", "text") != identity("", "text")  # without a request id nothing is a replay
 
 
 def test_tokens_file_values_must_be_lists(tmp_path):
@@ -149,3 +149,71 @@ def test_unexpected_errors_reach_clients_without_internals():
         asyncio.run(EngramService(None, EngramConfig())._run(ctx, failing(), "Ask"))
     assert ctx.code == grpc.StatusCode.INTERNAL and "incident" in ctx.details
     assert "/var/lib" not in ctx.details and "10.0.0.7" not in ctx.details and "RuntimeError" not in ctx.details
+
+
+def on_loop(service, coro, timeout: float = 300):
+    return asyncio.run_coroutine_threadsafe(coro, service.loop).result(timeout=timeout)
+
+
+def absent_everywhere(engine, namespace: str, name: str) -> bool:
+    return all(ray.get(s.document_request.remote(namespace, name)) is None for s in engine.shards)
+
+
+def wait_idle(engine, deadline_s: float = 120) -> None:
+    import time
+
+    end = time.time() + deadline_s
+    while engine.cluster.writing or len(engine.cluster.doc_locks):
+        assert time.time() < end, "the write never let go of its document"
+        time.sleep(0.05)
+
+
+@pytest.mark.integration
+def test_a_cancelled_write_leaves_nothing(service):
+    """A client that gives up (deadline, cancel) mid-write: the write takes back what it committed, holding the
+    document's lock until it has, and leaves no intent."""
+    import time
+
+    engine = service.engine
+    cancelled = 0
+    for attempt in range(3):
+        name = f"cancelled-{attempt}"
+        fut = asyncio.run_coroutine_threadsafe(
+            engine.write_document("int-cancel", name, text(f"gone{attempt}", 200), f"req-{attempt}"), service.loop
+        )
+        end = time.time() + 120
+        while not engine.cluster.intents.pending() and not fut.done():  # the write is under way
+            assert time.time() < end
+            time.sleep(0.01)
+        fut.cancel()
+        wait_idle(engine)
+        cancelled += fut.cancelled()
+        if fut.cancelled():
+            assert absent_everywhere(engine, "int-cancel", name)
+        assert engine.cluster.intents.pending() == []
+    assert cancelled, "no cancel landed during a write: the test did not exercise the rollback"
+
+
+@pytest.mark.integration
+def test_restart_repairs_half_committed_writes(service, client):
+    """What a coordinator crash mid-commit leaves: a document committed on one shard only, and its intent. The
+    repair removes exactly that write's chunks; a document acknowledged under another identity is untouched."""
+    from engram.coordinator.intents import Intent
+
+    engine = service.engine
+    half, kept = text("half", 60), text("kept", 60)
+    client.write([("half", half)], namespace="int-repair", request_id="w-half")
+    client.write([("kept", kept)], namespace="int-repair", request_id="w-kept")
+    holders = [s for s in engine.shards if ray.get(s.document_request.remote("int-repair", "half")) is not None]
+    assert len(holders) == 2, "the test needs a document spread over both shards"
+    ray.get(holders[0].delete_document.remote("int-repair", "half"))  # "crashed" after one shard's commit
+    pending = [
+        Intent("int-repair", "half", identity("w-half", half)),
+        Intent("int-repair", "kept", identity("another-request", kept)),  # not the identity that wrote "kept"
+    ]
+    for i in pending:
+        engine.cluster.intents.begin(i)
+    assert on_loop(service, engine.repair(engine.cluster.intents.pending())) == 2
+    assert absent_everywhere(engine, "int-repair", "half")
+    assert stored_tokens(engine, "int-repair", "kept") == engine.tokenize(kept)
+    assert engine.cluster.intents.pending() == [] and not engine.cluster.writing

@@ -100,10 +100,12 @@ class Reader:
         results = await self.cluster.all_shards("search", namespace, z, top_k, readout)
         if not any(r.episodes for r in results):
             raise EngramError(ErrorCode.NOT_FOUND, f"namespace {namespace!r} holds no documents; write some first")
+        writing = {name for ns, name in self.cluster.writing if ns == namespace}  # not whole yet: not served
         hits = [
             Retrieved(float(sc), s, int(b), d, int(q), int(o))
             for s, r in zip(self.cluster.shard_ids, results)
             for sc, b, d, q, o in zip(r.score, r.block, r.doc, r.seq, r.offset)
+            if d not in writing
         ]
         hits = top_hits(hits, top_k, self.cfg.ask.min_score_ratio)
         merged = None

@@ -20,6 +20,7 @@ from ..workers.embedder import Embedder
 from ..workers.encoder import Encoder
 from . import routing
 from .config import EngramConfig, block_layout
+from .intents import IntentLog
 from .locks import DocLocks
 from .retry import actor_down, retry
 from .shard_actor import ShardActor
@@ -45,6 +46,8 @@ class Cluster:
         self.epoch = 0
         self.writes_in_flight: collections.Counter[int] = collections.Counter()
         self.doc_locks = DocLocks()
+        self.writing: set[tuple[str, str]] = set()  # (namespace, document) of new documents being written
+        self.intents = IntentLog(cfg.shard.data_dir, cfg.shard.fsync)
         self._start_actors()
 
     # --- routing table -----------------------------------------------------------------------------------------

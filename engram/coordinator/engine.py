@@ -6,6 +6,7 @@ thread."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 
 from ..decoder import model as decoder_model
@@ -16,6 +17,8 @@ from .cluster import Cluster
 from .config import EngramConfig
 from .rebalance import Rebalancer, RebalanceState
 from .write import Writer, Written
+
+log = logging.getLogger("engram")
 
 
 @dataclass
@@ -110,7 +113,22 @@ class Engine:
         return await self.rebalancer.rebalance()
 
     def start_background(self) -> None:
+        """On the serving loop: repair writes a crashed coordinator left half-committed, finish a rebalance."""
+        pending = self.cluster.intents.pending()
+        self.cluster.writing |= {(i.namespace, i.name) for i in pending}  # not served until repaired
+        self._repair = asyncio.ensure_future(self.repair(pending))
         self.rebalancer.resume()
+
+    async def repair(self, intents) -> int:
+        """Take back the chunks of each unfinished write (its identity's only), under the document's lock."""
+        for intent in intents:
+            async with self.cluster.doc_lock(intent.namespace, intent.name):
+                try:
+                    await self.writer.rollback(intent)
+                finally:
+                    self.cluster.writing.discard((intent.namespace, intent.name))
+            log.info("repaired an unfinished write of %s/%s", intent.namespace, intent.name)
+        return len(intents)
 
     def shutdown(self) -> None:
         self.cluster.shutdown()

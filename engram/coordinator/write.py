@@ -6,11 +6,13 @@ import asyncio
 import hashlib
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 
 from ..errors import EngramError, ErrorCode, error_of
 from . import routing
 from .cluster import Cluster
+from .intents import Intent
 from .retry import retry, shard_failure
 
 log = logging.getLogger("engram")
@@ -25,10 +27,8 @@ class Written:
 
 def identity(request_id: str, text: str) -> str:
     """What shards store as a document's request: the client's request id and a digest of the text, so a replay
-    is recognised only when both match ("" without a request id: nothing is a replay)."""
-    if not request_id:
-        return ""
-    return f"{request_id}|{hashlib.blake2b(text.encode(), digest_size=16).hexdigest()}"
+    is recognised only when both match. Without a request id a fresh one: nothing is a replay of it."""
+    return f"{request_id or 'once-' + uuid.uuid4().hex}|{hashlib.blake2b(text.encode(), digest_size=16).hexdigest()}"
 
 
 class Writer:
@@ -49,7 +49,10 @@ class Writer:
         c.writes_in_flight[epoch] += 1
         try:  # the routing this write starts with is the one it finishes with (a rebalance waits for it)
             async with c.doc_lock(namespace, name):
-                return await self._write(namespace, name, text, identity(request_id, text), c.shard_ids, c.shards)
+                try:
+                    return await self._write(namespace, name, text, identity(request_id, text), c.shard_ids, c.shards)
+                finally:
+                    c.writing.discard((namespace, name))
         finally:
             c.writes_in_flight[epoch] -= 1
 
@@ -57,7 +60,7 @@ class Writer:
         self, namespace: str, name: str, text: str, request_id: str, shard_ids: list[int], shards: list
     ) -> Written:
         existing = await self.cluster.all_shards("document_request", namespace, name, shards=shards)
-        if any(r is not None and (not request_id or r != request_id) for r in existing):
+        if any(r is not None and r != request_id for r in existing):
             raise EngramError(
                 ErrorCode.ALREADY_EXISTS,
                 f"document {name!r} already exists in namespace "
@@ -74,7 +77,13 @@ class Writer:
         async def wait_for_shards(attempt: int, exc: BaseException) -> None:
             await asyncio.gather(*[self.cluster.call(s.stats) for s in shards], return_exceptions=True)
 
+        intent = Intent(namespace, name, request_id)
+        fresh = all(r is None for r in existing)  # never touch a document an earlier request acknowledged
+        if fresh:
+            self.cluster.writing.add((namespace, name))  # reads skip the document until it is whole
         try:
+            if fresh:
+                await self._finish(asyncio.to_thread(self.cluster.intents.begin, intent))
             new_blocks = await retry(
                 lambda: self._write_once(namespace, name, request_id, chunks, hashes, per_shard, shards),
                 self.cfg.cluster.write_attempts,
@@ -82,12 +91,16 @@ class Writer:
                 wait_for_shards,
                 what=f"write {namespace}/{name}",
             )
-            return Written(len(chunks), len(ids), new_blocks)
-        except Exception as exc:
-            if all(r is None for r in existing):  # never touch a document an earlier request acknowledged
-                await asyncio.gather(
-                    *[self.cluster.call(s.delete_document, namespace, name) for s in shards], return_exceptions=True
-                )
+        except BaseException as exc:  # failed, or cancelled (client deadline): take back what this write committed
+            if fresh:
+                try:
+                    await self._finish(self.rollback(intent, shards))
+                except Exception:
+                    log.exception(
+                        "rollback of %s/%s did not finish; its intent is repaired on restart", namespace, name
+                    )
+            if not isinstance(exc, Exception):
+                raise
             err = error_of(exc)
             if err is not None and err.code != ErrorCode.STALE:
                 raise EngramError(err.code, str(err)) from None
@@ -98,6 +111,34 @@ class Writer:
                 f"write of {name!r} failed ({type(exc).__name__}) and was "
                 "rolled back; nothing of it is stored, retry with the same request_id",
             ) from None
+        if fresh:
+            await self._finish(asyncio.to_thread(self.cluster.intents.end, intent))  # before the acknowledgement
+        return Written(len(chunks), len(ids), new_blocks)
+
+    async def rollback(self, intent: Intent, shards: list | None = None) -> None:
+        """Remove this write's chunks from every shard (only this identity's), then its intent. Retried until the
+        shards answer: an intent stays on disk, to be repaired on the next start, if they never do."""
+        await self.cluster.all_shards("delete_document", intent.namespace, intent.name, intent.identity, shards=shards)
+        await asyncio.to_thread(self.cluster.intents.end, intent)
+
+    @staticmethod
+    async def _finish(work) -> None:
+        """Run `work` to the end even if this request is cancelled meanwhile, then let the cancellation through.
+        The document lock stays held all along, so no retry of the write interleaves with its rollback."""
+        task = asyncio.ensure_future(work)
+        cancelled = False
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                cancelled = True
+            except Exception:
+                break
+        if cancelled:
+            if not task.cancelled():
+                task.exception()  # seen: the cancellation is what the caller gets
+            raise asyncio.CancelledError
+        task.result()  # its own failure, if any
 
     async def _write_once(
         self, namespace: str, name: str, request_id: str, chunks, hashes, per_shard, shards: list

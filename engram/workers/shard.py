@@ -155,10 +155,11 @@ class Shard:
         self._remember(namespace, blocks, episodes)
         return doc
 
-    def delete_document(self, namespace: str, name: str) -> int:
-        """Remove a document from both memories; episodic rows go by the exact α = −1 update. -> chunks removed."""
+    def delete_document(self, namespace: str, name: str, request: str | None = None) -> int:
+        """Remove a document from both memories; episodic rows go by the exact α = −1 update. -> chunks removed.
+        request: only if the document was written by this request (a failed write takes back its own chunks)."""
         doc = self.chunks.doc(namespace, name)
-        if doc is None:
+        if doc is None or (request is not None and self.chunks.request(doc) != request):
             return 0
         rows = self.chunks.live_rows(doc)
         with self.store.transaction():

@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import EngramError, ErrorCode
 from ..workers.episodic import hierarchical_readout, reference_pinv
 from .cluster import Cluster
+from .retry import actor_down, retry
 
 
 @dataclass
@@ -161,17 +162,14 @@ class Reader:
             t_call = time.perf_counter()
             out = await c.decoder.answer_tokens.remote(question, max_new_tokens, tokens)
         else:
-            rows, where = by_shard(reading)
-            shards = list(rows)
-            refs = [c.shards[s].fetch.options(num_returns=2).remote(rows[s]) for s in shards]
-            order = [(shards.index(s), i) for s, i in where]
-            t_call = time.perf_counter()
-            answer = c.decoder.answer.remote(
-                question, c.layout.chunk_tokens, max_new_tokens, order, *[blocks for _, blocks in refs]
-            )
-            shard_tokens = await asyncio.gather(*[tok for tok, _ in refs])
-            tokens = [shard_tokens[shards.index(s)][i] for s, i in where]
-            out = await answer
+            try:  # a shard or the decoder restarting mid-ask: fetch and decode again (reads are idempotent)
+                out, tokens, t_call = await retry(
+                    lambda: self._answer_from_blocks(question, reading, max_new_tokens), 5, actor_down
+                )
+            except Exception as exc:
+                if actor_down(exc):
+                    raise EngramError(ErrorCode.UNAVAILABLE, "a memory shard went down during the ask; retry") from None
+                raise
         # Durations only (never wall clocks of two processes): the decoder reports how long it worked; the rest
         # of the round trip was spent before it could start (blocks in transit, queueing behind other asks).
         waited = time.perf_counter() - t_call - out.busy_s
@@ -182,6 +180,26 @@ class Reader:
             total_s=time.perf_counter() - t0,
         )
         return AskResult(out.text, reading, [self.tokenizer.decode(t) for t in tokens], timings, out.context_tokens)
+
+    async def _answer_from_blocks(self, question: str, reading: list[Retrieved], max_new_tokens: int):
+        """-> (the decoder's answer over the blocks, each hit's token ids, when the decoder was called). One call
+        per shard: its tokens come here, its blocks go straight to the decoder worker."""
+        c = self.cluster
+        rows, where = by_shard(reading)
+        shards = list(rows)
+        refs = [c.shards[s].fetch.options(num_returns=2).remote(rows[s]) for s in shards]
+        order = [(shards.index(s), i) for s, i in where]
+        t_call = time.perf_counter()
+        answer = c.decoder.answer.remote(
+            question, c.layout.chunk_tokens, max_new_tokens, order, *[blocks for _, blocks in refs]
+        )
+        try:
+            shard_tokens = await asyncio.gather(*[tok for tok, _ in refs])
+        except Exception:
+            await asyncio.gather(answer, return_exceptions=True)  # it fails too (same inputs): collect it
+            raise
+        tokens = [shard_tokens[shards.index(s)][i] for s, i in where]
+        return await answer, tokens, t_call
 
     async def read(self, namespace: str, query: str, top_k: int) -> ReadResult:
         t0 = time.perf_counter()

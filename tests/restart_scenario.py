@@ -1,7 +1,7 @@
 """One phase of the coordinator-restart test (tests/test_restart.py): each phase is a whole process with its
 own Ray, like `engram serve` started, stopped and started again on one data_dir.
 
-    python tests/restart_scenario.py write|ask|wrong-shards|resume DATA_DIR
+    python tests/restart_scenario.py write|ask|wrong-shards|resume|health DATA_DIR
 """
 
 import json
@@ -33,6 +33,8 @@ def main(phase: str, data_dir: str) -> int:
             print(json.dumps({"error": str(e)}))
             return 0
         return 1
+    if phase == "health":
+        return health(cfg, data_dir)
     with BackgroundServer(cfg) as srv, EngramClient(srv.address, timeout=300) as c:
         assert getattr(srv.server, "metrics_port", None) is None  # no /metrics endpoint was started
         if phase == "write":
@@ -72,6 +74,39 @@ def main(phase: str, data_dir: str) -> int:
                 }
             )
         )
+    return 0
+
+
+def health(cfg: EngramConfig, data_dir: str) -> int:
+    """A start finds a write intent a crash left and repairs it; health is NOT_SERVING once no shard answers."""
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from engram.coordinator.intents import Intent, IntentLog
+
+    IntentLog(data_dir).begin(Intent("rs", "ghost", "never-acknowledged|0"))
+    cfg.server.health_interval_s = 0.5
+    out = {}
+    with BackgroundServer(cfg) as srv, grpc.insecure_channel(srv.address) as ch:
+        probe = health_pb2_grpc.HealthStub(ch)
+
+        def status() -> str:
+            r = probe.Check(health_pb2.HealthCheckRequest(service="engram.v1.Engram"), timeout=10)
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+        deadline = time.time() + 60
+        while IntentLog(data_dir).pending() and time.time() < deadline:
+            time.sleep(0.1)
+        out["intents_left"] = len(IntentLog(data_dir).pending())
+        out["before"] = status()
+        for shard in srv.engine.shards:
+            ray.kill(shard, no_restart=True)
+        while status() == "SERVING" and time.time() < deadline:
+            time.sleep(0.2)
+        out["after"] = status()
+    print(json.dumps(out))
     return 0
 
 

@@ -1,5 +1,6 @@
-"""What is acknowledged is exactly what is stored: no mixed documents from repeated names in a stream, request
-ids replayed with new text, or concurrent writers of one name (issue #14, first findings)."""
+"""What is acknowledged is exactly what is stored (issue #14): no mixed documents from repeated names in a stream,
+request ids replayed with new text or concurrent writers of one name; a cancelled or crashed write leaves nothing;
+admission control; no internals in errors."""
 
 import asyncio
 import threading
@@ -8,9 +9,9 @@ import grpc
 import pytest
 import ray
 
+from engram.coordinator.auth import Auth
 from engram.coordinator.client import EngramClient
 from engram.coordinator.locks import DocLocks
-from engram.coordinator.server import Auth
 from engram.coordinator.write import identity
 
 
@@ -217,3 +218,38 @@ def test_restart_repairs_half_committed_writes(service, client):
     assert absent_everywhere(engine, "int-repair", "half")
     assert stored_tokens(engine, "int-repair", "kept") == engine.tokenize(kept)
     assert engine.cluster.intents.pending() == [] and not engine.cluster.writing
+
+
+@pytest.mark.integration
+def test_admission_control_refuses_past_the_limit(service):
+    """Past server.max_concurrent_rpcs requests in progress, new ones get RESOURCE_EXHAUSTED at once (here a second
+    server on the same engine, limited to 2)."""
+    import copy
+
+    from engram.coordinator.server import start_server
+
+    cfg = copy.deepcopy(service.cfg)
+    cfg.server.max_concurrent_rpcs, cfg.server.metrics_port = 2, -1
+    server, port = on_loop(service, start_server(service.engine, cfg, 0))
+    codes: list = []
+    try:
+        with EngramClient(f"127.0.0.1:{port}", timeout=300) as c:
+            c.write([("pk", text("admission", 20))], namespace="int-admit")
+
+            def ask() -> None:
+                try:
+                    c.ask("Which shelf holds jars?", namespace="int-admit", max_new_tokens=24)
+                    codes.append("OK")
+                except grpc.RpcError as e:
+                    codes.append(e.code().name)
+
+            threads = [threading.Thread(target=ask) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        service.loop.call_soon_threadsafe(server.health_task.cancel)
+        on_loop(service, server.stop(grace=1))
+    assert codes.count("OK") >= 2 and "RESOURCE_EXHAUSTED" in codes, codes
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes

@@ -36,3 +36,5 @@ def test_coordinator_restart(tmp_path):
     after = phase("resume", tmp_path)
     assert after["answer"] == first["answer"] and after["counts"][:4] == first["counts"][:4]
     assert json.loads(path.read_text())["rebalancing"] is False
+    # a start repairs what a crash left mid-write; health goes NOT_SERVING when no shard answers
+    assert phase("health", tmp_path) == {"intents_left": 0, "before": "SERVING", "after": "NOT_SERVING"}

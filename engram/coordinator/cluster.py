@@ -166,6 +166,17 @@ class Cluster:
         """Call one retry-safe method on every shard (or on `shards`), in parallel."""
         return await asyncio.gather(*[self.call(getattr(s, name), *args) for s in shards or self.shards])
 
+    async def ping(self, timeout: float) -> int:
+        """How many shards answer within `timeout` seconds (no retries: this is the health probe)."""
+
+        async def one(shard) -> None:
+            await shard.ping.remote()
+
+        answers = await asyncio.gather(
+            *[asyncio.wait_for(one(s), timeout) for s in self.shards], return_exceptions=True
+        )
+        return sum(not isinstance(a, BaseException) for a in answers)
+
     def shutdown(self) -> None:
         for a in [*self.shards, *self.encoders, self.embedder, self.decoder]:
             ray.kill(a, no_restart=True)

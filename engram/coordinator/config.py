@@ -26,6 +26,8 @@ class ServerConfig:
     tls_key_file: str | None = None
     metrics_port: int | None = 9464  # Prometheus /metrics over HTTP on `host`; -1 (or None) = off, 0 = any free port
     metrics_refresh_s: float = 15.0  # how often per-shard gauges are refreshed from the shards
+    max_concurrent_rpcs: int = 256  # RPCs in progress at once; more are refused with RESOURCE_EXHAUSTED (0 = no limit)
+    health_interval_s: float = 5.0  # how often the gRPC health status is checked against the shards
     log_format: str = "text"  # "json": one JSON object per log line (for log shippers)
 
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
-import tomllib
 import uuid
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from ..errors import EngramError, ErrorCode
 from ..proto import engram_pb2 as pb
 from ..proto import engram_pb2_grpc as pb_grpc
+from .auth import Auth, AuthError
 from .config import EngramConfig
 from .engine import ClusterStats, Engine
 from .metrics import Metrics
@@ -88,53 +87,6 @@ def stats_reply(s: ClusterStats) -> pb.StatsReply:
             error=r.error,
         ),
     )
-
-
-class Auth:
-    """Bearer tokens from the tokens file; None when authentication is off."""
-
-    def __init__(self, tokens_file: str | None):
-        self.tokens: dict[str, set[str]] | None = None
-        if tokens_file:
-            data = tomllib.loads(Path(tokens_file).read_text())
-            self.tokens = {}
-            for tok, namespaces in data.get("tokens", {}).items():
-                # a bare string would silently become a set of its characters
-                if not isinstance(namespaces, list) or not all(isinstance(n, str) and n for n in namespaces):
-                    raise ValueError(
-                        f"{tokens_file}: each token's value must be a list of namespace names, e.g. "
-                        '"<token>" = ["alice"] (or ["*"]); one is not'
-                    )
-                self.tokens[tok] = set(namespaces)
-            if not self.tokens:
-                raise ValueError(f"{tokens_file} has no [tokens] table; see README (Security)")
-
-    def check(self, context, namespace: str | None) -> None:
-        """namespace None = cluster-wide (Stats): needs a "*" token."""
-        if self.tokens is None:
-            return
-        header = dict(context.invocation_metadata()).get("authorization", "")
-        if not header.startswith("Bearer "):
-            raise AuthError(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing credentials: send gRPC metadata 'authorization: Bearer <token>'",
-            )
-        presented = header[len("Bearer ") :].encode()
-        allowed = None
-        for token, namespaces in self.tokens.items():  # compare every token in constant time
-            if hmac.compare_digest(token.encode(), presented):
-                allowed = namespaces
-        if allowed is None:
-            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "unknown token")
-        if "*" not in allowed and (namespace is None or namespace not in allowed):
-            what = "cluster-wide statistics" if namespace is None else f"namespace {namespace!r}"
-            raise AuthError(grpc.StatusCode.PERMISSION_DENIED, f"this token may not access {what}")
-
-
-class AuthError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 class EngramService(pb_grpc.EngramServicer):
@@ -316,7 +268,10 @@ async def start_server(engine: Engine, cfg: EngramConfig, port: int | None = Non
     Prometheus endpoint (server.metrics_port) and resumes an unfinished rebalance."""
     limit = cfg.server.max_message_bytes
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        # admission control: past this many RPCs in progress, new ones get RESOURCE_EXHAUSTED at once instead of
+        # queueing without bound (clients back off and retry)
+        maximum_concurrent_rpcs=cfg.server.max_concurrent_rpcs or None,
     )
     metrics = Metrics()
     service = EngramService(engine, cfg, metrics)
@@ -342,9 +297,29 @@ async def start_server(engine: Engine, cfg: EngramConfig, port: int | None = Non
         server.metrics_port = metrics.serve(cfg.server.host, cfg.server.metrics_port)
         server.metrics_task = asyncio.ensure_future(metrics.refresh_forever(engine, cfg.server.metrics_refresh_s))
     server.engram_metrics = metrics
+    server.health_task = asyncio.ensure_future(watch_health(engine, health_servicer, cfg.server.health_interval_s))
     engine.start_background()
     log.info("engram serving on %s:%d", cfg.server.host, bound)
     return server, bound
+
+
+async def watch_health(engine: Engine, servicer, interval_s: float) -> None:
+    """SERVING while at least one shard answers, NOT_SERVING when none does (load balancers and Kubernetes probes
+    stop sending requests that could only fail)."""
+    status = health_pb2.HealthCheckResponse
+    serving = True
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            up = await engine.cluster.ping(timeout=max(interval_s, 1.0))
+        except Exception:
+            up = 0
+        if (up > 0) != serving:
+            serving = up > 0
+            log.warning(
+                "health: %d of %d shards answer; %s", up, len(engine.shards), "SERVING" if serving else "NOT_SERVING"
+            )
+            await servicer.set("engram.v1.Engram", status.SERVING if serving else status.NOT_SERVING)
 
 
 async def serve_forever(cfg: EngramConfig) -> None:
@@ -381,6 +356,7 @@ class BackgroundServer:
 
     def stop(self) -> None:
         if self.server is not None:
+            self.loop.call_soon_threadsafe(self.server.health_task.cancel)
             asyncio.run_coroutine_threadsafe(self.server.stop(grace=1), self.loop).result(timeout=30)
             self.server.engram_metrics.stop()
         self.loop.call_soon_threadsafe(self.loop.stop)

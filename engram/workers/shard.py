@@ -298,6 +298,9 @@ class Shard:
     def tokens(self, blocks: list[int]) -> list[list[int]]:
         return self.blocks.tokens(blocks)
 
+    def ping(self) -> int:
+        return self.shard_id
+
     def documents(self) -> list[tuple[str, str]]:
         return self.chunks.documents()
 

@@ -1,0 +1,56 @@
+"""Per-namespace bearer tokens (gRPC metadata `authorization: Bearer <token>`), from a TOML tokens file."""
+
+from __future__ import annotations
+
+import hmac
+import tomllib
+from pathlib import Path
+
+import grpc
+
+
+class Auth:
+    """Bearer tokens from the tokens file; None when authentication is off."""
+
+    def __init__(self, tokens_file: str | None):
+        self.tokens: dict[str, set[str]] | None = None
+        if tokens_file:
+            data = tomllib.loads(Path(tokens_file).read_text())
+            self.tokens = {}
+            for tok, namespaces in data.get("tokens", {}).items():
+                # a bare string would silently become a set of its characters
+                if not isinstance(namespaces, list) or not all(isinstance(n, str) and n for n in namespaces):
+                    raise ValueError(
+                        f"{tokens_file}: each token's value must be a list of namespace names, e.g. "
+                        '"<token>" = ["alice"] (or ["*"]); one is not'
+                    )
+                self.tokens[tok] = set(namespaces)
+            if not self.tokens:
+                raise ValueError(f"{tokens_file} has no [tokens] table; see README (Security)")
+
+    def check(self, context, namespace: str | None) -> None:
+        """namespace None = cluster-wide (Stats): needs a "*" token."""
+        if self.tokens is None:
+            return
+        header = dict(context.invocation_metadata()).get("authorization", "")
+        if not header.startswith("Bearer "):
+            raise AuthError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing credentials: send gRPC metadata 'authorization: Bearer <token>'",
+            )
+        presented = header[len("Bearer ") :].encode()
+        allowed = None
+        for token, namespaces in self.tokens.items():  # compare every token in constant time
+            if hmac.compare_digest(token.encode(), presented):
+                allowed = namespaces
+        if allowed is None:
+            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "unknown token")
+        if "*" not in allowed and (namespace is None or namespace not in allowed):
+            what = "cluster-wide statistics" if namespace is None else f"namespace {namespace!r}"
+            raise AuthError(grpc.StatusCode.PERMISSION_DENIED, f"this token may not access {what}")
+
+
+class AuthError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code

@@ -41,6 +41,7 @@ def main():
     ap.add_argument("--config", help="engram.toml for the service (e.g. [encoder] kv_dtype)")
     args = ap.parse_args()
     cfg = EngramConfig.load(args.config)
+    cfg.cluster.dedup_scope = "cluster"  # one tenant: haystack segments are shared across the case namespaces
     cfg.server.metrics_port = None
     cfg.shard.data_dir = tempfile.mkdtemp(prefix="engram-sweep-")
     rng = random.Random(0)

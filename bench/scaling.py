@@ -39,6 +39,7 @@ def run(shards: int, totals: list[int], doc_tokens: int, asks: int, num_cpus: in
 
     cfg = EngramConfig()
     cfg.cluster.shards, cfg.cluster.num_cpus, cfg.server.metrics_port = shards, num_cpus, None
+    cfg.cluster.dedup_scope = "cluster"  # one tenant: identical filler shared across namespaces, as measured before
     rows = []
     with tempfile.TemporaryDirectory(prefix="engram-scale-") as tmp:
         cfg.shard.data_dir = tmp

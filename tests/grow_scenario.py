@@ -82,9 +82,9 @@ def main() -> int:
         missing = duplicated = misplaced = 0
         for doc, n in acked.items():
             ids = engine.tokenize(texts[doc])
+            chunks = routing.split(ids, engine.layout.chunk_tokens, engine.cfg.encoder.context_tokens)
             want = {
-                ch.seq: routing.route(routing.chunk_hash(ch.tokens, engine.fingerprint, ch.context), engine.shard_ids)
-                for ch in routing.split(ids, engine.layout.chunk_tokens, engine.cfg.encoder.context_tokens)
+                ch.seq: routing.route(h, engine.shard_ids) for ch, h in zip(chunks, engine.writer.addresses(NS, chunks))
             }
             assert len(want) == n
             where: dict[int, list[int]] = {}

@@ -24,6 +24,9 @@ def test_context_is_the_tokens_just_before_and_part_of_the_address():
     tail = chunks[1]
     assert chunk_hash(tail.tokens, "f") != chunk_hash(tail.tokens, "f", tail.context)
     assert chunk_hash(tail.tokens, "f", []) == chunk_hash(tail.tokens, "f")  # stores written without contexts
+    # scoped to a namespace: the same chunk has another address in another namespace ("" = cluster-wide, as before)
+    assert chunk_hash(tail.tokens, "f", tail.context, "alice") != chunk_hash(tail.tokens, "f", tail.context, "bob")
+    assert chunk_hash(tail.tokens, "f", tail.context, "") == chunk_hash(tail.tokens, "f", tail.context)
 
 
 def test_route_is_stable_balanced_and_moves_little_when_growing():

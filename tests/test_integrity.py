@@ -253,3 +253,18 @@ def test_admission_control_refuses_past_the_limit(service):
         on_loop(service, server.stop(grace=1))
     assert codes.count("OK") >= 2 and "RESOURCE_EXHAUSTED" in codes, codes
     assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+
+
+@pytest.mark.integration
+def test_another_namespaces_text_is_not_revealed_by_a_write(service, client):
+    """Finding 3: after one namespace wrote (and deleted) a secret, another namespace writing guesses must learn
+    nothing: the right guess costs and reports exactly what a wrong one does (new_blocks)."""
+    secret = "The vault combination for the Harbor Street branch is 4417-9023-6610, changed every Monday."
+    wrong = "The vault combination for the Harbor Street branch is 5528-1134-7721, changed every Monday."
+    client.write([("memo", secret)], namespace="int-tenant-a")
+    client.delete("memo", namespace="int-tenant-a")
+    right_guess = client.write([("guess-1", secret)], namespace="int-tenant-b").new_blocks
+    wrong_guess = client.write([("guess-2", wrong)], namespace="int-tenant-b").new_blocks
+    assert right_guess == wrong_guess == 1
+    # within one namespace identical chunks still share a block
+    assert client.write([("guess-3", secret)], namespace="int-tenant-b").new_blocks == 0

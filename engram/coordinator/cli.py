@@ -273,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--max-new-tokens", type=int, default=32)
     sp.add_argument("--segment", type=int, default=2048, help="tokens per written document")
     sp.add_argument("--no-full", action="store_true", help="skip the full-context baseline")
+    sp.add_argument(
+        "--dedup-scope",
+        choices=["cluster", "namespace"],
+        default="cluster",
+        help="local service: share identical chunks across the cases' namespaces (cluster, one tenant) or not",
+    )
     sp.add_argument("--delete", action="store_true", help="delete each case's documents after it")
     sp.add_argument("--out", help="path prefix for .json and .png (default bench/results/<task>)")
     sp.set_defaults(fn=cmd_bench)

@@ -54,6 +54,14 @@ class ClusterConfig:
     max_in_flight: int = 0  # encode batches in flight per write; 0 = 2 per encoder
     write_attempts: int = 4  # a document write rides out this many shard failures before giving up
     namespace: str = "engram"  # Ray namespace the actors are registered under
+    # Identical chunks share one stored block within a namespace ("namespace", the default) or across the whole
+    # cluster ("cluster"). Cluster-wide sharing saves encoding and disk when namespaces share text, but then a
+    # writer can tell from `new_blocks` or write latency whether another namespace holds a chunk: single tenant only.
+    dedup_scope: str = "namespace"
+
+    def __post_init__(self):
+        if self.dedup_scope not in ("namespace", "cluster"):
+            raise ValueError(f"cluster.dedup_scope must be 'namespace' or 'cluster', not {self.dedup_scope!r}")
 
 
 @dataclass

@@ -39,10 +39,13 @@ def fingerprint(
     )  # fp16 stores predate kv_dtype
 
 
-def chunk_hash(tokens, fingerprint: str, context=()) -> bytes:
-    """Content address of a chunk: its tokens and everything that shapes its stored block (its context too)."""
+def chunk_hash(tokens, fingerprint: str, context=(), scope: str = "") -> bytes:
+    """Content address of a chunk: its tokens and everything that shapes its stored block (its context too), and
+    the namespace it may be shared within (scope; "" = the whole cluster, as stores written before scopes)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(fingerprint.encode())
+    if scope:
+        h.update(b"ns%d:" % len(scope.encode()) + scope.encode())
     if len(context):
         h.update(b"ctx%d:" % len(context) + np.asarray(context, dtype=np.int32).tobytes())
     h.update(np.asarray(tokens, dtype=np.int32).tobytes())

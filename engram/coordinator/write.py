@@ -70,7 +70,7 @@ class Writer:
         if not ids:
             raise EngramError(ErrorCode.INVALID, f"document {name!r} has no tokens")
         chunks = routing.split(ids, self.cluster.layout.chunk_tokens, self.cfg.encoder.context_tokens)
-        hashes = [routing.chunk_hash(ch.tokens, self.cluster.fingerprint, ch.context) for ch in chunks]
+        hashes = self.addresses(namespace, chunks)
         owner = [routing.route(h, shard_ids) for h in hashes]
         per_shard = {s: [i for i, o in enumerate(owner) if o == s] for s in shard_ids}
 
@@ -114,6 +114,11 @@ class Writer:
         if fresh:
             await self._finish(asyncio.to_thread(self.cluster.intents.end, intent))  # before the acknowledgement
         return Written(len(chunks), len(ids), new_blocks)
+
+    def addresses(self, namespace: str, chunks: list[routing.Chunk]) -> list[bytes]:
+        """The chunks' content addresses, scoped to the namespace unless cluster.dedup_scope = "cluster"."""
+        scope = namespace if self.cfg.cluster.dedup_scope == "namespace" else ""
+        return [routing.chunk_hash(ch.tokens, self.cluster.fingerprint, ch.context, scope) for ch in chunks]
 
     async def rollback(self, intent: Intent, shards: list | None = None) -> None:
         """Remove this write's chunks from every shard (only this identity's), then its intent. Retried until the

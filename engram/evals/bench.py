@@ -45,6 +45,8 @@ def run(args) -> dict:
         if args.data_dir is None:
             tmp = tempfile.TemporaryDirectory(prefix="engram-bench-")
             cfg.shard.data_dir = tmp.name
+        # one tenant, many case namespaces: by default identical haystack segments are shared across them
+        cfg.cluster.dedup_scope = args.dedup_scope
         srv = BackgroundServer(cfg).start()
         address = srv.address
     else:

@@ -16,6 +16,7 @@ import pytest
 import ray
 
 from engram.coordinator.client import EngramClient
+from tests.test_durability import live_pid
 
 pytestmark = pytest.mark.integration
 SECONDS = float(os.environ.get("ENGRAM_SOAK_SECONDS", "30"))
@@ -54,16 +55,6 @@ def stored(engine, namespace: str, name: str) -> tuple[list[int] | None, bool]:
         return None, True
     seqs = sorted(s for s, _ in rows)
     return [t for _, toks in sorted(rows, key=lambda r: r[0]) for t in toks], seqs == list(range(len(seqs)))
-
-
-def alive(shard, deadline: float) -> int:
-    while True:
-        try:
-            return ray.get(shard.stats.remote(), timeout=30).pid
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
-            if time.time() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def check(engine, ops: list[Op]) -> dict:
@@ -142,14 +133,14 @@ def test_soak_concurrent_clients_with_shard_kills(service):
     rng, kills, deadline = random.Random(7), 0, time.time() + SECONDS
     while time.time() < deadline:
         time.sleep(rng.uniform(1.0, 3.0))
-        os.kill(alive(rng.choice(engine.shards), time.time() + 120), signal.SIGKILL)
+        os.kill(live_pid(rng.choice(engine.shards), time.time() + 120), signal.SIGKILL)
         kills += 1
     stop.set()
     for t in threads:
         t.join(timeout=900)
-    assert not any(t.is_alive() for t in threads)
+    assert not any(t.is_live_pid() for t in threads)
     for s in engine.shards:
-        alive(s, time.time() + 120)
+        live_pid(s, time.time() + 120)
     result = check(engine, ops)
     kinds = {k: sum(o.kind == k for o in ops) for k in ("write", "delete", "ask")}
     acked = {k: sum(o.kind == k and o.outcome == "OK" for o in ops) for k in ("write", "delete", "ask")}

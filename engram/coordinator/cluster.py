@@ -8,12 +8,12 @@ import collections
 import itertools
 import json
 import logging
-import os
 from pathlib import Path
 
 import ray
 
 from ..decoder import model as decoder_model
+from ..durable import write_atomically
 from ..errors import EngramError, ErrorCode
 from ..workers.decoder_worker import DecoderWorker
 from ..workers.embedder import Embedder
@@ -81,12 +81,8 @@ class Cluster:
     def persist_routing(self, shard_ids: list[int], rebalancing: bool) -> None:
         path = Path(self.cfg.shard.data_dir) / "cluster.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"shards": shard_ids, "fingerprint": self.fingerprint, "rebalancing": rebalancing}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        table = {"shards": shard_ids, "fingerprint": self.fingerprint, "rebalancing": rebalancing}
+        write_atomically(path, json.dumps(table))
 
     def doc_lock(self, namespace: str, name: str):
         """`async with cluster.doc_lock(ns, name)`: one write, delete or move of a document at a time."""

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from ..durable import fsync_dir, write_atomically
 
 
 @dataclass(frozen=True)
@@ -33,18 +34,12 @@ class IntentLog:
         return self.dir / f"{key}.json"
 
     def begin(self, intent: Intent) -> None:
-        path, tmp = self._path(intent), self._path(intent).with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(asdict(intent), f)
-            f.flush()
-            if self.fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-        self._sync_dir()
+        write_atomically(self._path(intent), json.dumps(asdict(intent)), self.fsync)
 
     def end(self, intent: Intent) -> None:
         self._path(intent).unlink(missing_ok=True)
-        self._sync_dir()
+        if self.fsync:
+            fsync_dir(self.dir)
 
     def pending(self) -> list[Intent]:
         out = []
@@ -54,11 +49,3 @@ class IntentLog:
             except (ValueError, TypeError):  # torn before its rename cannot happen; anything else is not ours
                 continue
         return out
-
-    def _sync_dir(self) -> None:
-        if self.fsync:
-            fd = os.open(self.dir, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from ..durable import write_atomically
+
 ROW_CHUNK = 4096  # Zarr chunk length of the small per-row tables
 COMMIT = "COMMIT.json"
 
@@ -94,19 +96,7 @@ class Tables:
         record = {**meta, **counts}
         if self.fsync:
             os.sync()  # the Zarr chunk files written since the last commit
-        tmp = self.path / f"{COMMIT}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(record, f)
-            f.flush()
-            if self.fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, self.path / COMMIT)
-        if self.fsync:
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        write_atomically(self.path / COMMIT, json.dumps(record), self.fsync)
         self.counts, self.staged, self.record = counts, dict.fromkeys(self.tables, 0), record
         self.commits += 1
 

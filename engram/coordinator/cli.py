@@ -171,6 +171,20 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def cmd_compact(args) -> int:
+    with _client(args) as c:
+        try:
+            r = c.compact()
+        except Exception as e:
+            return _fail(e)
+    for sh in r.shards:
+        print(
+            f"shard {sh.shard}: {sh.blocks_before} -> {sh.blocks_after} blocks, "
+            f"{sh.bytes_before / 1e6:.1f} -> {sh.bytes_after / 1e6:.1f} MB"
+        )
+    return 0
+
+
 def cmd_load(args) -> int:
     from ..evals.loadgen import cmd_load as run
 
@@ -248,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("count", type=int)
     sp.add_argument("--no-wait", action="store_true", help="return once the shards serve; rebalance in background")
     sp.set_defaults(fn=cmd_shards_add)
+
+    sp = sub.add_parser("compact", help="reclaim what deletes and moves left on disk (blocks, token ids)")
+    client_args(sp)
+    sp.set_defaults(fn=cmd_compact)
 
     sp = sub.add_parser("load", help="N loopback clients mixing writes and asks for T seconds: errors, p50/p99")
     serve_args(sp)

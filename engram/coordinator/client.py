@@ -93,6 +93,9 @@ class EngramClient:
     def add_shards(self, count: int) -> pb.AddShardsReply:
         return self.stub.AddShards(pb.AddShardsRequest(count=count), timeout=self.timeout, metadata=self.metadata)
 
+    def compact(self) -> pb.CompactReply:
+        return self.stub.Compact(pb.CompactRequest(), timeout=self.timeout, metadata=self.metadata)
+
     def close(self) -> None:
         self.channel.close()
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ..decoder import model as decoder_model
 from ..errors import EngramError, ErrorCode
-from ..workers.results import ShardStats
+from ..workers.results import Compacted, ShardStats
 from .ask import AskResult, Reader, ReadResult
 from .cluster import Cluster
 from .config import EngramConfig
@@ -105,6 +105,12 @@ class Engine:
             full_fp16_kv_bytes_per_token=float(self.layout.full_fp16_bytes_per_token),
             rebalance=RebalanceState(**self.rebalancer.state.as_dict()),
         )
+
+    async def compact(self) -> list[Compacted]:
+        """Every shard rewrites its store without deleted and moved chunks' blocks (not during a rebalance)."""
+        if self.rebalancer.state.running:
+            raise EngramError(ErrorCode.BUSY, "a rebalance is running; compact when Stats shows it finished")
+        return await self.cluster.all_shards("compact")
 
     async def add_shards(self, count: int) -> tuple[list[int], list[int]]:
         return await self.rebalancer.add_shards(count)

@@ -262,6 +262,25 @@ class EngramService(pb_grpc.EngramServicer):
 
         return await self._run(context, go(), "AddShards")
 
+    async def Compact(self, request, context):
+        async def go():
+            self.auth.check(context, None)
+            done = await self.engine.compact()
+            return pb.CompactReply(
+                shards=[
+                    pb.ShardCompaction(
+                        shard=c.shard,
+                        blocks_before=c.blocks_before,
+                        blocks_after=c.blocks_after,
+                        bytes_before=c.bytes_before,
+                        bytes_after=c.bytes_after,
+                    )
+                    for c in done
+                ]
+            )
+
+        return await self._run(context, go(), "Compact")
+
 
 async def start_server(engine: Engine, cfg: EngramConfig, port: int | None = None) -> tuple[grpc.aio.Server, int]:
     """Start serving on cfg.server.host; port 0 picks a free one. Returns (server, bound port). Also starts the

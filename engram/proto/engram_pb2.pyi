@@ -203,3 +203,27 @@ class AddShardsReply(_message.Message):
     shards: _containers.RepeatedScalarFieldContainer[int]
     added: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, shards: _Optional[_Iterable[int]] = ..., added: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class CompactRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ShardCompaction(_message.Message):
+    __slots__ = ("shard", "blocks_before", "blocks_after", "bytes_before", "bytes_after")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    BYTES_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_AFTER_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    blocks_before: int
+    blocks_after: int
+    bytes_before: int
+    bytes_after: int
+    def __init__(self, shard: _Optional[int] = ..., blocks_before: _Optional[int] = ..., blocks_after: _Optional[int] = ..., bytes_before: _Optional[int] = ..., bytes_after: _Optional[int] = ...) -> None: ...
+
+class CompactReply(_message.Message):
+    __slots__ = ("shards",)
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    shards: _containers.RepeatedCompositeFieldContainer[ShardCompaction]
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardCompaction, _Mapping]]] = ...) -> None: ...

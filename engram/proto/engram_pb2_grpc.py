@@ -64,6 +64,11 @@ class EngramStub:
                 request_serializer=engram__pb2.AddShardsRequest.SerializeToString,
                 response_deserializer=engram__pb2.AddShardsReply.FromString,
                 _registered_method=True)
+        self.Compact = channel.unary_unary(
+                '/engram.v1.Engram/Compact',
+                request_serializer=engram__pb2.CompactRequest.SerializeToString,
+                response_deserializer=engram__pb2.CompactReply.FromString,
+                _registered_method=True)
 
 
 class EngramServicer:
@@ -113,6 +118,14 @@ class EngramServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Compact(self, request, context):
+        """Rewrite every shard's store without what deletes and moves left behind (blocks and their token ids); needs a
+        "*" token when auth is on. FAILED_PRECONDITION while a rebalance or a write on a shard is under way.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngramServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +158,11 @@ def add_EngramServicer_to_server(servicer, server):
                     servicer.AddShards,
                     request_deserializer=engram__pb2.AddShardsRequest.FromString,
                     response_serializer=engram__pb2.AddShardsReply.SerializeToString,
+            ),
+            'Compact': grpc.unary_unary_rpc_method_handler(
+                    servicer.Compact,
+                    request_deserializer=engram__pb2.CompactRequest.FromString,
+                    response_serializer=engram__pb2.CompactReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -309,6 +327,33 @@ class Engram:
             '/engram.v1.Engram/AddShards',
             engram__pb2.AddShardsRequest.SerializeToString,
             engram__pb2.AddShardsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Compact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram.v1.Engram/Compact',
+            engram__pb2.CompactRequest.SerializeToString,
+            engram__pb2.CompactReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -61,6 +61,15 @@ class Committed:
 
 
 @dataclass
+class Compacted:
+    shard: int
+    blocks_before: int
+    blocks_after: int
+    bytes_before: int
+    bytes_after: int
+
+
+@dataclass
 class ShardStats:
     shard: int
     node: str

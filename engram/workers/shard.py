@@ -18,8 +18,8 @@ from ..errors import EngramError, ErrorCode
 from .block_store import EncodedBlocks
 from .chunk_table import ChunkRows
 from .episodic import EpisodicConfig, Memory, hierarchical_readout, new_memory, reference_pinv
-from .results import ChunkAt, Committed, DocChunks, DocHashes, SearchHits, ShardStats
-from .store import ShardStore
+from .results import ChunkAt, Committed, Compacted, DocChunks, DocHashes, SearchHits, ShardStats
+from .store import ShardStore, StoreError
 
 
 @dataclass
@@ -166,6 +166,18 @@ class Shard:
             self.chunks.delete_document(doc)
         self._forget(rows)
         return len(rows)
+
+    def compact(self) -> Compacted:
+        """Rewrite the store without what deletes and moves left behind (blocks, token ids), then reload from it."""
+        before = (len(self.blocks), self.store.stored_bytes())
+        try:
+            self.store.compact()
+        except StoreError as e:
+            raise EngramError(ErrorCode.BUSY, str(e)) from None
+        self.store = ShardStore(self.store.path, self.layout, self.cfg.fsync)
+        self.blocks, self.chunks = self.store.blocks, self.store.chunks
+        self._rebuild()
+        return Compacted(self.shard_id, before[0], len(self.blocks), before[1], self.store.stored_bytes())
 
     # --- rebalancing (chunks move to shards added later; copy to the new owner first, then drop here) --------
     def chunk_table(self) -> list[DocHashes]:

@@ -12,10 +12,14 @@ On disk (<data_dir>/shard-<id>/):
 
 from __future__ import annotations
 
+import shutil
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+
+import numpy as np
 
 from ..decoder.layout import BlockLayout
 from .block_store import BLOCKS_IN_RAM, BlockStore, block_schema
@@ -37,20 +41,56 @@ class ShardStore:
                 f"store {self.path} was written with {diff}: configure the same values (e.g. "
                 "[encoder] kv_dtype) to open it, or use a new data_dir"
             )
-        schema = {**block_schema(layout), **CHUNK_SCHEMA}
-        kv = tuple(f"blocks/{c}" for c in layout.block_columns)
-        self.tables = Tables(
-            self.path,
-            schema,
-            in_ram=(*BLOCKS_IN_RAM, *(n for n in CHUNK_SCHEMA)),
-            one_file_per_row=(*kv, "blocks/latent"),
-            uncompressed=("blocks/keys", "blocks/values"),  # zstd gains ~8% on K/V
-            meta={"layout": asdict(layout), "deleted_docs": []},
-            fsync=fsync,
-        )
+        self.fsync = fsync
+        self.tables = self._open_tables()
         self.blocks = BlockStore(self.tables, layout)
         self.chunks = ChunkTable(self.tables, self.tables.record.get("deleted_docs", []))
         self._bytes_at: tuple[int, int] | None = None  # (store version, bytes on disk) of the last walk
+
+    def _open_tables(self, generation: str | None = None) -> Tables:
+        kv = tuple(f"blocks/{c}" for c in self.layout.block_columns)
+        return Tables(
+            self.path,
+            {**block_schema(self.layout), **CHUNK_SCHEMA},
+            in_ram=(*BLOCKS_IN_RAM, *(n for n in CHUNK_SCHEMA)),
+            one_file_per_row=(*kv, "blocks/latent"),
+            uncompressed=("blocks/keys", "blocks/values"),  # zstd gains ~8% on K/V
+            meta={"layout": asdict(self.layout), "deleted_docs": []},
+            fsync=self.fsync,
+            generation=generation,
+        )
+
+    def compact(self, batch: int = 256) -> None:
+        """Write what is live (documents, their chunks, the blocks those use) into a new generation, switch to it
+        with one commit, then remove the old one: deleted and moved chunks' blocks, token ids included, leave the
+        disk. Crash-safe: before the switch the old generation is the store, after it the new one; an open removes
+        whichever the commit record does not name. Reopen the store afterwards."""
+        if any(self.tables.staged.values()):
+            raise StoreError("a write has staged rows on this shard; compact when it has committed")
+        ch, old = self.chunks, self.tables
+        rows = ch.all_live_rows()
+        docs = np.array(sorted(ch.lookup.values()), dtype=np.int64)
+        blocks = np.unique(ch.column("block", rows))
+        new = self._open_tables(generation=f"data-{uuid.uuid4().hex[:12]}.zarr")
+        for start in range(0, len(blocks), batch):  # KV and tokens from disk, a batch at a time
+            sel = blocks[start : start + batch]
+            cols = {
+                name.split("/")[1]: old.ram[name][sel] if name in old.ram else old.read(name, sel)
+                for name in old.arrays
+                if name.startswith("blocks/")
+            }
+            new.append("blocks", cols)
+        if len(docs):
+            new.append(
+                "docs", {name.split("/")[1]: old.ram[name][docs] for name in old.ram if name.startswith("docs/")}
+            )
+        if len(rows):
+            cols = {name.split("/")[1]: old.ram[name][rows] for name in old.ram if name.startswith("chunks/")}
+            cols["block"] = np.searchsorted(blocks, cols["block"])  # renumbered: blocks and docs are sorted
+            cols["doc"] = np.searchsorted(docs, cols["doc"])
+            new.append("chunks", cols)
+        new.commit({"layout": asdict(self.layout), "deleted_docs": []})  # the switch
+        shutil.rmtree(self.path / old.data, ignore_errors=True)
 
     def commit(self) -> None:
         """Make every staged change (blocks, documents, chunks, drops, deletes) durable and visible."""

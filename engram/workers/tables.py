@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from ..durable import write_atomically
 
 ROW_CHUNK = 4096  # Zarr chunk length of the small per-row tables
 COMMIT = "COMMIT.json"
+DATA = "data.zarr"  # the tables' Zarr group; a compacted store names its generation in COMMIT.json
 
 
 class StoreError(RuntimeError):
@@ -37,12 +39,21 @@ class Tables:
         uncompressed: tuple[str, ...],
         meta: dict,
         fsync: bool = True,
+        generation: str | None = None,
     ):
+        """generation: build a new, empty generation of the tables in `generation` (a compaction); its first
+        commit makes it the store's data. Otherwise open the committed one."""
         self.path, self.fsync = path, fsync
         self.path.mkdir(parents=True, exist_ok=True)
-        self.group = zarr.open_group(self.path / "data.zarr", mode="a")
         self.tables = tuple(dict.fromkeys(name.split("/")[0] for name in schema))
-        record = self.read_record_at(path) or {**meta, **dict.fromkeys(self.tables, 0)}
+        committed = None if generation else self.read_record_at(path)
+        record = committed or {**meta, **dict.fromkeys(self.tables, 0)}
+        self.data = generation or record.get("data", DATA)
+        if generation is None:  # what an interrupted compaction left: the generation it built or the one it replaced
+            for old in path.glob("data*.zarr"):
+                if old.name != self.data:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.group = zarr.open_group(self.path / self.data, mode="a")
         self.arrays: dict[str, zarr.Array] = {}
         for name, (row, dtype) in schema.items():
             if name in self.group:
@@ -93,7 +104,7 @@ class Tables:
         if self.closed:
             raise StoreError("the store is closed")
         counts = {t: self.counts[t] + self.staged[t] for t in self.tables}
-        record = {**meta, **counts}
+        record = {**meta, **counts, **({"data": self.data} if self.data != DATA else {})}
         if self.fsync:
             os.sync()  # the Zarr chunk files written since the last commit
         write_atomically(self.path / COMMIT, json.dumps(record), self.fsync)

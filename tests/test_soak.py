@@ -138,7 +138,7 @@ def test_soak_concurrent_clients_with_shard_kills(service):
     stop.set()
     for t in threads:
         t.join(timeout=900)
-    assert not any(t.is_live_pid() for t in threads)
+    assert not any(t.is_alive() for t in threads)
     for s in engine.shards:
         live_pid(s, time.time() + 120)
     result = check(engine, ops)

@@ -171,18 +171,19 @@ class Writer:
                     rate,
                 )
 
-        jobs = []
-        for s, idx in per_shard.items():
-            unique = list(dict.fromkeys(hashes[i] for i in idx))
-            missing = await self.cluster.call(shards[s].missing, unique)
+        unique = {s: list(dict.fromkeys(hashes[i] for i in idx)) for s, idx in per_shard.items()}
+        missing = await asyncio.gather(*[self.cluster.call(shards[s].missing, unique[s]) for s in unique])
+        batches = []  # (shard, chunk indices): the chunks no shard holds yet, first occurrence of each
+        for (s, idx), absent in zip(per_shard.items(), missing):
             first: dict[bytes, int] = {}
             for i in idx:
                 first.setdefault(hashes[i], i)
-            todo = [first[h] for h, m in zip(unique, missing) if m]
+            todo = [first[h] for h, m in zip(unique[s], absent) if m]
             new_blocks += len(todo)
             step = self.cfg.encoder.batch_chunks
-            jobs += [encode_and_put(s, todo[j : j + step]) for j in range(0, len(todo), step)]
-        await asyncio.gather(*jobs)
+            batches += [(s, todo[j : j + step]) for j in range(0, len(todo), step)]
+        # the coroutines are made and awaited together: a cancellation never leaves one unawaited
+        await asyncio.gather(*[encode_and_put(s, batch) for s, batch in batches])
         await asyncio.gather(
             *[
                 shards[s].commit_document.remote(

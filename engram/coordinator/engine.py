@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..decoder import model as decoder_model
 from ..errors import EngramError, ErrorCode
@@ -103,7 +103,7 @@ class Engine:
             bytes_per_token=total["stored_bytes"] / total["tokens"] if total["tokens"] else 0.0,
             unique_bytes_per_token=total["stored_bytes"] / unique_tokens if unique_tokens else 0.0,
             full_fp16_kv_bytes_per_token=float(self.layout.full_fp16_bytes_per_token),
-            rebalance=RebalanceState(**self.rebalancer.state.as_dict()),
+            rebalance=replace(self.rebalancer.state),  # a snapshot: the running one changes
         )
 
     async def compact(self) -> list[Compacted]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from ..errors import EngramError, ErrorCode
 from . import routing
@@ -22,9 +22,6 @@ class RebalanceState:
     scanned_shards: int = 0
     total_shards: int = 0
     error: str = ""
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 class Rebalancer:

@@ -53,39 +53,19 @@ def _chunks(hits, texts) -> list[pb.Chunk]:
     ]
 
 
+def to_message(cls, result, **fields):
+    """A protobuf message from a typed result: the message's own scalar fields, copied by name (so what a result
+    carries beyond them, like a shard's pid, never reaches a client), plus `fields` for the nested ones."""
+    names = [f.name for f in cls.DESCRIPTOR.fields if f.name not in fields]
+    return cls(**{n: getattr(result, n) for n in names}, **fields)
+
+
 def stats_reply(s: ClusterStats) -> pb.StatsReply:
-    shards = [
-        pb.ShardStats(
-            shard=sh.shard,
-            node=sh.node,
-            documents=sh.documents,
-            chunks=sh.chunks,
-            blocks=sh.blocks,
-            tokens=sh.tokens,
-            stored_bytes=sh.stored_bytes,
-            episodes=sh.episodes,
-            resident_bytes=sh.resident_bytes,
-        )
-        for sh in s.shards
-    ]
-    r = s.rebalance
-    return pb.StatsReply(
-        shards=shards,
-        documents=s.documents,
-        chunks=s.chunks,
-        blocks=s.blocks,
-        tokens=s.tokens,
-        stored_bytes=s.stored_bytes,
-        bytes_per_token=s.bytes_per_token,
-        unique_bytes_per_token=s.unique_bytes_per_token,
-        full_fp16_kv_bytes_per_token=s.full_fp16_kv_bytes_per_token,
-        rebalance=pb.Rebalance(
-            running=r.running,
-            moved_chunks=r.moved_chunks,
-            scanned_shards=r.scanned_shards,
-            total_shards=r.total_shards,
-            error=r.error,
-        ),
+    return to_message(
+        pb.StatsReply,
+        s,
+        shards=[to_message(pb.ShardStats, sh) for sh in s.shards],
+        rebalance=to_message(pb.Rebalance, s.rebalance),
     )
 
 
@@ -266,18 +246,7 @@ class EngramService(pb_grpc.EngramServicer):
         async def go():
             self.auth.check(context, None)
             done = await self.engine.compact()
-            return pb.CompactReply(
-                shards=[
-                    pb.ShardCompaction(
-                        shard=c.shard,
-                        blocks_before=c.blocks_before,
-                        blocks_after=c.blocks_after,
-                        bytes_before=c.bytes_before,
-                        bytes_after=c.bytes_after,
-                    )
-                    for c in done
-                ]
-            )
+            return pb.CompactReply(shards=[to_message(pb.ShardCompaction, c) for c in done])
 
         return await self._run(context, go(), "Compact")
 

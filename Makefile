@@ -8,7 +8,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.engram-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-export RAY_AUTH_MODE := disabled
+# Ray's own token authentication (a token is made in ~/.ray/auth_token on first start): nobody without it
+# can reach the shard actors through Ray
+export RAY_AUTH_MODE := token
 
 .PHONY: install demo lint test test-unit test-all proto clean
 

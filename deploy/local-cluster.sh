@@ -7,13 +7,15 @@ set -euo pipefail
 cmd=${1:-up}
 here=$(cd "$(dirname "$0")/.." && pwd)
 bin=${ENGRAM_BIN:-$here/.venv/bin}
-export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} HF_HUB_OFFLINE=1
+# Ray token authentication: every node and `engram serve` read the token from ~/.ray/auth_token (made once here)
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token} HF_HUB_OFFLINE=1
 ray_port=${RAY_PORT:-6390}
 tmp_root=${ENGRAM_RAY_TMP:-/tmp/engram-ray-$ray_port}  # every process of this cluster carries it: `down` stops only them
 case "$cmd" in
   up)
     data=${2:-$here/engram-data}
     port=${3:-50551}
+    if [ "$RAY_AUTH_MODE" = token ]; then "$bin/ray" get-auth-token --generate >/dev/null; fi
     "$bin/ray" start --head --port "$ray_port" --num-cpus 2 --include-dashboard false --disable-usage-stats \
       --temp-dir "$tmp_root" >/dev/null
     for i in 1 2; do

@@ -15,6 +15,7 @@ class ErrorCode(StrEnum):
     ALREADY_EXISTS = "already_exists"  # the document exists (written by another request)
     UNAVAILABLE = "unavailable"  # a shard is down: retry later with the same request_id
     BUSY = "busy"  # an operation that excludes this one is running (a rebalance)
+    EXHAUSTED = "exhausted"  # a bounded queue or quota is full: retry later (with backoff)
     STALE = "stale"  # blocks a writer staged on a shard were lost in a restart: send them again (internal)
 
 

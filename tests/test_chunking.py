@@ -1,6 +1,7 @@
 import os
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from engram.coordinator.config import EngramConfig
@@ -13,14 +14,15 @@ def test_split_restarts_per_document_and_covers_every_token():
     assert [c.offset for c in chunks] == [0, 128, 256]
     assert [len(c.tokens) for c in chunks] == [128, 128, 44]
     assert [t for c in chunks for t in c.tokens] == ids
-    assert all(c.context == [] for c in chunks)
+    assert all(len(c.context) == 0 for c in chunks)
+    assert all(c.tokens.dtype == np.int32 and c.tokens.base is not None for c in chunks)  # views, not copies
 
 
 def test_context_is_the_tokens_just_before_and_part_of_the_address():
     from engram.coordinator.routing import chunk_hash
 
     chunks = split(list(range(300)), 128, context_tokens=32)
-    assert [c.context for c in chunks] == [[], list(range(96, 128)), list(range(224, 256))]
+    assert [c.context.tolist() for c in chunks] == [[], list(range(96, 128)), list(range(224, 256))]
     tail = chunks[1]
     assert chunk_hash(tail.tokens, "f") != chunk_hash(tail.tokens, "f", tail.context)
     assert chunk_hash(tail.tokens, "f", []) == chunk_hash(tail.tokens, "f")  # stores written without contexts

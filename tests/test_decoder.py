@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engram.decoder import blocks as kv
-from engram.decoder.generate import MemoryDecoder, decode_one_token, prefill
+from engram.decoder.generate import MemoryDecoder, decode_one_token, generate, prefill
 from engram.decoder.layout import BlockLayout
 from engram.decoder.model import DecoderConfig, load, model_path, sink_token_id
 from engram.decoder.rope import rerotate
@@ -88,6 +88,25 @@ def test_decode_one_token_equals_a_full_forward(smol):
         second = decode_one_token(model, cache, first, len(ids))
         full = model(input_ids=torch.tensor([[*ids, int(first)]])).logits[0, -1].argmax()
     assert int(second) == int(full)
+
+
+def test_generation_stops_when_its_caller_gives_up(smol):
+    """`stop()` is asked before each step: a cancelled ask stops spending the decoder (the Ray actor's stop is
+    ray's cancellation flag); the tokens made until then are a prefix of the full answer."""
+    from transformers import DynamicCache
+
+    model, tok = smol
+    prompt = tok("Count: one, two, three,", add_special_tokens=False).input_ids
+    asked = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) >= 3
+
+    with torch.inference_mode():
+        full = generate(model, DynamicCache(), prompt, 0, 12, None).ids
+        stopped = generate(model, DynamicCache(), prompt, 0, 12, None, stop).ids
+    assert len(full) == 12 and len(stopped) == 3 and stopped == full[:3]
 
 
 def test_local_model_folder(smol, tmp_path):

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import ray
 
 from ..errors import EngramError, ErrorCode
 from ..workers.episodic import hierarchical_readout, reference_pinv
@@ -85,10 +86,22 @@ def by_shard(hits: list[Retrieved]) -> tuple[dict[int, list[int]], list[tuple[in
     return rows, where
 
 
+async def decoded(answer: ray.ObjectRef):
+    """Await a decoder call; if the ask is cancelled meanwhile (client deadline or disconnect), the call is
+    cancelled too: the decoder skips it if it has not started and stops generating if it has
+    (DecoderWorker.cancelled), instead of spending itself on nobody."""
+    try:
+        return await answer
+    except asyncio.CancelledError:
+        ray.cancel(answer)
+        raise
+
+
 class Reader:
     def __init__(self, cluster: Cluster, tokenizer):
         self.cluster, self.cfg, self.tokenizer = cluster, cluster.cfg, tokenizer
         self.m0_pinv = reference_pinv(self.cfg.shard.episodic)
+        self.queued = 0  # asks in progress: retrieving, waiting for the decoder or being answered
 
     async def namespaces(self) -> set[str]:
         return set().union(*await self.cluster.all_shards("namespaces"))
@@ -153,6 +166,21 @@ class Reader:
         """mode "memory": the decoder attends to the retrieved chunks' stored KV blocks. "rag": the baseline —
         the same retrieved chunks' text prefilled again as the prompt."""
         t0 = time.perf_counter()
+        limit = self.cfg.ask.max_queued_asks
+        if limit and self.queued >= limit:
+            raise EngramError(
+                ErrorCode.EXHAUSTED,
+                f"{self.queued} asks are already waiting for the decoder (ask.max_queued_asks); retry shortly",
+            )
+        self.queued += 1
+        try:
+            return await self._ask(namespace, question, top_k, max_new_tokens, mode, t0)
+        finally:
+            self.queued -= 1
+
+    async def _ask(
+        self, namespace: str, question: str, top_k: int, max_new_tokens: int, mode: str, t0: float
+    ) -> AskResult:
         hits, _, timings = await self.retrieve(namespace, question, top_k)
         reading = arrange(hits + await self.neighbors(namespace, hits), self.cfg.ask.block_order)
         c = self.cluster
@@ -160,7 +188,7 @@ class Reader:
         if mode == "rag":
             tokens = await self.tokens(reading)
             t_call = time.perf_counter()
-            out = await c.decoder.answer_tokens.remote(question, max_new_tokens, tokens)
+            out = await decoded(c.decoder.answer_tokens.remote(question, max_new_tokens, tokens))
         else:
             try:  # a shard or the decoder restarting mid-ask: fetch and decode again (reads are idempotent)
                 out, tokens, t_call = await retry(
@@ -195,11 +223,14 @@ class Reader:
         )
         try:
             shard_tokens = await asyncio.gather(*[tok for tok, _ in refs])
+        except asyncio.CancelledError:
+            ray.cancel(answer)
+            raise
         except Exception:
             await asyncio.gather(answer, return_exceptions=True)  # it fails too (same inputs): collect it
             raise
         tokens = [shard_tokens[shards.index(s)][i] for s, i in where]
-        return await answer, tokens, t_call
+        return await decoded(answer), tokens, t_call
 
     async def read(self, namespace: str, query: str, top_k: int) -> ReadResult:
         t0 = time.perf_counter()

@@ -3,10 +3,38 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import logging
 import tomllib
 from pathlib import Path
 
 import grpc
+
+log = logging.getLogger("engram")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def check_exposure(host: str, tokens_file: str | None, tls: bool, allow_unauthenticated: bool) -> None:
+    """Refuse to serve beyond loopback without bearer tokens: anyone who reaches the port could read, write and
+    delete every namespace. server.allow_unauthenticated = true says the network itself is trusted."""
+    if is_loopback(host):
+        return
+    if not tokens_file and not allow_unauthenticated:
+        raise ValueError(
+            f"server.host {host!r} is reachable beyond this machine but auth.tokens_file is not set: every client "
+            "could read and delete every namespace. Set auth.tokens_file (README: Security), or "
+            "server.allow_unauthenticated = true if only trusted clients can reach this network."
+        )
+    if tokens_file and not tls:
+        log.warning("serving bearer tokens over plain TCP on %s: set server.tls_cert_file/tls_key_file", host)
 
 
 class Auth:

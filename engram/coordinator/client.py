@@ -15,7 +15,7 @@ PART_BYTES = 1 << 20  # documents travel in 1 MiB parts, well under the message 
 
 
 def split_bytes(data: bytes, part: int = PART_BYTES) -> Iterator[bytes]:
-    """1 MiB parts; a part may end inside a UTF-8 character: the server joins them before decoding."""
+    """1 MiB parts; a part may end inside a UTF-8 character: the server carries it over to the next part."""
     for i in range(0, len(data), part):
         yield data[i : i + part]
 

@@ -8,6 +8,7 @@ import collections
 import itertools
 import json
 import logging
+import os
 from pathlib import Path
 
 import ray
@@ -15,11 +16,11 @@ import ray
 from ..decoder import model as decoder_model
 from ..durable import write_atomically
 from ..errors import EngramError, ErrorCode
-from ..workers.decoder_worker import DecoderWorker
 from ..workers.embedder import Embedder
 from ..workers.encoder import Encoder
 from . import routing
 from .config import EngramConfig, block_layout
+from .decoder_actor import DecoderActor
 from .intents import IntentLog
 from .locks import DocLocks
 from .retry import actor_down, retry
@@ -92,6 +93,11 @@ class Cluster:
     def _start_actors(self) -> None:
         c = self.cfg.cluster
         if not ray.is_initialized():
+            # Ray's token authentication, whatever this Ray version's default: without the token nobody can call
+            # the shard actors directly (RAY_AUTH_MODE=disabled only to join an old cluster that has none)
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+            if os.environ["RAY_AUTH_MODE"] == "disabled":
+                log.warning("RAY_AUTH_MODE=disabled: anyone who reaches this Ray cluster can call its actors")
             ray.init(
                 address=c.address,
                 num_cpus=c.num_cpus if c.address is None else None,
@@ -119,7 +125,7 @@ class Cluster:
         )
         gpus = c.decoder_gpus if c.decoder_gpus is not None else (1 if has_gpu else 0)
         self.decoder = (
-            ray.remote(DecoderWorker)
+            ray.remote(DecoderActor)
             .options(num_cpus=0, num_gpus=gpus, max_restarts=-1, max_task_retries=3)
             .remote(self.cfg.decoder, self.cfg.ask.position_scheme, self.cfg.encoder.kv_dtype)
         )

@@ -24,11 +24,16 @@ class ServerConfig:
     max_question_chars: int = 4096
     tls_cert_file: str | None = None  # PEM; with tls_key_file, the server speaks TLS only
     tls_key_file: str | None = None
-    metrics_port: int | None = 9464  # Prometheus /metrics over HTTP on `host`; -1 (or None) = off, 0 = any free port
+    metrics_port: int | None = 9464  # Prometheus /metrics over HTTP; -1 (or None) = off, 0 = any free port
+    # /metrics is plain HTTP without tokens (it carries per-shard sizes): loopback unless the operator opens it,
+    # e.g. "0.0.0.0" in a pod whose NetworkPolicy admits only the scraper (deploy/kuberay)
+    metrics_host: str = "127.0.0.1"
     metrics_refresh_s: float = 15.0  # how often per-shard gauges are refreshed from the shards
     max_concurrent_rpcs: int = 256  # RPCs in progress at once; more are refused with RESOURCE_EXHAUSTED (0 = no limit)
     health_interval_s: float = 5.0  # how often the gRPC health status is checked against the shards
     log_format: str = "text"  # "json": one JSON object per log line (for log shippers)
+    # A host beyond loopback needs auth.tokens_file; true serves it without (a network only trusted clients reach)
+    allow_unauthenticated: bool = False
 
 
 @dataclass
@@ -82,6 +87,9 @@ class AskConfig:
     max_new_tokens: int = 32
     max_max_new_tokens: int = 512
     position_scheme: str = "consecutive"  # "consecutive" (keys re-rotated) or "parallel" (Memory^3)
+    # Asks waiting for or in the decoder at once; past it an Ask is refused with RESOURCE_EXHAUSTED at once
+    # instead of queueing without bound (the decoder answers one at a time). 0 = no limit.
+    max_queued_asks: int = 64
 
     def __post_init__(self):
         if not 1 <= self.top_k <= self.max_top_k:

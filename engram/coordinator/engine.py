@@ -71,7 +71,7 @@ class Engine:
         return self.cluster.resume_rebalance
 
     def tokenize(self, text: str) -> list[int]:
-        return self.writer.tokenize(text)
+        return self.writer.tokenize(text).tolist()
 
     # --- the service ---------------------------------------------------------------------------------------------
     async def write_document(self, namespace: str, name: str, text: str, request_id: str = "") -> Written:

@@ -18,11 +18,13 @@ from ..decoder.layout import BlockLayout
 class Chunk:
     seq: int  # chunk number in the document
     offset: int  # first token's offset in the document
-    tokens: list[int]
-    context: list[int] = field(default_factory=list)  # the tokens before it that its KV is encoded after
+    tokens: np.ndarray  # [<= chunk_tokens] int32, a view into the document's ids
+    context: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # [<= context_tokens] before it
 
 
-def split(ids: list[int], chunk_tokens: int, context_tokens: int = 0) -> list[Chunk]:
+def split(ids: np.ndarray, chunk_tokens: int, context_tokens: int = 0) -> list[Chunk]:
+    """ids: [N] int32 (a list is taken too). Chunks are views of it, not copies."""
+    ids = np.asarray(ids, dtype=np.int32)
     return [
         Chunk(i, off, ids[off : off + chunk_tokens], ids[max(0, off - context_tokens) : off])
         for i, off in enumerate(range(0, len(ids), chunk_tokens))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
 import time
 import uuid
@@ -15,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from ..errors import EngramError, ErrorCode
 from ..proto import engram_pb2 as pb
 from ..proto import engram_pb2_grpc as pb_grpc
-from .auth import Auth, AuthError
+from .auth import Auth, AuthError, check_exposure
 from .config import EngramConfig
 from .engine import ClusterStats, Engine
 from .metrics import Metrics
@@ -28,6 +29,7 @@ STATUS = {  # every ErrorCode (tests/test_errors.py checks none is missing)
     ErrorCode.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
     ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorCode.BUSY: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCode.EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorCode.STALE: grpc.StatusCode.UNAVAILABLE,  # a shard restarted mid-write: retry with the same request_id
 }
 INVALID = ErrorCode.INVALID
@@ -104,14 +106,21 @@ class EngramService(pb_grpc.EngramServicer):
         totals = {"documents": 0, "chunks": 0, "tokens": 0, "new_blocks": 0}
         limit = self.cfg.server.max_document_bytes
 
-        async def flush(key, parts, request_id):
-            """Validate one whole document, then write it (durable when this returns)."""
+        def decode(key, decoder, data: bytes, size: int, final: bool = False) -> str:
+            """Each part is decoded as it arrives (a character split across parts is carried over): the document is
+            held once, as text, instead of as its parts, their concatenation and its text at once."""
             try:
-                text = b"".join(parts).decode("utf-8")
+                return decoder.decode(data, final)
             except UnicodeDecodeError as e:
                 raise EngramError(
-                    INVALID, f"document {key[1]!r} is not valid UTF-8 (byte {e.start}); send UTF-8 text"
+                    INVALID, f"document {key[1]!r} is not valid UTF-8 (byte {size + e.start}); send UTF-8 text"
                 ) from None
+
+        async def flush(key, parts, decoder, size, request_id):
+            """Validate one whole document, then write it (durable when this returns)."""
+            parts.append(decode(key, decoder, b"", size, final=True))
+            text = "".join(parts)
+            parts.clear()
             if not text.strip():
                 raise EngramError(INVALID, f"document {key[1]!r} is empty")
             try:
@@ -127,7 +136,7 @@ class EngramService(pb_grpc.EngramServicer):
             return f" ({n} earlier documents of this stream are stored)" if n else ""
 
         async def consume():
-            key, parts, size, request_id = None, [], 0, ""
+            key, parts, size, request_id, decoder = None, [], 0, "", None
             seen: set[tuple[str, str]] = set()
             async for req in request_iterator:
                 _check_name("namespace", req.namespace)
@@ -143,20 +152,21 @@ class EngramService(pb_grpc.EngramServicer):
                             f"document's parts together, once{stored_note()}",
                         )
                     seen.add((req.namespace, req.document_id))
-                    if key is not None:
-                        await flush(key, parts, request_id)  # backpressure: the next part is read after this commit
+                    if key is not None:  # backpressure: the next part is read after this commit
+                        await flush(key, parts, decoder, size, request_id)
                     key, parts, size, request_id = (req.namespace, req.document_id), [], 0, req.request_id
-                size += len(req.text)
-                if size > limit:
+                    decoder = codecs.getincrementaldecoder("utf-8")()
+                if size + len(req.text) > limit:
                     raise EngramError(
                         INVALID,
                         f"document {req.document_id!r} exceeds the {limit}-byte limit "
                         "(server.max_document_bytes); split it into several documents",
                     )
-                parts.append(req.text)
+                parts.append(decode(key, decoder, req.text, size))
+                size += len(req.text)
             if key is None:
                 raise EngramError(INVALID, "the write stream carried no documents")
-            await flush(key, parts, request_id)
+            await flush(key, parts, decoder, size, request_id)
 
         try:
             await self._run(context, consume(), "Write")
@@ -254,6 +264,8 @@ class EngramService(pb_grpc.EngramServicer):
 async def start_server(engine: Engine, cfg: EngramConfig, port: int | None = None) -> tuple[grpc.aio.Server, int]:
     """Start serving on cfg.server.host; port 0 picks a free one. Returns (server, bound port). Also starts the
     Prometheus endpoint (server.metrics_port) and resumes an unfinished rebalance."""
+    tls = bool(cfg.server.tls_cert_file and cfg.server.tls_key_file)
+    check_exposure(cfg.server.host, cfg.auth.tokens_file, tls, cfg.server.allow_unauthenticated)
     limit = cfg.server.max_message_bytes
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
@@ -282,7 +294,7 @@ async def start_server(engine: Engine, cfg: EngramConfig, port: int | None = Non
     await server.start()
     await health_servicer.set("engram.v1.Engram", health_pb2.HealthCheckResponse.SERVING)
     if cfg.server.metrics_port is not None and cfg.server.metrics_port >= 0:  # TOML has no null: -1 = off
-        server.metrics_port = metrics.serve(cfg.server.host, cfg.server.metrics_port)
+        server.metrics_port = metrics.serve(cfg.server.metrics_host, cfg.server.metrics_port)
         server.metrics_task = asyncio.ensure_future(metrics.refresh_forever(engine, cfg.server.metrics_refresh_s))
     server.engram_metrics = metrics
     server.health_task = asyncio.ensure_future(watch_health(engine, health_servicer, cfg.server.health_interval_s))

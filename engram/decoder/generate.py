@@ -43,7 +43,11 @@ def decode_one_token(model, cache, token: torch.Tensor, pos: int) -> torch.Tenso
     return logits[:, -1].argmax(-1)
 
 
-def generate(model, cache, prompt: list[int], start: int, max_new_tokens: int, eos_id: int | None) -> Generated:
+def generate(
+    model, cache, prompt: list[int], start: int, max_new_tokens: int, eos_id: int | None, stop=None
+) -> Generated:
+    """Greedy decoding; `stop()` (optional) is asked before each step: True ends generation there (the caller gave
+    up on the answer)."""
     device = next(model.parameters()).device
     token = prefill(model, cache, torch.tensor([prompt], device=device), start).argmax(-1)  # [1]
     first = time.perf_counter()
@@ -54,7 +58,7 @@ def generate(model, cache, prompt: list[int], start: int, max_new_tokens: int, e
         if tid == eos_id:
             break
         ids.append(tid)
-        if len(ids) == max_new_tokens:
+        if len(ids) == max_new_tokens or (stop is not None and stop()):
             break
         token = decode_one_token(model, cache, token, pos)
         pos += 1
@@ -113,26 +117,25 @@ class MemoryDecoder:
         return self.tokenizer(self.template.format(question=question), add_special_tokens=False).input_ids
 
     @torch.inference_mode()
-    def answer(self, question: str, blocks, chunk_tokens: int, max_new_tokens: int = 32) -> Answer:
+    def answer(self, question: str, blocks, chunk_tokens: int, max_new_tokens: int = 32, stop=None) -> Answer:
         t0 = time.perf_counter()
         cache, next_pos = self.build_cache(blocks, chunk_tokens)
         context_tokens = cache.get_seq_length()
         tokens = generate(
-            self.model, cache, self._prompt(question), next_pos, max_new_tokens, self.tokenizer.eos_token_id
+            self.model, cache, self._prompt(question), next_pos, max_new_tokens, self.tokenizer.eos_token_id, stop
         )
         return self._answer(tokens, t0, context_tokens)
 
     @torch.inference_mode()
-    def answer_text(self, question: str, chunks: list[list[int]], max_new_tokens: int = 32) -> Answer:
+    def answer_text(self, question: str, chunks: list[list[int]], max_new_tokens: int = 32, stop=None) -> Answer:
         """Baselines on the same decoder: the chunks' tokens re-prefilled as the prompt ([sink] + chunks +
         question) — RAG with retrieved chunks, or full context with the whole document."""
         from transformers import DynamicCache
 
         t0 = time.perf_counter()
         context = [self.sink_id] + [t for c in chunks for t in c]
-        tokens = generate(
-            self.model, DynamicCache(), context + self._prompt(question), 0, max_new_tokens, self.tokenizer.eos_token_id
-        )
+        prompt = context + self._prompt(question)
+        tokens = generate(self.model, DynamicCache(), prompt, 0, max_new_tokens, self.tokenizer.eos_token_id, stop)
         return self._answer(tokens, t0, len(context))
 
     def _answer(self, tokens: Generated, t0: float, context_tokens: int) -> Answer:

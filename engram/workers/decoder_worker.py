@@ -32,6 +32,15 @@ class DecoderWorker:
             cfg = dataclasses.replace(cfg, threads=os.cpu_count() or 1)
         model, tokenizer = decoder_model.load(cfg)
         self.decoder = MemoryDecoder(model, tokenizer, cfg.question_template, position_scheme, kv_dtype)
+        self.answered = 0  # answers produced since start (a cancelled ask never counts)
+
+    def answers(self) -> int:
+        return self.answered
+
+    def cancelled(self) -> bool:
+        """Whether the caller gave up on the call in progress (the Ray actor says so: coordinator/decoder_actor.py).
+        Asked before a call starts and before each generated token."""
+        return False
 
     def set_options(self, template: str | None = None, position_scheme: str | None = None) -> None:
         """For benchmark sweeps: change the question template or position scheme of a running worker."""
@@ -42,19 +51,26 @@ class DecoderWorker:
 
     def answer(
         self, question: str, chunk_tokens: int, max_new_tokens: int, order: list[tuple[int, int]], *block_lists
-    ) -> Decoded:
+    ) -> Decoded | None:
         """block_lists: per shard, its blocks (dicts of block columns) (Ray resolves them before this runs);
         order: (list, index) pairs giving the reading order in which the blocks are placed before the question."""
         t0 = time.perf_counter()
+        if self.cancelled():  # the asker gave up while this call waited in the queue
+            return None
         blocks = [block_lists[i][j] for i, j in order]
-        return self._reply(self.decoder.answer(question, blocks, chunk_tokens, max_new_tokens), t0)
+        return self._reply(self.decoder.answer(question, blocks, chunk_tokens, max_new_tokens, self.cancelled), t0)
 
-    def answer_tokens(self, question: str, max_new_tokens: int, chunks: list[list[int]]) -> Decoded:
+    def answer_tokens(self, question: str, max_new_tokens: int, chunks: list[list[int]]) -> Decoded | None:
         """The RAG baseline: the retrieved chunks' tokens prefilled again as the prompt, no stored KV."""
         t0 = time.perf_counter()
-        return self._reply(self.decoder.answer_text(question, chunks, max_new_tokens), t0)
+        if self.cancelled():
+            return None
+        return self._reply(self.decoder.answer_text(question, chunks, max_new_tokens, self.cancelled), t0)
 
-    def _reply(self, a: Answer, t0: float) -> Decoded:
+    def _reply(self, a: Answer, t0: float) -> Decoded | None:
+        if self.cancelled():  # stopped part-way: nobody waits for it
+            return None
+        self.answered += 1
         return Decoded(
             a.text,
             a.prefill_s,

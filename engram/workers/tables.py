@@ -8,14 +8,13 @@ is either wholly there or not at all, and what was committed before an acknowled
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import zarr
 
-from ..durable import write_atomically
+from ..durable import sync_filesystem, write_atomically
 
 ROW_CHUNK = 4096  # Zarr chunk length of the small per-row tables
 COMMIT = "COMMIT.json"
@@ -106,7 +105,7 @@ class Tables:
         counts = {t: self.counts[t] + self.staged[t] for t in self.tables}
         record = {**meta, **counts, **({"data": self.data} if self.data != DATA else {})}
         if self.fsync:
-            os.sync()  # the Zarr chunk files written since the last commit
+            sync_filesystem(self.path)  # the Zarr chunk files written since the last commit
         write_atomically(self.path / COMMIT, json.dumps(record), self.fsync)
         self.counts, self.staged, self.record = counts, dict.fromkeys(self.tables, 0), record
         self.commits += 1

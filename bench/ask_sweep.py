@@ -17,7 +17,7 @@ import tempfile
 import ray
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from engram.coordinator.client import EngramClient
 from engram.coordinator.config import EngramConfig

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def run(shards: int, totals: list[int], doc_tokens: int, asks: int, num_cpus: int | None) -> list[dict]:

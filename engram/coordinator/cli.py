@@ -198,6 +198,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.task == "distinct":
+        from ..evals.distinct_bench import cmd_distinct
+
+        return cmd_distinct(args)
     from ..evals.bench import cmd_bench as run
 
     return run(args)
@@ -277,9 +281,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..evals.cases import DEFAULT_LENGTHS, RULER_VARIANTS, TASKS
 
-    sp = sub.add_parser("bench", help="passkey / NIAH / RULER over gRPC with RAG and full-context baselines")
+    sp = sub.add_parser(
+        "bench", help="passkey / NIAH / RULER / distinct (real text, no repeats) over gRPC, with baselines"
+    )
     serve_args(sp)
-    sp.add_argument("task", choices=TASKS)
+    sp.add_argument("task", choices=(*TASKS, "distinct"))
     sp.add_argument("--server", help="host:port of a running server (default: start a local one)")
     sp.add_argument("--token", default=os.environ.get("ENGRAM_TOKEN"))
     sp.add_argument("--lengths", nargs="+", default=list(DEFAULT_LENGTHS), help="e.g. 8k 32k 128k 512k 1M 10M")
@@ -290,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--top-k", type=int, default=0, help="0 = the server's ask.top_k")
     sp.add_argument("--max-new-tokens", type=int, default=32)
     sp.add_argument("--segment", type=int, default=2048, help="tokens per written document")
+    sp.add_argument("--keys", type=int, default=4, help="distinct: UUID keys asked (RULER multi-key)")
+    sp.add_argument("--distractors", type=int, default=6, help="distinct: UUID needles never asked")
+    sp.add_argument("--per-kind", type=int, default=4, help="distinct: identifier, boundary and paraphrase facts each")
     sp.add_argument("--no-full", action="store_true", help="skip the full-context baseline")
     sp.add_argument(
         "--dedup-scope",

@@ -93,10 +93,7 @@ class Cluster:
     def _start_actors(self) -> None:
         c = self.cfg.cluster
         if not ray.is_initialized():
-            # Ray's token authentication, whatever this Ray version's default: without the token nobody can call
-            # the shard actors directly (RAY_AUTH_MODE=disabled only to join an old cluster that has none)
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
-            if os.environ["RAY_AUTH_MODE"] == "disabled":
+            if os.environ.get("RAY_AUTH_MODE") == "disabled":  # the default is token (coordinator/__init__.py)
                 log.warning("RAY_AUTH_MODE=disabled: anyone who reaches this Ray cluster can call its actors")
             ray.init(
                 address=c.address,

@@ -38,8 +38,9 @@ class Writer:
         self.cluster, self.cfg, self.tokenizer = cluster, cluster.cfg, tokenizer
 
     def tokenize(self, text: str) -> np.ndarray:
-        """[N] int32: a 256 MiB document's ~64M ids take 256 MB so, where a list of Python ints takes ~2.5 GB."""
-        return np.asarray(self.tokenizer(text, add_special_tokens=False).input_ids, dtype=np.int32)
+        """[N] int32, tokenised piece by piece: a 256 MiB document's ~64M ids take 256 MB so, where a list of
+        Python ints takes ~2.5 GB and the tokenizer given the whole text tens of GB."""
+        return routing.tokenize(self.tokenizer, text)
 
     async def write_document(self, namespace: str, name: str, text: str, request_id: str = "") -> Written:
         """Durable on return. Idempotent under (`request_id`, the text): a retry of an acknowledged (or half-done)

@@ -1,0 +1,86 @@
+"""The shard's lexical index: BM25 (tantivy) over each block's key text — the chunk and the words just before it —
+per namespace, beside the dense window latents. Exact identifiers (UUIDs, part numbers) and a fact whose subject
+ends the previous chunk are found by their words, where sentence embeddings barely tell them apart.
+
+A derived index: the store is the truth (each block's key text is a column of the block store, committed with
+it). The index follows the store's chunk rows — it indexes a (block, namespace) pair once a committed chunk row
+uses it — and records how many rows it has seen and of which store generation. On open it catches up the rows
+it missed (a crash between the store's commit and its own) or, for another generation (a compaction), rebuilds.
+Deleted and moved chunks are filtered out at search time by the chunk table (what is live), so a delete never
+has to reach the index to be correct.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import tantivy
+
+from ..durable import write_atomically
+
+SEEN = "SEEN.json"
+
+
+def _schema() -> tantivy.Schema:
+    sb = tantivy.SchemaBuilder()
+    sb.add_integer_field("block", stored=True, indexed=True, fast=True)
+    sb.add_text_field("ns", stored=False, tokenizer_name="raw")
+    sb.add_text_field("text", stored=False, tokenizer_name="en_stem")
+    return sb.build()
+
+
+class LexicalIndex:
+    def __init__(self, path: Path, generation: str, heap_bytes: int = 32 * 2**20):
+        self.path, self.generation, self.heap = path, generation, heap_bytes
+        seen = json.loads((path / SEEN).read_text()) if (path / SEEN).exists() else {}
+        if seen.get("generation") != generation:  # another store generation (a compaction), or none yet
+            shutil.rmtree(path, ignore_errors=True)
+            seen = {}
+        path.mkdir(parents=True, exist_ok=True)
+        self.schema = _schema()
+        self.index = tantivy.Index(self.schema, path=str(path), reuse=True)
+        self.rows = int(seen.get("rows", 0))  # chunk rows of the store this index reflects
+        self.pairs: set[tuple[int, str]] = set()  # (block, namespace) indexed
+        self.index.reload()
+        self._writer = None
+
+    def pairs_from(self, blocks: np.ndarray, namespaces: list[str]) -> None:
+        """Register the (block, namespace) pairs already indexed (from the chunk rows below self.rows)."""
+        self.pairs.update(zip(blocks.tolist(), namespaces))
+
+    def add(self, rows_upto: int, blocks: np.ndarray, namespaces: list[str], texts: list[str]) -> int:
+        """Index the pairs of chunk rows up to `rows_upto` not indexed yet, and commit. -> pairs added."""
+        writer = self._writer or self.index.writer(heap_size=self.heap, num_threads=1)
+        self._writer = writer
+        added = 0
+        for b, ns, text in zip(blocks.tolist(), namespaces, texts):
+            if (b, ns) in self.pairs or not text:
+                continue
+            writer.add_document(tantivy.Document(block=b, ns=ns, text=text))
+            self.pairs.add((b, ns))
+            added += 1
+        writer.commit()
+        self.rows = rows_upto
+        write_atomically(self.path / SEEN, json.dumps({"generation": self.generation, "rows": rows_upto}))
+        self.index.reload()
+        return added
+
+    def search(self, namespace: str, query: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """-> (blocks [<=limit] int64, BM25 scores [<=limit] float64), best first."""
+        parsed, _errors = self.index.parse_query_lenient(query, ["text"])  # any text is a query; errors ignored
+        q = tantivy.Query.boolean_query(
+            [
+                (tantivy.Occur.Must, tantivy.Query.term_query(self.schema, "ns", namespace)),
+                (tantivy.Occur.Must, parsed),
+            ]
+        )
+        searcher = self.index.searcher()
+        hits = searcher.search(q, limit).hits
+        blocks = np.array([searcher.doc(addr)["block"][0] for _, addr in hits], dtype=np.int64)
+        return blocks, np.array([score for score, _ in hits], dtype=np.float64)
+
+    def close(self) -> None:
+        self._writer = None

@@ -61,6 +61,34 @@ def test_a_commit_syncs_its_own_filesystem_not_the_machine(tmp_path, monkeypatch
     assert open_tables().counts["rows"] == 3
 
 
+def test_health_survives_one_late_probe_and_fails_after_three():
+    """Shards busy with a large commit can miss one probe: health must not flap to NOT_SERVING for it (load
+    balancers would drop the service), but three silent probes in a row mean no shard answers."""
+    from types import SimpleNamespace
+
+    from engram.coordinator.server import watch_health
+
+    answers = iter([2, 0, 2, 0, 0, 2, 0, 0, 0, 0])
+    seen: list[str] = []
+
+    async def ping(timeout: float) -> int:
+        try:
+            return next(answers)
+        except StopIteration:
+            raise asyncio.CancelledError from None
+
+    class Servicer:
+        async def set(self, service: str, status) -> None:
+            seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+
+    from grpc_health.v1 import health_pb2
+
+    engine = SimpleNamespace(cluster=SimpleNamespace(ping=ping), shards=[0, 1])
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(watch_health(engine, Servicer(), 0.0))
+    assert seen == ["NOT_SERVING"]  # only after the third silent probe in a row (the 8th probe)
+
+
 def test_manifests_are_secure_by_default():
     """KubeRay: Ray token auth on, engram behind bearer tokens and TLS, the Ray dashboard and /metrics not open to
     every pod; the cluster launcher and local recipe run Ray with token auth."""

@@ -72,6 +72,7 @@ def test_quantised_blocks_round_trip_through_the_store(tmp_path, kv_dtype):
             length=np.full(3, 4, np.int32),
             hash=np.arange(48, dtype=np.uint8).reshape(3, 16),
             latent=np.zeros((3, 1, 6), np.float32),
+            text=np.array(["a", "b", "c"], dtype=object),
         )
     )
     store.commit()

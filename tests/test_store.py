@@ -24,6 +24,7 @@ def batch(rng, hashes):
         length=np.full(n, LAYOUT.chunk_tokens, np.int32),
         hash=np.frombuffer(b"".join(hashes), np.uint8).reshape(n, 16),
         latent=rng.standard_normal((n, 2, LAYOUT.latent_dim)).astype(np.float32),
+        text=np.array([f"chunk {h.hex()[:8]} text" for h in hashes], dtype=object),
     )
 
 

@@ -22,12 +22,24 @@ from .retry import actor_down, retry
 
 @dataclass
 class Retrieved:
-    score: float
+    score: float  # fused: dense + ask.lexical_weight x lexical (normalised)
     shard: int
     block: int
     document_id: str
     seq: int
     offset: int
+    dense: float = 0.0  # the chunk's best window cosine with the question (through the episodic memory)
+    lexical: float = 0.0  # its BM25 score / the best of the query's BM25 scores over all shards
+
+
+def fuse(hits: list[Retrieved], weight: float) -> list[Retrieved]:
+    """Scores of hits from every shard on one scale: BM25 is normalised by the best BM25 of all shards' hits
+    (with random routing their term statistics agree closely), then added to the dense cosine with `weight`."""
+    best = max((h.lexical for h in hits), default=0.0)
+    for h in hits:
+        h.lexical = h.lexical / best if best > 0 else 0.0
+        h.score = h.dense + weight * h.lexical
+    return hits
 
 
 @dataclass
@@ -111,17 +123,20 @@ class Reader:
         t0 = time.perf_counter()
         z = (await self.cluster.embedder.embed.remote([query]))[0]
         t1 = time.perf_counter()
-        results = await self.cluster.all_shards("search", namespace, z, top_k, readout)
+        text = query if self.cfg.ask.lexical_weight > 0 else ""
+        results = await self.cluster.all_shards("search", namespace, z, top_k, readout, text)
         if not any(r.episodes for r in results):
             raise EngramError(ErrorCode.NOT_FOUND, f"namespace {namespace!r} holds no documents; write some first")
         writing = {name for ns, name in self.cluster.writing if ns == namespace}  # not whole yet: not served
         hits = [
-            Retrieved(float(sc), s, int(b), d, int(q), int(o))
+            Retrieved(float(sc), s, int(b), d, int(q), int(o), float(sc), float(lx))
             for s, r in zip(self.cluster.shard_ids, results)
-            for sc, b, d, q, o in zip(r.score, r.block, r.doc, r.seq, r.offset)
+            for sc, b, d, q, o, lx in zip(
+                r.score, r.block, r.doc, r.seq, r.offset, r.lexical if r.lexical is not None else np.zeros(len(r.doc))
+            )
             if d not in writing
         ]
-        hits = top_hits(hits, top_k, self.cfg.ask.min_score_ratio)
+        hits = top_hits(fuse(hits, self.cfg.ask.lexical_weight), top_k, self.cfg.ask.min_score_ratio)
         merged = None
         if readout:
             readouts = np.stack([r.readout for r in results if r.episodes])

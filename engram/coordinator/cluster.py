@@ -37,7 +37,14 @@ class Cluster:
         self.layout = block_layout(cfg)  # converts the embedded GGUF once, before any worker starts
         e = cfg.encoder
         self.fingerprint = routing.fingerprint(
-            cfg.decoder.model, self.layout, e.span, e.scorer, e.embedder, e.window_tokens, e.window_stride
+            cfg.decoder.model,
+            self.layout,
+            e.span,
+            e.scorer,
+            e.embedder,
+            e.window_tokens,
+            e.window_stride,
+            e.key_context_tokens,
         )
         self.resume_rebalance = False
         self.shard_ids = self._routing_table()

@@ -83,6 +83,10 @@ class AskConfig:
     # their best score, best last (nearest the question; k=4: 3/3 vs 2/3 for "document"); "document" keeps
     # reading order.
     block_order: str = "score"
+    # Hybrid retrieval: a chunk scores dense + lexical_weight x its BM25 score / the best BM25 score of the query
+    # (over all shards). Exact identifiers and boundary-cut facts are found by their words (BENCHMARKS.md
+    # "Distinct text"). 0 = dense only.
+    lexical_weight: float = 0.5
     max_top_k: int = 64
     max_new_tokens: int = 32
     max_max_new_tokens: int = 512
@@ -98,6 +102,8 @@ class AskConfig:
             raise ValueError(f"ask.neighbors must be 0 or more, not {self.neighbors}")
         if not 0.0 <= self.min_score_ratio <= 1.0:
             raise ValueError(f"ask.min_score_ratio must be between 0 and 1, not {self.min_score_ratio}")
+        if self.lexical_weight < 0:
+            raise ValueError(f"ask.lexical_weight must be 0 or more, not {self.lexical_weight}")
         if self.block_order not in ("score", "document"):
             raise ValueError(f"ask.block_order must be 'score' or 'document', not {self.block_order!r}")
         if not 1 <= self.max_new_tokens <= self.max_max_new_tokens:

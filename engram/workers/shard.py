@@ -18,6 +18,7 @@ from ..errors import EngramError, ErrorCode
 from .block_store import EncodedBlocks
 from .chunk_table import ChunkRows
 from .episodic import EpisodicConfig, Memory, hierarchical_readout, new_memory, reference_pinv
+from .lexical import LexicalIndex, lexical_scores
 from .results import ChunkAt, Committed, Compacted, DocChunks, DocHashes, SearchHits, ShardStats
 from .store import ShardStore, StoreError
 
@@ -37,6 +38,35 @@ class Shard:
         self.blocks, self.chunks = self.store.blocks, self.store.chunks
         self.m0_pinv = reference_pinv(cfg.episodic)
         self._rebuild()
+        self._open_lexical()
+
+    # --- the lexical index (a derived index: it follows the store's committed chunk rows) ----------------------
+    def _open_lexical(self) -> None:
+        """Open the index of this store generation and catch up on the rows it missed (a crash between the store's
+        commit and its own), or build it (a new generation: compaction, or a store from before it existed)."""
+        self.lexical = LexicalIndex(self.store.path / "lexical", self.store.tables.data)
+        if self.lexical.rows > self._committed_rows():  # cannot happen short of a lost store commit: rebuild
+            self.lexical = LexicalIndex(self.store.path / "lexical", self.store.tables.data, reset=True)
+        self.lexical.pairs = set(self._pairs(np.arange(self.lexical.rows)))
+        self._follow_lexical()
+
+    def _committed_rows(self) -> int:
+        return int(self.store.tables.counts["chunks"])
+
+    def _pairs(self, rows: np.ndarray) -> list[tuple[int, str]]:
+        """(block, namespace) of chunk rows."""
+        namespaces = self.store.tables.ram["docs/namespace"][self.chunks.column("doc", rows)]
+        return list(zip(self.chunks.column("block", rows).tolist(), (str(n) for n in namespaces)))
+
+    def _follow_lexical(self) -> None:
+        """Index the committed chunk rows the lexical index has not seen: their new (block, namespace) pairs."""
+        upto = self._committed_rows()
+        if self.lexical.rows >= upto:
+            return
+        pairs = self._pairs(np.arange(self.lexical.rows, upto))
+        new = list(dict.fromkeys(p for p in pairs if p not in self.lexical.pairs))
+        texts = self.blocks.text([b for b, _ in new]).tolist() if new else []
+        self.lexical.add(upto, new, texts)
 
     # --- episodic memories -------------------------------------------------------------------------------------
     def _rebuild(self) -> None:
@@ -153,6 +183,7 @@ class Shard:
             else:
                 self.chunks.add_chunks(doc, rows)
         self._remember(namespace, blocks, episodes)
+        self._follow_lexical()
         return doc
 
     def delete_document(self, namespace: str, name: str, request: str | None = None) -> int:
@@ -177,6 +208,7 @@ class Shard:
         self.store = ShardStore(self.store.path, self.layout, self.cfg.fsync)
         self.blocks, self.chunks = self.store.blocks, self.store.chunks
         self._rebuild()
+        self._open_lexical()  # a new generation: rebuilt from it
         return Compacted(self.shard_id, before[0], len(self.blocks), before[1], self.store.stored_bytes())
 
     # --- rebalancing (chunks move to shards added later; copy to the new owner first, then drop here) --------
@@ -242,13 +274,17 @@ class Shard:
         return len(rows)
 
     # --- reads -----------------------------------------------------------------------------------------------------
-    def search(self, namespace: str, query: np.ndarray, top_k: int, readout: bool = False) -> SearchHits:
+    def search(
+        self, namespace: str, query: np.ndarray, top_k: int, readout: bool = False, text: str = ""
+    ) -> SearchHits:
         """Score the namespace's chunks through their episodic memories; top-k distinct blocks.
 
         score_i = max_r <s(e_i), ẑ_ir>: the scorer of chunk i's episode memory (least squares: its readout z_r,
         which gives the best window's cosine with the query while the episode is within capacity; Hopfield: the
         readout weighted by its match with the query) against the chunk's stored window latents.
-        readout: also the hierarchical readout of the shard's memories (Read returns it; Ask does not)."""
+        readout: also the hierarchical readout of the shard's memories (Read returns it; Ask does not).
+        text: the query's text, for the lexical index: hits then come from both rankings (the dense top k and the
+        lexical top 2k), each with both scores; the coordinator fuses them over all shards."""
         q = np.asarray(query, dtype=np.float64)
         eps = sorted(ep for ep, ns in self.episode_namespace.items() if ns == namespace)
         if not eps:
@@ -260,6 +296,7 @@ class Shard:
                 np.zeros(0, np.int64),
                 0,
                 np.zeros(len(q)) if readout else None,
+                np.zeros(0),
             )
         readouts = np.stack([self.memories[ep].read(q) for ep in eps])  # [E, C]
         scorers = np.stack([self.memories[ep].scorer(q, r) for ep, r in zip(eps, readouts)])  # [E, C]
@@ -269,9 +306,13 @@ class Shard:
         blocks = self.chunks.column("block", rows)
         lookup = np.searchsorted(eps_arr, self.chunks.column("episode", rows))
         scores = np.einsum("nrc,nc->nr", self.blocks.latents(blocks).astype(np.float64), scorers[lookup]).max(1)
-        order = np.argsort(-scores, kind="stable")
-        _, first = np.unique(blocks[order], return_index=True)  # identical chunks: keep the best-scored one
-        keep = order[np.sort(first)][:top_k]
+        lexical = np.zeros(len(rows))
+        if text:
+            lexical = lexical_scores(blocks, *self.lexical.search(namespace, text, max(4 * top_k, 64)))
+        # a chunk outside the dense top k with no lexical match cannot make the fused top k: k dense hits here
+        # score at least as much, so k dense candidates suffice; lexical ones go deeper (2k), for their dense part
+        keep = np.concatenate([self._best(scores, blocks, top_k), self._best(lexical, blocks, 2 * top_k, True)])
+        keep = np.array(list(dict.fromkeys(keep.tolist())), dtype=np.int64)
         keep = keep[np.argsort(-scores[keep], kind="stable")]
         sel = rows[keep]
         return SearchHits(
@@ -282,7 +323,18 @@ class Shard:
             self.chunks.column("offset", sel),
             len(eps),
             hierarchical_readout(readouts, q, self.m0_pinv, self.cfg.episodic) if readout else None,
+            lexical[keep],
         )
+
+    @staticmethod
+    def _best(scores: np.ndarray, blocks: np.ndarray, k: int, matched_only: bool = False) -> np.ndarray:
+        """Positions of the k best scores, one per distinct block (identical chunks: the first); matched_only:
+        only scores above 0 (lexical: the chunks the query's words matched)."""
+        order = np.argsort(-scores, kind="stable")
+        if matched_only:
+            order = order[scores[order] > 0]
+        _, first = np.unique(blocks[order], return_index=True)
+        return order[np.sort(first)][:k]
 
     def chunks_at(self, namespace: str, name: str, seqs: list[int]) -> list[ChunkAt]:
         """The document's chunks with these numbers that live on this shard."""

@@ -112,3 +112,31 @@ def test_top_hits_merges_shards_and_drops_far_weaker_hits():
     assert [(h.document_id, h.seq) for h in top_hits(hits, 1, 0.3)] == [("a", 9)]
     negative = [Retrieved(-0.2, 0, 1, "a", 0, 0), Retrieved(-0.5, 0, 2, "a", 1, 0)]
     assert len(top_hits(negative, 4, 0.5)) == 2  # no positive best score: the ratio cannot rank them
+
+
+@pytest.mark.model
+def test_tokenizing_in_pieces_gives_the_ids_of_the_whole(tokenizer):
+    """Documents are tokenised a piece at a time (bounded memory); the cuts must change no token, whatever the text:
+    real prose, runs of spaces and newlines, digits, accents, emoji, code."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from engram.coordinator.routing import tokenize
+    from engram.evals.haystack import essays
+
+    def whole(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    prose = essays()[:40_000]
+    assert tokenize(tokenizer, prose, piece_chars=700).tolist() == whole(prose)
+    assert tokenize(tokenizer, prose).tolist() == whole(prose)  # under 2 pieces: one call
+    assert tokenize(tokenizer, "").tolist() == []
+
+    alphabet = st.sampled_from([*"ab Zé  \n\n\t.,;:-_€😀0123456789'\"()=", "def f(x):", " the ", "\u00a0"])
+
+    @settings(max_examples=150, deadline=None, derandomize=True)
+    @given(st.lists(alphabet, min_size=1, max_size=400).map("".join))
+    def check(text: str) -> None:
+        assert tokenize(tokenizer, text, piece_chars=16).tolist() == whole(text)
+
+    check()

@@ -38,7 +38,8 @@ class Fact:
 
 
 def docstrings(packages: tuple[str, ...] = PACKAGES, min_chars: int = 300):
-    """Each distinct docstring (dedented, at least min_chars) of the packages' modules, classes and functions."""
+    """The docstrings (dedented) of the packages' modules, classes and functions, without any paragraph of over 80
+    characters seen before (docstrings copy argument sections from one another); those still min_chars long."""
     seen: set[str] = set()
     for pkg in packages:
         spec = importlib.util.find_spec(pkg)
@@ -52,9 +53,11 @@ def docstrings(packages: tuple[str, ...] = PACKAGES, min_chars: int = 300):
                     continue
                 for node in ast.walk(tree):
                     if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                        doc = ast.get_docstring(node)
-                        if doc and len(doc) >= min_chars and doc not in seen:
-                            seen.add(doc)
+                        doc = ast.get_docstring(node) or ""
+                        kept = [p for p in doc.split("\n\n") if len(p) <= 80 or p not in seen]
+                        seen.update(p for p in kept if len(p) > 80)
+                        doc = "\n\n".join(kept)
+                        if len(doc) >= min_chars:
                             yield doc
 
 

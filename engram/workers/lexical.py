@@ -22,14 +22,26 @@ import tantivy
 from ..durable import write_atomically
 
 SEEN = "SEEN.json"
+ANALYZER = "engram_en"  # words (letters and digits), lowercased, English stop words out, stemmed
 
 
 def _schema() -> tantivy.Schema:
     sb = tantivy.SchemaBuilder()
     sb.add_integer_field("block", stored=True, indexed=True, fast=True)
     sb.add_text_field("ns", stored=False, tokenizer_name="raw")
-    sb.add_text_field("text", stored=False, tokenizer_name="en_stem")
+    sb.add_text_field("text", stored=False, tokenizer_name=ANALYZER)
     return sb.build()
+
+
+def _analyzer() -> tantivy.TextAnalyzer:
+    return (
+        tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple())
+        .filter(tantivy.Filter.remove_long(40))
+        .filter(tantivy.Filter.lowercase())
+        .filter(tantivy.Filter.stopword("english"))  # "what is the ..." matches every chunk otherwise
+        .filter(tantivy.Filter.stemmer("english"))
+        .build()
+    )
 
 
 class LexicalIndex:
@@ -44,6 +56,7 @@ class LexicalIndex:
         path.mkdir(parents=True, exist_ok=True)
         self.schema = _schema()
         self.index = tantivy.Index(self.schema, path=str(path), reuse=True)
+        self.index.register_tokenizer(ANALYZER, _analyzer())
         self.rows = int(seen.get("rows", 0))
         self.pairs: set[tuple[int, str]] = set()  # (block, namespace) pairs indexed; the caller fills it on open
 

@@ -1,0 +1,60 @@
+"""The distinct-text benchmark's haystack and facts, and a small run of it through the service: real text that never
+repeats, facts of every kind (UUID keys among distractors, exact identifiers, a fact cut by a chunk boundary, a
+paraphrased question), each answer's chunk in the top 4 (issue #13; the long runs are in BENCHMARKS.md)."""
+
+import random
+
+import pytest
+
+from engram.coordinator.client import EngramClient
+from engram.evals.distinct import chunk_of_answer, corpus, docstrings, make_facts, plant
+
+
+@pytest.fixture(scope="module")
+def haystack(tokenizer):
+    rng = random.Random(3)
+    docs = corpus(11_000, tokenizer, doc_tokens=1000)
+    facts = make_facts(rng, keys=2, distractors=3, per_kind=1)
+    plant(docs, facts, tokenizer, 128, rng)
+    return docs, facts
+
+
+def test_the_haystack_never_repeats(tokenizer):
+    seen = set()
+    for i, doc in enumerate(docstrings()):
+        assert doc not in seen
+        seen.add(doc)
+        if i == 2000:
+            break
+    docs = corpus(20_000, tokenizer, doc_tokens=2048)
+    paragraphs = [p for _, text in docs for p in text.split("\n\n") if len(p) > 80]
+    assert len(paragraphs) == len(set(paragraphs))
+
+
+def test_facts_are_planted_and_boundary_facts_are_cut_before_their_answer(haystack, tokenizer):
+    docs, facts = haystack
+    texts = dict(docs)
+    assert {f.kind for f in facts} == {"uuid-key", "uuid-distractor", "identifier", "boundary", "paraphrase"}
+    assert len({f.document for f in facts}) == len(facts)  # one fact per document
+    for f in facts:
+        assert texts[f.document].count(f.text) == 1
+        fact_chunks, answer_chunks = chunk_of_answer(texts[f.document], f, tokenizer, 128)
+        if f.kind == "boundary":
+            assert len(fact_chunks) == 2 and answer_chunks == fact_chunks[1:]
+
+
+@pytest.mark.integration
+def test_every_kind_of_fact_is_retrieved(service, haystack, tokenizer):
+    """The answer's chunk is in the top 4 for every asked fact: UUID keys told apart from distractors, an exact
+    identifier, the second half of a boundary-cut fact, and a paraphrased question."""
+    docs, facts = haystack
+    texts = dict(docs)
+    with EngramClient(service.address, timeout=600) as c:
+        c.write(docs, namespace="distinct-small")
+        missed = []
+        for f in (f for f in facts if f.question):
+            _, answer_chunks = chunk_of_answer(texts[f.document], f, tokenizer, 128)
+            got = c.read(f.question, namespace="distinct-small", top_k=4)
+            if not any(ch.document_id == f.document and ch.seq in answer_chunks for ch in got.chunks):
+                missed.append((f.kind, f.answer))
+    assert missed == []

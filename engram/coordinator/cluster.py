@@ -149,6 +149,7 @@ class Cluster:
                 num_cpus=0,
                 max_restarts=-1,
                 max_task_retries=0,
+                concurrency_groups={"health": 1},  # ShardActor.ping: answers while data calls queue
                 name=f"shard-{i}",
                 get_if_exists=True,
                 resources={c.shard_resource: 1} if c.shard_resource else None,

@@ -82,3 +82,4 @@ class ShardStats:
     episodes: int
     resident_bytes: int
     pid: int = field(default=0)  # the shard's process (tests kill it; never sent to clients)
+    lexical_behind: int = 0  # committed chunk rows the lexical index has not indexed (0 once open and after a commit)

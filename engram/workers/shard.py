@@ -387,4 +387,5 @@ class Shard:
             episodes=len(self.memories),
             resident_bytes=psutil.Process().memory_info().rss,
             pid=os.getpid(),
+            lexical_behind=self._committed_rows() - self.lexical.rows,
         )

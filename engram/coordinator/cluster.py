@@ -144,12 +144,11 @@ class Cluster:
     def shard_actor(self, i: int):
         c = self.cfg.cluster
         return (
-            ray.remote(ShardActor)
+            ray.remote(concurrency_groups={"health": 1})(ShardActor)  # ShardActor.ping answers while data calls queue
             .options(
                 num_cpus=0,
                 max_restarts=-1,
                 max_task_retries=0,
-                concurrency_groups={"health": 1},  # ShardActor.ping: answers while data calls queue
                 name=f"shard-{i}",
                 get_if_exists=True,
                 resources={c.shard_resource: 1} if c.shard_resource else None,

@@ -36,6 +36,16 @@ class Fact:
     document: str = ""  # where it was planted
     results: dict = field(default_factory=dict)
 
+    @property
+    def expected(self) -> str:
+        """What a right answer contains (case-insensitive): the answer, or for a UUID its first three groups (18
+        characters, unique among the planted UUIDs; a whole UUID is ~25 tokens, past a short answer's budget)."""
+        return self.answer[:18] if self.kind == "uuid-key" else self.answer
+
+
+def right(fact_kind: str, answer: str, said: str) -> float:
+    return float(Fact(fact_kind, "", answer=answer).expected.lower() in said.lower())
+
 
 def docstrings(packages: tuple[str, ...] = PACKAGES, min_chars: int = 300):
     """The docstrings (dedented) of the packages' modules, classes and functions, without any paragraph of over 80

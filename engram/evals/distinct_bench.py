@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .cases import parse_length
-from .distinct import KINDS, Fact, chunk_of_answer, corpus, make_facts, plant
+from .distinct import KINDS, Fact, chunk_of_answer, corpus, make_facts, plant, right
 from .local_decoder import LocalDecoder
 from .report import machine, peak_memory_mb
 
@@ -41,7 +41,7 @@ def ask_fact(c, local: LocalDecoder, ns: str, f: Fact, text: str, top_k: int, ma
         t0 = time.perf_counter()
         a = c.ask(f.question, namespace=ns, top_k=top_k, max_new_tokens=max_new, mode="rag" if mode == "rag" else "")
         r[mode] = {
-            "score": float(f.answer.lower() in a.answer.lower()),
+            "score": right(f.kind, f.answer, a.answer),
             "answer": a.answer,
             "ttft_s": a.timings.ttft_s,
             "latency_s": time.perf_counter() - t0,
@@ -54,7 +54,7 @@ def ask_fact(c, local: LocalDecoder, ns: str, f: Fact, text: str, top_k: int, ma
     ids = local.tok(text, add_special_tokens=False).input_ids
     oracle = [(ids[q * t : (q + 1) * t], ids[max(0, q * t - ctx) : q * t]) for q in fact_chunks]
     answer = local.oracle(f.question, oracle, max_new)
-    r["oracle"] = {"score": float(f.answer.lower() in answer.lower()), "answer": answer}
+    r["oracle"] = {"score": right(f.kind, f.answer, answer), "answer": answer}
     r["stage"] = attribute(r, top_k)
     return r
 
@@ -149,6 +149,20 @@ def run(args) -> dict:
         "seconds": time.perf_counter() - t_start,
         "lengths": results,
     }
+
+
+def rescore(result: dict) -> dict:
+    """Score a result's stored answers again (after a change of what counts as right) and summarise anew."""
+    for row in result["lengths"]:
+        facts = [Fact(**f) for f in row["facts"]]
+        for f in facts:
+            if f.question:
+                for m in ("engram", "rag", "oracle"):
+                    f.results[m]["score"] = right(f.kind, f.answer, f.results[m]["answer"])
+                f.results["stage"] = attribute(f.results, result["settings"]["top_k"])
+        row["summary"] = summarise(facts, result["settings"]["top_k"])
+        row["facts"] = [asdict(f) for f in facts]
+    return result
 
 
 def print_summary(result: dict) -> None:

@@ -49,6 +49,8 @@ def test_every_kind_of_fact_is_retrieved(service, haystack, tokenizer):
     identifier, the second half of a boundary-cut fact, and a paraphrased question."""
     docs, facts = haystack
     texts = dict(docs)
+    ask = service.engine.cfg.ask
+    saved, ask.lexical_weight = ask.lexical_weight, 0.25  # the hybrid (opt-in until BM25 statistics are global)
     with EngramClient(service.address, timeout=600) as c:
         c.write(docs, namespace="distinct-small")
         missed = []
@@ -57,4 +59,5 @@ def test_every_kind_of_fact_is_retrieved(service, haystack, tokenizer):
             got = c.read(f.question, namespace="distinct-small", top_k=4)
             if not any(ch.document_id == f.document and ch.seq in answer_chunks for ch in got.chunks):
                 missed.append((f.kind, f.answer))
+    ask.lexical_weight = saved
     assert missed == []

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .cases import Haystack, make_case, parse_length, score
 from .local_decoder import LocalDecoder
-from .report import heatmap, machine, measure_storage, peak_memory_mb, print_summary, summarise
+from .report import bench_service, heatmap, machine, measure_storage, print_summary, summarise
 
 
 def run(args) -> dict:
@@ -29,7 +29,6 @@ def run(args) -> dict:
 
     from ..coordinator.client import EngramClient
     from ..coordinator.config import from_args
-    from ..coordinator.server import BackgroundServer
 
     cfg = from_args(args)
     cfg.server.metrics_port = None
@@ -37,20 +36,8 @@ def run(args) -> dict:
     lengths = [parse_length(x) for x in args.lengths]
     depths = [i / (args.depths - 1) for i in range(args.depths)] if args.depths > 1 else [0.5]
     variants = args.variants if args.task == "ruler" else [""]
-    srv = None
-    tmp = None
-    if args.server is None:
-        import tempfile
-
-        if args.data_dir is None:
-            tmp = tempfile.TemporaryDirectory(prefix="engram-bench-")
-            cfg.shard.data_dir = tmp.name
-        # one tenant, many case namespaces: by default identical haystack segments are shared across them
-        cfg.cluster.dedup_scope = args.dedup_scope
-        srv = BackgroundServer(cfg).start()
-        address = srv.address
-    else:
-        address = args.server
+    # one tenant, many case namespaces: by default identical haystack segments are shared across them
+    cfg.cluster.dedup_scope = args.dedup_scope
     local = LocalDecoder(cfg)
     hay = Haystack(args.task, local.tok, args.segment)
     run_id = f"{int(time.time())}"
@@ -64,7 +51,7 @@ def run(args) -> dict:
     ingest = {"tokens": 0, "bytes": 0, "seconds": 0.0, "new_blocks": 0}
     storage: dict | None = None  # measured once ({} where Stats is refused)
     t_start = time.perf_counter()
-    try:
+    with bench_service(cfg, args.server, args.data_dir) as (address, memory):
         with EngramClient(address, token=args.token, timeout=7200) as c:
             for case in tqdm(cases, desc=f"engram bench {args.task}", unit="case"):
                 ns = f"bench-{run_id}-{case.task}-{case.length}-{round(case.depth * 100)}-{case.trial}"
@@ -126,15 +113,6 @@ def run(args) -> dict:
                 if args.delete:
                     for doc, _ in docs:
                         c.delete(doc, namespace=ns)
-    finally:
-        memory = peak_memory_mb()
-        if srv is not None:
-            srv.stop()
-            import ray
-
-            ray.shutdown()
-        if tmp is not None:
-            tmp.cleanup()
     out = {
         "task": args.task,
         "machine": machine(),

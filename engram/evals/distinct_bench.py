@@ -19,7 +19,7 @@ from pathlib import Path
 from .cases import parse_length
 from .distinct import KINDS, Fact, chunk_of_answer, corpus, make_facts, plant, right
 from .local_decoder import LocalDecoder
-from .report import machine, peak_memory_mb
+from .report import bench_service, machine
 
 DEEP = 64  # how deep the Read looks for the answer's chunk (a rank past it counts as DEEP)
 
@@ -84,26 +84,14 @@ def run(args) -> dict:
 
     from ..coordinator.client import EngramClient
     from ..coordinator.config import from_args
-    from ..coordinator.server import BackgroundServer
 
     cfg = from_args(args)
     cfg.server.metrics_port = None
     top_k = args.top_k or cfg.ask.top_k
-    srv = tmp = None
-    if args.server is None:
-        import tempfile
-
-        if args.data_dir is None:
-            tmp = tempfile.TemporaryDirectory(prefix="engram-bench-")
-            cfg.shard.data_dir = tmp.name
-        srv = BackgroundServer(cfg).start()
-        address = srv.address
-    else:
-        address = args.server
     local = LocalDecoder(cfg)
     results = []
     t_start = time.perf_counter()
-    try:
+    with bench_service(cfg, args.server, args.data_dir) as (address, memory):
         with EngramClient(address, token=args.token, timeout=7200) as c:
             for length in (parse_length(x) for x in args.lengths):
                 rng = random.Random(args.seed)
@@ -132,15 +120,6 @@ def run(args) -> dict:
                 if args.delete:
                     for doc, _ in docs:
                         c.delete(doc, namespace=ns)
-    finally:
-        memory = peak_memory_mb()
-        if srv is not None:
-            srv.stop()
-            import ray
-
-            ray.shutdown()
-        if tmp is not None:
-            tmp.cleanup()
     return {
         "task": "distinct",
         "machine": machine(),

@@ -7,9 +7,39 @@ import os
 import platform
 import resource
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .cases import Case
+
+
+@contextmanager
+def bench_service(cfg, server: str | None, data_dir: str | None) -> Iterator[tuple[str, dict[str, float]]]:
+    """-> (the address to drive, peak memory per process, filled on leaving). `server` None: a local service (Ray +
+    gRPC in this process; a temporary data dir unless `data_dir`), stopped on leaving."""
+    import tempfile
+
+    srv = tmp = None
+    memory: dict[str, float] = {}
+    try:
+        if server is None:
+            if data_dir is None:
+                tmp = tempfile.TemporaryDirectory(prefix="engram-bench-")
+                cfg.shard.data_dir = tmp.name
+            from ..coordinator.server import BackgroundServer
+
+            srv = BackgroundServer(cfg).start()
+        yield (srv.address if srv is not None else server), memory
+    finally:
+        memory.update(peak_memory_mb())  # while the actors are alive
+        if srv is not None:
+            import ray
+
+            srv.stop()
+            ray.shutdown()
+        if tmp is not None:
+            tmp.cleanup()
 
 
 def peak_memory_mb() -> dict[str, float]:

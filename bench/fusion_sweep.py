@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/fusion_sweep.json")
     a = ap.parse_args()
 
+    from engram.coordinator.ask import global_bm25
     from engram.coordinator.client import EngramClient
     from engram.coordinator.config import EngramConfig
     from engram.coordinator.server import BackgroundServer
@@ -92,8 +93,8 @@ def main() -> None:
         cands = list(
             {
                 (float(d), float(b), doc, int(q))
-                for r in results
-                for d, b, doc, q in zip(r.score, r.lexical, r.doc, r.seq)
+                for r, bm in zip(results, global_bm25(results))
+                for d, b, doc, q in zip(r.score, bm, r.doc, r.seq)
             }
         )
 

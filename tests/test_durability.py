@@ -78,15 +78,11 @@ def test_sigkill_shards_20_times_during_streaming_ingest(service, caplog):
         # the lexical index agrees with the store after the kills: nothing committed is left unindexed, and every
         # acknowledged document is found by its own words (its courier's agent number)
         assert [ray.get(s.stats.remote()).lexical_behind for s in engine.shards] == [0] * len(engine.shards)
-        ask = engine.cfg.ask
-        saved, ask.lexical_weight = ask.lexical_weight, 0.25  # the hybrid reads the lexical index (opt-in)
-        try:
-            for doc in acked:
-                i = int(doc.split("-")[1])
-                got = c.read(f"parcel {i} courier agent {i * 7919 % 10007}", namespace="dur", top_k=4)
-                assert doc in [ch.document_id for ch in got.chunks], doc
-        finally:
-            ask.lexical_weight = saved
+        assert engine.cfg.ask.lexical_weight > 0  # the hybrid (the default) reads the lexical index
+        for doc in acked:
+            i = int(doc.split("-")[1])
+            got = c.read(f"parcel {i} courier agent {i * 7919 % 10007}", namespace="dur", top_k=4)
+            assert doc in [ch.document_id for ch in got.chunks], doc
         # a retried request id stores nothing twice
         again = c.write([("entry-0", doc_text(0))], namespace="dur", request_id="req-0")
         assert again.new_blocks == 0 and c.stats().chunks == stats.chunks

@@ -16,6 +16,8 @@ import ray
 
 from ..errors import EngramError, ErrorCode
 from ..workers.episodic import hierarchical_readout, reference_pinv
+from ..workers.lexical import TermStats, bm25
+from ..workers.results import SearchHits
 from .cluster import Cluster
 from .retry import actor_down, retry
 
@@ -32,9 +34,16 @@ class Retrieved:
     lexical: float = 0.0  # its BM25 score / the best of the query's BM25 scores over all shards
 
 
+def global_bm25(results: list[SearchHits]) -> list[np.ndarray]:
+    """Each shard's hits scored by BM25 with the namespace's statistics summed over all shards: one scale, the
+    same scores however the namespace's documents are spread (zeros where no lexical query ran)."""
+    stats = TermStats.total([r.term_stats for r in results if r.term_stats is not None])
+    return [np.zeros(len(r.doc)) if r.tf is None else bm25(r.tf, r.length, stats) for r in results]
+
+
 def fuse(hits: list[Retrieved], weight: float) -> list[Retrieved]:
-    """Scores of hits from every shard on one scale: BM25 is normalised by the best BM25 of all shards' hits
-    (with random routing their term statistics agree closely), then added to the dense cosine with `weight`."""
+    """Scores of hits from every shard on one scale: BM25 (global statistics) is normalised by the best BM25 of
+    the query's hits, then added to the dense cosine with `weight`."""
     best = max((h.lexical for h in hits), default=0.0)
     for h in hits:
         h.lexical = h.lexical / best if best > 0 else 0.0
@@ -128,12 +137,11 @@ class Reader:
         if not any(r.episodes for r in results):
             raise EngramError(ErrorCode.NOT_FOUND, f"namespace {namespace!r} holds no documents; write some first")
         writing = {name for ns, name in self.cluster.writing if ns == namespace}  # not whole yet: not served
+        lexical = global_bm25(results)
         hits = [
             Retrieved(float(sc), s, int(b), d, int(q), int(o), float(sc), float(lx))
-            for s, r in zip(self.cluster.shard_ids, results)
-            for sc, b, d, q, o, lx in zip(
-                r.score, r.block, r.doc, r.seq, r.offset, r.lexical if r.lexical is not None else np.zeros(len(r.doc))
-            )
+            for s, r, bm in zip(self.cluster.shard_ids, results, lexical)
+            for sc, b, d, q, o, lx in zip(r.score, r.block, r.doc, r.seq, r.offset, bm)
             if d not in writing
         ]
         hits = top_hits(fuse(hits, self.cfg.ask.lexical_weight), top_k, self.cfg.ask.min_score_ratio)

@@ -84,11 +84,10 @@ class AskConfig:
     # reading order.
     block_order: str = "score"
     # Hybrid retrieval: a chunk scores dense + lexical_weight x its BM25 score / the best BM25 score of the query
-    # (over all shards). Exact identifiers are found by their words. 0.25 is the best fusion measured (recall@4
-    # 1.00 on both distinct-text haystacks, 30k and 128k; BENCHMARKS.md "Distinct text"), but off by default:
-    # BM25 statistics are each shard's own, so in a small namespace spread over many shards a near-duplicate on a
-    # sparser shard outscores the exact match (tests/test_grow.py); global term statistics first. 0 = dense only.
-    lexical_weight: float = 0.0
+    # (over all shards; BM25 with the namespace's term statistics summed over shards). Exact identifiers are found
+    # by their words. 0.25 is the best fusion measured (recall@4 1.00 on both distinct-text haystacks, 30k and
+    # 128k; BENCHMARKS.md "Distinct text"). 0 = dense only (and no lexical query).
+    lexical_weight: float = 0.25
     max_top_k: int = 64
     max_new_tokens: int = 32
     max_max_new_tokens: int = 512

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .lexical import TermStats
+
 
 @dataclass
 class SearchHits:
@@ -19,7 +21,10 @@ class SearchHits:
     offset: np.ndarray  # [k] first token of each chunk in its document
     episodes: int  # episodic memories of the namespace on this shard (0: the namespace holds nothing here)
     readout: np.ndarray | None = None  # [C] hierarchical episodic readout (asked for by Read only)
-    lexical: np.ndarray | None = None  # [k] BM25 score of each hit (0: not among the lexical hits)
+    lexical: np.ndarray | None = None  # [k] BM25 of each hit by this shard's statistics alone
+    tf: np.ndarray | None = None  # [k, T] count of each query term in each hit's key text (None: no lexical query)
+    length: np.ndarray | None = None  # [k] analysed tokens of each hit's key text
+    term_stats: TermStats | None = None  # the namespace's statistics here for the query's terms
 
 
 @dataclass

@@ -18,7 +18,7 @@ from ..errors import EngramError, ErrorCode
 from .block_store import EncodedBlocks
 from .chunk_table import ChunkRows
 from .episodic import EpisodicConfig, Memory, hierarchical_readout, new_memory, reference_pinv
-from .lexical import LexicalIndex, lexical_scores
+from .lexical import LexicalIndex, bm25, lexical_scores
 from .results import ChunkAt, Committed, Compacted, DocChunks, DocHashes, SearchHits, ShardStats
 from .store import ShardStore, StoreError
 
@@ -307,14 +307,20 @@ class Shard:
         lookup = np.searchsorted(eps_arr, self.chunks.column("episode", rows))
         scores = np.einsum("nrc,nc->nr", self.blocks.latents(blocks).astype(np.float64), scorers[lookup]).max(1)
         lexical = np.zeros(len(rows))
-        if text:
-            lexical = lexical_scores(blocks, *self.lexical.search(namespace, text, max(4 * top_k, 64)))
+        terms = self.lexical.terms(text) if text else []
+        if terms:
+            lexical = lexical_scores(blocks, *self.lexical.search(namespace, terms, max(4 * top_k, 64)))
         # a chunk outside the dense top k with no lexical match cannot make the fused top k: k dense hits here
         # score at least as much, so k dense candidates suffice; lexical ones go deeper (2k), for their dense part
         keep = np.concatenate([self._best(scores, blocks, top_k), self._best(lexical, blocks, 2 * top_k, True)])
         keep = np.array(list(dict.fromkeys(keep.tolist())), dtype=np.int64)
         keep = keep[np.argsort(-scores[keep], kind="stable")]
         sel = rows[keep]
+        tf = length = stats = None
+        if terms:  # every hit's term counts (dense ones too) and the namespace's statistics: the coordinator scores
+            tf, length = self.lexical.counts(self.blocks.text(blocks[keep]).tolist(), terms)
+            stats = self.lexical.stats(namespace, terms)
+            lexical[keep] = bm25(tf, length, stats)  # by this shard's statistics alone
         return SearchHits(
             scores[keep],
             blocks[keep],
@@ -324,6 +330,9 @@ class Shard:
             len(eps),
             hierarchical_readout(readouts, q, self.m0_pinv, self.cfg.episodic) if readout else None,
             lexical[keep],
+            tf,
+            length,
+            stats,
         )
 
     @staticmethod

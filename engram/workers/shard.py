@@ -21,6 +21,7 @@ from .episodic import EpisodicConfig, Memory, hierarchical_readout, new_memory, 
 from .lexical import LexicalIndex, bm25, lexical_scores
 from .results import ChunkAt, Committed, Compacted, DocChunks, DocHashes, SearchHits, ShardStats
 from .store import ShardStore, StoreError
+from .vectors import VectorConfig, VectorIndex
 
 
 @dataclass
@@ -28,6 +29,7 @@ class ShardConfig:
     data_dir: str = "engram-data"  # each shard keeps <data_dir>/shard-<id>/ on its node's disk
     fsync: bool = True  # flush to disk before acknowledging (survives a machine crash, not just a process crash)
     episodic: EpisodicConfig = field(default_factory=EpisodicConfig)
+    vectors: VectorConfig = field(default_factory=VectorConfig)
 
 
 class Shard:
@@ -38,9 +40,27 @@ class Shard:
         self.blocks, self.chunks = self.store.blocks, self.store.chunks
         self.m0_pinv = reference_pinv(cfg.episodic)
         self._rebuild()
-        self._open_lexical()
+        self._open_indexes()
 
-    # --- the lexical index (a derived index: it follows the store's committed chunk rows) ----------------------
+    # --- derived indexes (lexical on disk, vectors in RAM): they follow the store's committed chunk rows --------
+    def _open_indexes(self) -> None:
+        self._open_lexical()
+        self.vectors = VectorIndex(self.layout.latent_dim, self.cfg.vectors)
+        self._follow_vectors()
+
+    def _follow(self) -> None:
+        """Bring both derived indexes up to the store's committed chunk rows (after each commit)."""
+        self._follow_lexical()
+        self._follow_vectors()
+
+    def _follow_vectors(self) -> None:
+        upto = self._committed_rows()
+        if self.vectors.rows >= upto:
+            return
+        rows = np.arange(self.vectors.rows, upto)
+        namespaces = self.store.tables.ram["docs/namespace"][self.chunks.column("doc", rows)]
+        self.vectors.add(upto, namespaces, rows, self.blocks.latents(self.chunks.column("block", rows)))
+
     def _open_lexical(self) -> None:
         """Open the index of this store generation and catch up on the rows it missed (a crash between the store's
         commit and its own), or build it (a new generation: compaction, or a store from before it existed)."""
@@ -183,7 +203,7 @@ class Shard:
             else:
                 self.chunks.add_chunks(doc, rows)
         self._remember(namespace, blocks, episodes)
-        self._follow_lexical()
+        self._follow()
         return doc
 
     def delete_document(self, namespace: str, name: str, request: str | None = None) -> int:
@@ -208,7 +228,7 @@ class Shard:
         self.store = ShardStore(self.store.path, self.layout, self.cfg.fsync)
         self.blocks, self.chunks = self.store.blocks, self.store.chunks
         self._rebuild()
-        self._open_lexical()  # a new generation: rebuilt from it
+        self._open_indexes()  # a new generation: rebuilt from it
         return Compacted(self.shard_id, before[0], len(self.blocks), before[1], self.store.stored_bytes())
 
     # --- rebalancing (chunks move to shards added later; copy to the new owner first, then drop here) --------
@@ -303,13 +323,16 @@ class Shard:
         eps_arr = np.asarray(eps, dtype=np.int64)
         live = self.chunks.all_live_rows()
         rows = live[np.isin(self.chunks.column("episode", live), eps_arr)]
+        terms = self.lexical.terms(text) if text else []
+        found = self.lexical.search(namespace, terms, max(4 * top_k, 64))  # ([blocks], [BM25]) candidates
+        # a large namespace: score only the vector index's candidates and the lexical ones, not every chunk
+        candidates = self.vectors.search(namespace, q, max(4 * top_k, 64), self.chunks.alive)
+        if candidates is not None:
+            rows = np.union1d(candidates, rows[np.isin(self.chunks.column("block", rows), found[0])])
         blocks = self.chunks.column("block", rows)
         lookup = np.searchsorted(eps_arr, self.chunks.column("episode", rows))
         scores = np.einsum("nrc,nc->nr", self.blocks.latents(blocks).astype(np.float64), scorers[lookup]).max(1)
-        lexical = np.zeros(len(rows))
-        terms = self.lexical.terms(text) if text else []
-        if terms:
-            lexical = lexical_scores(blocks, *self.lexical.search(namespace, terms, max(4 * top_k, 64)))
+        lexical = lexical_scores(blocks, *found)
         # a chunk outside the dense top k with no lexical match cannot make the fused top k: k dense hits here
         # score at least as much, so k dense candidates suffice; lexical ones go deeper (2k), for their dense part
         keep = np.concatenate([self._best(scores, blocks, top_k), self._best(lexical, blocks, 2 * top_k, True)])

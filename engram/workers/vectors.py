@@ -1,0 +1,123 @@
+"""The shard's vector index (FAISS): candidate chunks for a query by inner product with their window latents, so a
+search scores a few hundred chunks through the episodic memories instead of every chunk of the namespace.
+
+Why candidates by the plain query: within an episode's capacity the least-squares readout is the query projected on
+the span of the episode's items, so <readout, item> = <query, item> for every stored item — the index ranks the
+windows as the memory does; the shard then scores the candidates exactly through their memories (and a Hopfield
+memory, which reweights, still sees the best matches by cosine).
+
+One index per namespace, in RAM, derived from the store's latents: built on open, it follows the committed chunk
+rows (like the lexical index), a compaction rebuilds it. Deleted and moved chunks are filtered at search time by
+the chunk table (what is live). Exact ("Flat", inner product over float16 vectors: half the bytes of the latents,
+candidates only — the scores that rank come from the float32 latents) until a namespace holds `ann_min_vectors`
+windows on the shard; then IVF (k-means cells, `nprobe` of them searched), trained once on the vectors it holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+
+@dataclass
+class VectorConfig:
+    # Exact search below this many window vectors per namespace and shard; IVF above (measured: bench/vector_scaling.py,
+    # BENCHMARKS.md "Retrieval at scale"). 0 = always exact.
+    ann_min_vectors: int = 1_000_000
+    nprobe: int = 32  # IVF cells searched per query (recall of the exact top-k against latency)
+    exact_below_chunks: int = 4096  # a namespace with fewer chunks on the shard is scored whole (no index needed)
+
+    def __post_init__(self):
+        if self.ann_min_vectors < 0 or self.nprobe < 1 or self.exact_below_chunks < 0:
+            raise ValueError("shard.vectors: ann_min_vectors and exact_below_chunks must be >= 0, nprobe >= 1")
+
+
+def ivf_cells(n: int) -> int:
+    """k-means cells for n vectors: ~4 sqrt(n) (FAISS's guidance), at least 1."""
+    return max(1, int(4 * np.sqrt(n)))
+
+
+class NamespaceVectors:
+    """One namespace's window vectors on a shard: FAISS index + which chunk row each vector is a window of."""
+
+    def __init__(self, dim: int, cfg: VectorConfig):
+        self.dim, self.cfg = dim, cfg
+        self.index = faiss.index_factory(dim, "SQfp16", faiss.METRIC_INNER_PRODUCT)
+        self.rows = np.zeros(1024, dtype=np.int64)  # [capacity] chunk row of each vector (doubling: O(1) appends)
+        self.count = 0  # vectors
+        self.chunks = 0  # chunk rows (live or not)
+        self.ann = False
+
+    def add(self, rows: np.ndarray, latents: np.ndarray) -> None:
+        """rows [n] chunk rows, latents [n, R, C] their window latents."""
+        n, windows, _ = latents.shape
+        if self.count + n * windows > len(self.rows):
+            grown = np.zeros(max(2 * len(self.rows), self.count + n * windows), dtype=np.int64)
+            grown[: self.count] = self.rows[: self.count]
+            self.rows = grown
+        self.rows[self.count : self.count + n * windows] = np.repeat(rows, windows)
+        self.count += n * windows
+        self.chunks += n
+        vectors = np.ascontiguousarray(latents.reshape(-1, self.dim), dtype=np.float32)
+        if not self.ann and self.cfg.ann_min_vectors and self.count >= self.cfg.ann_min_vectors:
+            self._to_ivf(vectors)
+        else:
+            self.index.add(vectors)
+
+    def _to_ivf(self, new: np.ndarray) -> None:
+        """Past ann_min_vectors: an IVF index trained on (a sample of) every vector held, then all of them added."""
+        held = self.index.reconstruct_n(0, self.index.ntotal) if self.index.ntotal else np.zeros((0, self.dim))
+        vectors = np.concatenate([held.astype(np.float32), new])
+        cells = ivf_cells(len(vectors))
+        ivf = faiss.index_factory(self.dim, f"IVF{cells},SQfp16", faiss.METRIC_INNER_PRODUCT)
+        sample = np.random.default_rng(0).permutation(len(vectors))[: 64 * cells]
+        ivf.train(vectors[np.sort(sample)])
+        ivf.add(vectors)
+        faiss.extract_index_ivf(ivf).nprobe = self.cfg.nprobe
+        self.index, self.ann = ivf, True
+
+    def search(self, query: np.ndarray, chunks: int, alive: np.ndarray) -> np.ndarray:
+        """-> up to `chunks` distinct live chunk rows whose windows best match the query, best first. Asks FAISS for
+        more vectors until enough live chunks are found (deleted ones are skipped) or the index is exhausted."""
+        q = np.ascontiguousarray(query.reshape(1, -1), dtype=np.float32)
+        want = chunks * 4
+        while True:
+            k = min(want, self.index.ntotal)
+            _, ids = self.index.search(q, k)
+            ids = ids[0][ids[0] >= 0]
+            rows = self.rows[ids]
+            rows = rows[alive[rows]]
+            rows = rows[np.sort(np.unique(rows, return_index=True)[1])]  # distinct, in rank order
+            if len(rows) >= chunks or k >= self.index.ntotal:
+                return rows[:chunks]
+            want *= 4
+
+
+class VectorIndex:
+    """The shard's namespaces' vector indexes; `rows`: how many of the store's chunk rows it reflects."""
+
+    def __init__(self, dim: int, cfg: VectorConfig):
+        self.dim, self.cfg = dim, cfg
+        self.namespaces: dict[str, NamespaceVectors] = {}
+        self.rows = 0
+
+    def add(self, rows_upto: int, namespaces: np.ndarray, rows: np.ndarray, latents: np.ndarray) -> None:
+        """Index chunk rows (each of the namespace given) up to `rows_upto`; latents [n, R, C]."""
+        for ns in np.unique(namespaces):
+            sel = namespaces == ns
+            if str(ns) not in self.namespaces:
+                self.namespaces[str(ns)] = NamespaceVectors(self.dim, self.cfg)
+            self.namespaces[str(ns)].add(rows[sel], latents[sel])
+        self.rows = rows_upto
+
+    def search(self, namespace: str, query: np.ndarray, chunks: int, alive: np.ndarray) -> np.ndarray | None:
+        """Candidate chunk rows, or None where the namespace is small enough to score whole."""
+        vectors = self.namespaces.get(namespace)
+        if vectors is None or vectors.chunks < self.cfg.exact_below_chunks:
+            return None
+        return vectors.search(query, chunks, alive)
+
+    def vectors(self) -> int:
+        return sum(v.count for v in self.namespaces.values())

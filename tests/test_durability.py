@@ -75,9 +75,10 @@ def test_sigkill_shards_20_times_during_streaming_ingest(service, caplog):
             assert seqs == list(range(n)), (doc, seqs, n)
         stats = c.stats()
         assert c.ask(PASSKEY_QUESTION, namespace="dur-base").answer == answer_before
-        # the lexical index agrees with the store after the kills: nothing committed is left unindexed, and every
-        # acknowledged document is found by its own words (its courier's agent number)
-        assert [ray.get(s.stats.remote()).lexical_behind for s in engine.shards] == [0] * len(engine.shards)
+        # the lexical and vector indexes agree with the store after the kills: nothing committed is left unindexed,
+        # and every acknowledged document is found by its own words (its courier's agent number)
+        behind = [ray.get(s.stats.remote()) for s in engine.shards]
+        assert [(b.lexical_behind, b.vectors_behind) for b in behind] == [(0, 0)] * len(engine.shards)
         assert engine.cfg.ask.lexical_weight > 0  # the hybrid (the default) reads the lexical index
         for doc in acked:
             i = int(doc.split("-")[1])

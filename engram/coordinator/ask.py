@@ -41,6 +41,18 @@ def global_bm25(results: list[SearchHits]) -> list[np.ndarray]:
     return [np.zeros(len(r.doc)) if r.tf is None else bm25(r.tf, r.length, stats) for r in results]
 
 
+def merge(shard_ids: list[int], results: list[SearchHits], top_k: int, cfg, skip=frozenset()) -> list[Retrieved]:
+    """Every shard's hits (less documents in `skip`) -> the global top-k: BM25 on global statistics, fused with
+    the dense scores (cfg: the ask settings), the score cutoff."""
+    hits = [
+        Retrieved(float(sc), s, int(b), d, int(q), int(o), float(sc), float(lx))
+        for s, r, bm in zip(shard_ids, results, global_bm25(results))
+        for sc, b, d, q, o, lx in zip(r.score, r.block, r.doc, r.seq, r.offset, bm)
+        if d not in skip
+    ]
+    return top_hits(fuse(hits, cfg.lexical_weight), top_k, cfg.min_score_ratio)
+
+
 def fuse(hits: list[Retrieved], weight: float) -> list[Retrieved]:
     """Scores of hits from every shard on one scale: BM25 (global statistics) is normalised by the best BM25 of
     the query's hits, then added to the dense cosine with `weight`."""
@@ -137,14 +149,7 @@ class Reader:
         if not any(r.episodes for r in results):
             raise EngramError(ErrorCode.NOT_FOUND, f"namespace {namespace!r} holds no documents; write some first")
         writing = {name for ns, name in self.cluster.writing if ns == namespace}  # not whole yet: not served
-        lexical = global_bm25(results)
-        hits = [
-            Retrieved(float(sc), s, int(b), d, int(q), int(o), float(sc), float(lx))
-            for s, r, bm in zip(self.cluster.shard_ids, results, lexical)
-            for sc, b, d, q, o, lx in zip(r.score, r.block, r.doc, r.seq, r.offset, bm)
-            if d not in writing
-        ]
-        hits = top_hits(fuse(hits, self.cfg.ask.lexical_weight), top_k, self.cfg.ask.min_score_ratio)
+        hits = merge(self.cluster.shard_ids, results, top_k, self.cfg.ask, writing)
         merged = None
         if readout:
             readouts = np.stack([r.readout for r in results if r.episodes])

@@ -88,3 +88,4 @@ class ShardStats:
     resident_bytes: int
     pid: int = field(default=0)  # the shard's process (tests kill it; never sent to clients)
     lexical_behind: int = 0  # committed chunk rows the lexical index has not indexed (0 once open and after a commit)
+    vectors_behind: int = 0  # the same for the vector index

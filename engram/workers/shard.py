@@ -318,8 +318,6 @@ class Shard:
                 np.zeros(len(q)) if readout else None,
                 np.zeros(0),
             )
-        readouts = np.stack([self.memories[ep].read(q) for ep in eps])  # [E, C]
-        scorers = np.stack([self.memories[ep].scorer(q, r) for ep, r in zip(eps, readouts)])  # [E, C]
         eps_arr = np.asarray(eps, dtype=np.int64)
         live = self.chunks.all_live_rows()
         rows = live[np.isin(self.chunks.column("episode", live), eps_arr)]
@@ -330,7 +328,13 @@ class Shard:
         if candidates is not None:
             rows = np.union1d(candidates, rows[np.isin(self.chunks.column("block", rows), found[0])])
         blocks = self.chunks.column("block", rows)
-        lookup = np.searchsorted(eps_arr, self.chunks.column("episode", rows))
+        # only the memories of the chunks scored are read (with the index: a few, however many the namespace has)
+        row_eps = self.chunks.column("episode", rows)
+        scored = np.unique(row_eps)
+        scorers = np.zeros((len(scored), len(q)))  # [E', C]
+        for i, ep in enumerate(scored.tolist()):
+            scorers[i] = self.memories[ep].scorer(q, self.memories[ep].read(q))
+        lookup = np.searchsorted(scored, row_eps)
         scores = np.einsum("nrc,nc->nr", self.blocks.latents(blocks).astype(np.float64), scorers[lookup]).max(1)
         lexical = lexical_scores(blocks, *found)
         # a chunk outside the dense top k with no lexical match cannot make the fused top k: k dense hits here
@@ -351,12 +355,17 @@ class Shard:
             self.chunks.column("seq", sel),
             self.chunks.column("offset", sel),
             len(eps),
-            hierarchical_readout(readouts, q, self.m0_pinv, self.cfg.episodic) if readout else None,
+            self._readout(eps, q) if readout else None,
             lexical[keep],
             tf,
             length,
             stats,
         )
+
+    def _readout(self, eps: list[int], q: np.ndarray) -> np.ndarray:
+        """[C] the hierarchical readout of these episodes' memories (every memory of the namespace: Read only)."""
+        readouts = np.stack([self.memories[ep].read(q) for ep in eps])  # [E, C]
+        return hierarchical_readout(readouts, q, self.m0_pinv, self.cfg.episodic)
 
     @staticmethod
     def _best(scores: np.ndarray, blocks: np.ndarray, k: int, matched_only: bool = False) -> np.ndarray:
@@ -420,4 +429,5 @@ class Shard:
             resident_bytes=psutil.Process().memory_info().rss,
             pid=os.getpid(),
             lexical_behind=self._committed_rows() - self.lexical.rows,
+            vectors_behind=self._committed_rows() - self.vectors.rows,
         )

@@ -1,0 +1,193 @@
+"""Retrieval on distinct text at 1M tokens and beyond, without the K/V encoding (issue #13).
+
+Encoding 1M tokens' K/V takes ~45 minutes on 2 cores, and retrieval never reads it. This run builds the same
+haystack as `engram bench distinct` (docstrings of the installed packages, never repeating, facts of every kind
+planted), cuts and routes it exactly as the service does (routing.split / chunk_hash / route over 2 shards), makes
+each chunk's retrieval keys with the service's own Encoder code (embed_windows with key contexts, the lexical key
+text), and stores them in real shards (real Zarr stores, episodic memories, lexical and vector indexes) whose K/V
+layout is tiny. Each asked fact is then retrieved as an Ask retrieves it — every shard's search, then the
+coordinator's merge (global BM25, fusion, score cutoff) — and the rank of the chunk holding its answer is recorded.
+
+    python bench/distinct_retrieval.py --lengths 128k 1M --out bench/results/distinct_retrieval
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+DEEP = 64
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--lengths", nargs="+", default=["128k", "1M"])
+    p.add_argument("--segment", type=int, default=4096, help="tokens per document")
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--keys", type=int, default=4)
+    p.add_argument("--distractors", type=int, default=6)
+    p.add_argument("--per-kind", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", default=None)
+    p.add_argument("--batch", type=int, default=256, help="chunks per embedding batch")
+    p.add_argument("--out", default="")
+    a = p.parse_args()
+
+    import torch
+
+    from engram.coordinator import routing
+    from engram.coordinator.ask import merge
+    from engram.coordinator.config import EngramConfig, block_layout
+    from engram.decoder.layout import BlockLayout
+    from engram.decoder.model import DecoderConfig
+    from engram.evals.cases import parse_length
+    from engram.evals.distinct import KINDS, chunk_of_answer, corpus, make_facts, plant
+    from engram.evals.report import machine
+    from engram.workers.block_store import EncodedBlocks
+    from engram.workers.encoder import Encoder
+    from engram.workers.shard import Shard
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = EngramConfig.load(a.config)
+    real = block_layout(cfg)
+    e = cfg.encoder
+    fp = routing.fingerprint(
+        cfg.decoder.model, real, e.span, e.scorer, e.embedder, e.window_tokens, e.window_stride, e.key_context_tokens
+    )
+    encoder = Encoder(e, DecoderConfig(**{**vars(cfg.decoder), "threads": os.cpu_count() or 1}), real)
+    tok = encoder.tokenizer
+    tiny = BlockLayout(
+        layers=1,
+        kv_heads=1,
+        keep_tokens=real.chunk_tokens,
+        head_dim=1,
+        chunk_tokens=real.chunk_tokens,
+        latent_dim=real.latent_dim,
+        latents_per_chunk=real.latents_per_chunk,
+    )
+    results = []
+    for length in (parse_length(x) for x in a.lengths):
+        rng = random.Random(a.seed)
+        docs = corpus(length, tok, a.segment)
+        facts = make_facts(rng, a.keys, a.distractors, a.per_kind)
+        plant(docs, facts, tok, e.chunk_tokens, rng)
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg.shard.data_dir, cfg.shard.fsync = tmp, False
+            shards = [Shard(i, cfg.shard, tiny) for i in range(a.shards)]
+            t0 = time.perf_counter()
+            chunks_in, embed_s, tokens = 0, 0.0, 0
+            for name, text in tqdm(docs, desc=f"write {length:,} tokens (keys only)", unit="doc"):
+                ids = routing.tokenize(tok, text)
+                tokens += len(ids)
+                chunks = routing.split(ids, e.chunk_tokens, e.context_tokens)
+                hashes = [routing.chunk_hash(c.tokens, fp, c.context) for c in chunks]
+                owner = [routing.route(h, list(range(a.shards))) for h in hashes]
+                keys = [
+                    list(c.context[len(c.context) - e.key_context_tokens :]) if e.key_context_tokens else []
+                    for c in chunks
+                ]
+                t = time.perf_counter()
+                latent = np.concatenate(
+                    [
+                        encoder.embed_windows([list(c.tokens) for c in chunks[i : i + a.batch]], keys[i : i + a.batch])
+                        for i in range(0, len(chunks), a.batch)
+                    ]
+                )
+                embed_s += time.perf_counter() - t
+                texts = [tok.decode(k + list(c.tokens)) for k, c in zip(keys, chunks)]
+                for s, shard in enumerate(shards):
+                    mine = [i for i, o in enumerate(owner) if o == s]
+                    if not mine:
+                        continue
+                    n = len(mine)
+                    kv = (n, 1, 1, tiny.keep_tokens, 1)
+                    shard.put_blocks(
+                        EncodedBlocks(
+                            kv={
+                                "keys": np.zeros(kv, np.float16),
+                                "values": np.zeros(kv, np.float16),
+                                "positions": np.zeros(kv[:4], np.int16),
+                            },
+                            tokens=np.zeros((n, tiny.chunk_tokens), np.int32),
+                            length=np.array([len(chunks[i].tokens) for i in mine], np.int32),
+                            hash=np.frombuffer(b"".join(hashes[i] for i in mine), np.uint8).reshape(n, 16),
+                            latent=latent[mine],
+                            text=np.array([texts[i] for i in mine], dtype=object),
+                        )
+                    )
+                    shard.commit_document(
+                        "ns",
+                        name,
+                        len(ids),
+                        [hashes[i] for i in mine],
+                        [chunks[i].seq for i in mine],
+                        [chunks[i].offset for i in mine],
+                    )
+                chunks_in += len(chunks)
+            write_s = time.perf_counter() - t0
+            texts = dict(docs)
+            rows = []
+            for f in (f for f in facts if f.question):
+                _, answer_chunks = chunk_of_answer(texts[f.document], f, tok, e.chunk_tokens)
+                z = encoder.embed([f.question])[0]
+                ranks = {}
+                t = time.perf_counter()
+                for k in (a.top_k, DEEP):
+                    found = merge(
+                        list(range(a.shards)), [s.search("ns", z, k, text=f.question) for s in shards], k, cfg.ask
+                    )
+                    hit = [i for i, h in enumerate(found) if h.document_id == f.document and h.seq in answer_chunks]
+                    ranks[k] = hit[0] if hit else DEEP
+                    if k == a.top_k:
+                        search_s = time.perf_counter() - t
+                rows.append(
+                    {
+                        "kind": f.kind,
+                        "answer": f.answer,
+                        "in_top_k": ranks[a.top_k] < a.top_k,
+                        "rank_deep": ranks[DEEP],
+                        "search_s": search_s,
+                    }
+                )
+            stats = [s.stats() for s in shards]
+            for s in shards:
+                s.store.close()
+        by_kind = {
+            k: [r["in_top_k"] for r in rows if r["kind"] == k] for k in KINDS if any(r["kind"] == k for r in rows)
+        }
+        summary = {
+            "length": length,
+            "tokens": tokens,
+            "chunks": chunks_in,
+            "documents": len(docs),
+            "write_s": round(write_s, 1),
+            "embed_s": round(embed_s, 1),
+            "recall_at_k": f"{sum(r['in_top_k'] for r in rows)}/{len(rows)}",
+            "by_kind": {k: f"{sum(v)}/{len(v)}" for k, v in by_kind.items()},
+            "search_p50_s": round(float(np.median([r["search_s"] for r in rows])), 4),
+            "vectors_ivf": [bool(s.vectors.namespaces["ns"].ann) for s in shards],
+            "chunks_per_shard": [st.chunks for st in stats],
+            "facts": rows,
+        }
+        print(json.dumps({k: v for k, v in summary.items() if k != "facts"}), flush=True)
+        for r in rows:
+            if not r["in_top_k"]:
+                print("  missed:", r["kind"], r["answer"], "rank", r["rank_deep"], flush=True)
+        results.append(summary)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        out = {"task": "distinct-retrieval", "machine": machine(), "top_k": a.top_k, "lengths": results}
+        Path(a.out + ".json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,7 @@ windows, filled to N chunks; Shard.search latency through the index vs scoring e
 whether both return the same top 4.
 
     python bench/vector_scaling.py index --sizes 100k 300k 1M 3M 5M --out bench/results/vector_scaling_index
-    python bench/vector_scaling.py shard --chunks 39k 195k 390k --out bench/results/vector_scaling_shard
+    python bench/vector_scaling.py shard --chunks 4k 16k 39k 195k 390k --out bench/results/vector_scaling_shard
 
 Synthetic vectors: clusters of ~100 (intra-cluster cosine ~0.5), queries a stored window plus noise (cosine ~0.6
 with it) — closer to sentence embeddings than uniform random vectors, which no ANN index handles well.
@@ -59,6 +59,8 @@ def exact_top(vectors: np.ndarray, q: np.ndarray, chunks: int, block: int = 1_00
 
 
 def bench_index(a) -> list[dict]:
+    import faiss
+
     from engram.workers.vectors import NamespaceVectors, VectorConfig
 
     rng = np.random.default_rng(0)
@@ -78,23 +80,27 @@ def bench_index(a) -> list[dict]:
                 np.einsum("nrc,c->nr", latents.astype(np.float64), q.astype(np.float64)).max(1).argsort()[-64:]
                 times.append(time.perf_counter() - t)
             rows.append(row(n, "numpy float64 scan (before)", 0.0, latents.nbytes, times, 1.0))
-        for name, cfg in [("exact fp16 (flat)", VectorConfig(ann_min_vectors=0))] + [
-            (f"IVF fp16 nprobe {p}", VectorConfig(ann_min_vectors=1, nprobe=p)) for p in a.nprobe
-        ]:
-            if "IVF" in name and n < a.ivf_min:
-                continue
+        builds = [("exact fp16 (flat)", VectorConfig(ann_min_vectors=0), [None])]
+        if n >= a.ivf_min:  # one IVF build, searched at each nprobe
+            builds.append(("IVF fp16", VectorConfig(ann_min_vectors=1), a.nprobe))
+        for name, cfg, probes in builds:
             t = time.perf_counter()
             v = NamespaceVectors(DIM, cfg)
             v.add(np.arange(chunks), latents)
             build = time.perf_counter() - t
-            times, recall = [], []
-            for q, want in zip(qs, truth):
-                t = time.perf_counter()
-                got = v.search(q, 64, alive)
-                times.append(time.perf_counter() - t)
-                recall.append(len(want & set(got.tolist())) / 16)  # the shard re-scores all 64 exactly
-            code = v.index.sa_code_size() if hasattr(v.index, "sa_code_size") else 2 * DIM
-            rows.append(row(n, name, build, v.index.ntotal * code, times, float(np.mean(recall))))
+            for p in probes:
+                if p is not None:
+                    faiss.extract_index_ivf(v.index).nprobe = p
+                times, recall = [], []
+                for q, want in zip(qs, truth):
+                    t = time.perf_counter()
+                    got = v.search(q, 64, alive)
+                    times.append(time.perf_counter() - t)
+                    recall.append(len(want & set(got.tolist())) / 16)  # the shard re-scores all 64 exactly
+                label = name if p is None else f"{name} nprobe {p} of {faiss.extract_index_ivf(v.index).nlist}"
+                rows.append(
+                    row(n, label, build, v.index.ntotal * v.index.sa_code_size(), times, float(np.mean(recall)))
+                )
             del v
         del vectors, latents
     return rows
@@ -198,10 +204,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("part", choices=["index", "shard"])
     p.add_argument("--sizes", nargs="+", default=["100k", "300k", "1M", "3M", "5M"])
-    p.add_argument("--chunks", nargs="+", default=["39k", "195k", "390k"])
+    p.add_argument("--chunks", nargs="+", default=["4k", "16k", "39k", "195k", "390k"])
     p.add_argument("--doc-chunks", type=int, default=8192)
     p.add_argument("--queries", type=int, default=50)
-    p.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64])
+    p.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     p.add_argument("--ivf-min", type=parse_n, default=300_000, help="IVF rows only from this many vectors")
     p.add_argument("--numpy-max", type=parse_n, default=1_000_000, help="the float64 scan only up to this size")
     p.add_argument("--out", default="")

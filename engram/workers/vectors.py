@@ -69,8 +69,10 @@ class NamespaceVectors:
 
     def _to_ivf(self, new: np.ndarray) -> None:
         """Past ann_min_vectors: an IVF index trained on (a sample of) every vector held, then all of them added."""
-        held = self.index.reconstruct_n(0, self.index.ntotal) if self.index.ntotal else np.zeros((0, self.dim))
-        vectors = np.concatenate([held.astype(np.float32), new])
+        if self.index.ntotal:
+            vectors = np.concatenate([self.index.reconstruct_n(0, self.index.ntotal).astype(np.float32), new])
+        else:
+            vectors = new
         cells = ivf_cells(len(vectors))
         ivf = faiss.index_factory(self.dim, f"IVF{cells},SQfp16", faiss.METRIC_INNER_PRODUCT)
         sample = np.random.default_rng(0).permutation(len(vectors))[: 64 * cells]

@@ -3,8 +3,8 @@
 Part "index": NamespaceVectors (FAISS) alone on synthetic clustered unit vectors (384-d, as MiniLM's; 3 windows per
 chunk, as the default encoder): build time, bytes, query latency (one query, 64 candidate chunks, as a shard asks)
 and recall of the exact top-16 chunks among the 64 (the shard re-scores its candidates exactly), for the exact fp16
-index and IVF at several nprobe; the float64 numpy scan the shards did before (#13) as the baseline, up to the size
-it fits.
+index, IVF at several nprobe and HNSW at several efSearch; the float64 numpy scan the shards did before (#13) as
+the baseline, up to the size it fits.
 Part "shard": a real Shard (real Zarr store, episodic memories) with a tiny K/V layout but the real latent width and
 windows, filled to N chunks; Shard.search latency through the index vs scoring every chunk (the code before), and
 whether both return the same top 4.
@@ -80,24 +80,28 @@ def bench_index(a) -> list[dict]:
                 np.einsum("nrc,c->nr", latents.astype(np.float64), q.astype(np.float64)).max(1).argsort()[-64:]
                 times.append(time.perf_counter() - t)
             rows.append(row(n, "numpy float64 scan (before)", 0.0, latents.nbytes, times, 1.0))
-        builds = [("exact fp16 (flat)", VectorConfig(ann_min_vectors=0), [None])]
-        if n >= a.ivf_min:  # one IVF build, searched at each nprobe
-            builds.append(("IVF fp16", VectorConfig(ann_min_vectors=1), a.nprobe))
-        for name, cfg, probes in builds:
+        builds = [("exact fp16 (flat)", VectorConfig(), [None])]
+        if n >= a.ivf_min:  # one build each, searched at each setting
+            ivf = VectorConfig(ann_min_vectors=1, ann_factory="IVF{cells},SQfp16")
+            builds.append(("IVF sqrt(n) cells, fp16", ivf, [f"nprobe={p}" for p in a.nprobe]))
+        if a.hnsw_min <= n <= a.hnsw_max:
+            hnsw = VectorConfig(ann_min_vectors=1, ann_factory="HNSW32_SQfp16", ann_params="efSearch=16")
+            builds.append(("HNSW32 fp16", hnsw, [f"efSearch={e}" for e in a.ef]))
+        for name, cfg, settings in builds:
             t = time.perf_counter()
             v = NamespaceVectors(DIM, cfg)
             v.add(np.arange(chunks), latents)
             build = time.perf_counter() - t
-            for p in probes:
-                if p is not None:
-                    faiss.extract_index_ivf(v.index).nprobe = p
+            for setting in settings:
+                if setting is not None:
+                    faiss.ParameterSpace().set_index_parameters(v.index, setting)
                 times, recall = [], []
                 for q, want in zip(qs, truth):
                     t = time.perf_counter()
                     got = v.search(q, 64, alive)
                     times.append(time.perf_counter() - t)
                     recall.append(len(want & set(got.tolist())) / 16)  # the shard re-scores all 64 exactly
-                label = name if p is None else f"{name} nprobe {p} of {faiss.extract_index_ivf(v.index).nlist}"
+                label = name if setting is None else f"{name}, {setting}"
                 rows.append(
                     row(n, label, build, v.index.ntotal * v.index.sa_code_size(), times, float(np.mean(recall)))
                 )
@@ -209,6 +213,9 @@ def main():
     p.add_argument("--queries", type=int, default=50)
     p.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     p.add_argument("--ivf-min", type=parse_n, default=300_000, help="IVF rows only from this many vectors")
+    p.add_argument("--ef", type=int, nargs="+", default=[64, 128, 256])
+    p.add_argument("--hnsw-min", type=parse_n, default=300_000, help="HNSW rows only from this many vectors")
+    p.add_argument("--hnsw-max", type=parse_n, default=1_000_000, help="... and up to this many (slow to build)")
     p.add_argument("--numpy-max", type=parse_n, default=1_000_000, help="the float64 scan only up to this size")
     p.add_argument("--out", default="")
     a = p.parse_args()

@@ -39,15 +39,16 @@ def test_flat_candidates_are_the_brute_force_top(chunks):
         assert alive[got].all() and len(set(got)) == len(got) == chunks
 
 
-def test_ivf_past_its_threshold_keeps_the_exact_top_k():
-    """Clustered vectors (as sentence embeddings are): past ann_min_vectors the index becomes IVF and its top 16
-    chunks still hold >= 0.99 of the exact top 16 at the default nprobe."""
+@pytest.mark.parametrize("factory,params", [("IVF{cells},SQfp16", "nprobe=64"), ("HNSW32_SQfp16", "efSearch=128")])
+def test_ann_past_its_threshold_keeps_the_exact_top_k(factory, params):
+    """Clustered vectors (as sentence embeddings are): past ann_min_vectors the index becomes the ANN index and its
+    64 candidates still hold >= 0.99 of the exact top 16 chunks."""
     rng = np.random.default_rng(1)
     centres = unit(rng, 64, 48)
     n = 6000
     latents = centres[rng.integers(0, 64, (n, 3))] + 0.35 * unit(rng, n, 3, 48)
     latents /= np.linalg.norm(latents, axis=-1, keepdims=True)
-    v = NamespaceVectors(48, VectorConfig(ann_min_vectors=9000))
+    v = NamespaceVectors(48, VectorConfig(ann_min_vectors=9000, ann_factory=factory, ann_params=params))
     v.add(np.arange(2000), latents[:2000])
     assert not v.ann
     v.add(np.arange(2000, n), latents[2000:])
@@ -57,8 +58,15 @@ def test_ivf_past_its_threshold_keeps_the_exact_top_k():
     for q in latents[rng.integers(0, n, 50), 0] + 0.1 * unit(rng, 50, 48):
         q /= np.linalg.norm(q)
         want = set(brute_force(latents, alive, q, 16).tolist())
-        found.append(len(want & set(v.search(q, 16, alive).tolist())) / 16)
+        found.append(len(want & set(v.search(q, 64, alive).tolist())) / 16)
     assert np.mean(found) >= 0.99
+
+
+def test_a_wrong_ann_setting_fails_at_start():
+    with pytest.raises(ValueError, match="not a FAISS index"):
+        VectorConfig(ann_factory="IVF{cells},Nonsense")
+    with pytest.raises(ValueError, match="not a FAISS index"):
+        VectorConfig(ann_params="nprobe=lots")
 
 
 def test_small_namespaces_are_scored_whole():

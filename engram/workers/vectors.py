@@ -9,8 +9,8 @@ memory, which reweights, still sees the best matches by cosine).
 One index per namespace, in RAM, derived from the store's latents: built on open, it follows the committed chunk
 rows (like the lexical index), a compaction rebuilds it. Deleted and moved chunks are filtered at search time by
 the chunk table (what is live). Exact ("Flat", inner product over float16 vectors: half the bytes of the latents,
-candidates only — the scores that rank come from the float32 latents) until a namespace holds `ann_min_vectors`
-windows on the shard; then IVF (k-means cells, `nprobe` of them searched), trained once on the vectors it holds.
+candidates only — the scores that rank come from the float32 latents) unless a namespace holds `ann_min_vectors`
+windows on the shard; then an ANN index of FAISS's factory (IVF, HNSW), built once from the vectors it holds.
 """
 
 from __future__ import annotations
@@ -23,15 +23,26 @@ import numpy as np
 
 @dataclass
 class VectorConfig:
-    # Exact search below this many window vectors per namespace and shard; IVF above (measured: bench/vector_scaling.py,
-    # BENCHMARKS.md "Retrieval at scale"). 0 = always exact.
-    ann_min_vectors: int = 1_000_000
-    nprobe: int = 32  # IVF cells searched per query (recall of the exact top-k against latency)
+    # Exact search (float16 flat) below this many window vectors per namespace and shard; the ANN index above.
+    # 0 = always exact: the default, since no ANN index measured >= 0.99 recall of the exact top-k at a useful
+    # speed-up on 2 cores, while exact search stays far under the old full scan (bench/vector_scaling.py,
+    # BENCHMARKS.md "Retrieval at scale").
+    ann_min_vectors: int = 0
+    ann_factory: str = "IVF{cells},SQfp16"  # FAISS index_factory string; {cells}: sqrt(vectors held), for IVF
+    ann_params: str = "nprobe=64"  # FAISS search parameters (ParameterSpace syntax: "nprobe=64", "efSearch=128")
     exact_below_chunks: int = 4096  # a namespace with fewer chunks on the shard is scored whole (no index needed)
 
     def __post_init__(self):
-        if self.ann_min_vectors < 0 or self.nprobe < 1 or self.exact_below_chunks < 0:
-            raise ValueError("shard.vectors: ann_min_vectors and exact_below_chunks must be >= 0, nprobe >= 1")
+        if self.ann_min_vectors < 0 or self.exact_below_chunks < 0:
+            raise ValueError("shard.vectors: ann_min_vectors and exact_below_chunks must be 0 or more")
+        try:  # a wrong factory string or parameter fails at start, not at the first large commit
+            probe = faiss.index_factory(8, self.ann_factory.format(cells=4), faiss.METRIC_INNER_PRODUCT)
+            faiss.ParameterSpace().set_index_parameters(probe, self.ann_params)
+        except Exception as e:
+            raise ValueError(
+                f"shard.vectors: ann_factory {self.ann_factory!r} with ann_params {self.ann_params!r} is not a FAISS "
+                f"index this build makes ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+            ) from None
 
 
 def ivf_cells(n: int) -> int:
@@ -63,23 +74,25 @@ class NamespaceVectors:
         self.chunks += n
         vectors = np.ascontiguousarray(latents.reshape(-1, self.dim), dtype=np.float32)
         if not self.ann and self.cfg.ann_min_vectors and self.count >= self.cfg.ann_min_vectors:
-            self._to_ivf(vectors)
+            self._to_ann(vectors)
         else:
             self.index.add(vectors)
 
-    def _to_ivf(self, new: np.ndarray) -> None:
-        """Past ann_min_vectors: an IVF index trained on (a sample of) every vector held, then all of them added."""
+    def _to_ann(self, new: np.ndarray) -> None:
+        """Past ann_min_vectors: the ANN index, trained (if it needs it) on a sample of every vector held, then all
+        of them added. Once per namespace and shard (and again when a restart rebuilds the index)."""
         if self.index.ntotal:
             vectors = np.concatenate([self.index.reconstruct_n(0, self.index.ntotal).astype(np.float32), new])
         else:
             vectors = new
         cells = ivf_cells(len(vectors))
-        ivf = faiss.index_factory(self.dim, f"IVF{cells},SQfp16", faiss.METRIC_INNER_PRODUCT)
-        sample = np.random.default_rng(0).permutation(len(vectors))[: 64 * cells]
-        ivf.train(vectors[np.sort(sample)])
-        ivf.add(vectors)
-        faiss.extract_index_ivf(ivf).nprobe = self.cfg.nprobe
-        self.index, self.ann = ivf, True
+        ann = faiss.index_factory(self.dim, self.cfg.ann_factory.format(cells=cells), faiss.METRIC_INNER_PRODUCT)
+        if not ann.is_trained:
+            sample = np.random.default_rng(0).permutation(len(vectors))[: 64 * cells]
+            ann.train(vectors[np.sort(sample)])
+        ann.add(vectors)
+        faiss.ParameterSpace().set_index_parameters(ann, self.cfg.ann_params)
+        self.index, self.ann = ann, True
 
     def search(self, query: np.ndarray, chunks: int, alive: np.ndarray) -> np.ndarray:
         """-> up to `chunks` distinct live chunk rows whose windows best match the query, best first. Asks FAISS for

@@ -40,6 +40,7 @@ def main():
     p.add_argument("--config", default=None)
     p.add_argument("--batch", type=int, default=256, help="chunks per embedding batch")
     p.add_argument("--out", default="")
+    p.add_argument("--save-latents", default="", help="write every window latent here (.npy, float16)")
     a = p.parse_args()
 
     import torch
@@ -159,6 +160,9 @@ def main():
                     }
                 )
             stats = [s.stats() for s in shards]
+            if a.save_latents:  # real MiniLM window vectors, for bench/vector_scaling.py --vectors
+                held = [s.blocks.latents(np.arange(len(s.blocks))).reshape(-1, real.latent_dim) for s in shards]
+                np.save(a.save_latents, np.concatenate(held).astype(np.float16))
             for s in shards:
                 s.store.close()
         by_kind = {

@@ -65,9 +65,12 @@ def bench_index(a) -> list[dict]:
 
     rng = np.random.default_rng(0)
     rows = []
+    real = np.load(a.vectors).astype(np.float32) if a.vectors else None
     for n in map(parse_n, a.sizes):
+        if real is not None:  # real window vectors (bench/distinct_retrieval.py --save-latents): as many as there are
+            n = min(n, len(real))
         n -= n % WINDOWS
-        vectors = clustered(n, rng)
+        vectors = clustered(n, rng) if real is None else real[:n] / np.linalg.norm(real[:n], axis=1, keepdims=True)
         qs = queries(vectors, a.queries, rng)
         truth = [set(exact_top(vectors, q, 16).tolist()) for q in qs]
         chunks = n // WINDOWS
@@ -217,6 +220,7 @@ def main():
     p.add_argument("--hnsw-min", type=parse_n, default=300_000, help="HNSW rows only from this many vectors")
     p.add_argument("--hnsw-max", type=parse_n, default=1_000_000, help="... and up to this many (slow to build)")
     p.add_argument("--numpy-max", type=parse_n, default=1_000_000, help="the float64 scan only up to this size")
+    p.add_argument("--vectors", default="", help="real vectors (.npy) instead of synthetic ones")
     p.add_argument("--out", default="")
     a = p.parse_args()
     rows = bench_index(a) if a.part == "index" else bench_shard(a)

@@ -302,6 +302,8 @@ class Shard:
         score_i = max_r <s(e_i), ẑ_ir>: the scorer of chunk i's episode memory (least squares: its readout z_r,
         which gives the best window's cosine with the query while the episode is within capacity; Hopfield: the
         readout weighted by its match with the query) against the chunk's stored window latents.
+        Which chunks are scored: all of the namespace's on this shard, or past `vectors.exact_below_chunks` of them
+        the vector index's candidates (by inner product with the query) and the lexical ones.
         readout: also the hierarchical readout of the shard's memories (Read returns it; Ask does not).
         text: the query's text, for the lexical index: hits then come from both rankings (the dense top k and the
         lexical top 2k), each with both scores; the coordinator fuses them over all shards."""

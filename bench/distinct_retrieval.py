@@ -189,7 +189,7 @@ def main():
         results.append(summary)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        out = {"task": "distinct-retrieval", "machine": machine(), "top_k": a.top_k, "lengths": results}
+        out = {"task": "distinct-retrieval", "machine": machine(), "args": vars(a), "lengths": results}
         Path(a.out + ".json").write_text(json.dumps(out, indent=1))
 
 

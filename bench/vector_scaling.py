@@ -105,12 +105,20 @@ def bench_index(a) -> list[dict]:
                     times.append(time.perf_counter() - t)
                     recall.append(len(want & set(got.tolist())) / 16)  # the shard re-scores all 64 exactly
                 label = name if setting is None else f"{name}, {setting}"
-                rows.append(
-                    row(n, label, build, v.index.ntotal * v.index.sa_code_size(), times, float(np.mean(recall)))
-                )
+                rows.append(row(n, label, build, index_bytes(v.index), times, float(np.mean(recall))))
             del v
         del vectors, latents
     return rows
+
+
+def index_bytes(index) -> int:
+    """The index's size: its codes, or (HNSW: no standalone codec) its serialised form, graph included."""
+    import faiss
+
+    try:
+        return index.ntotal * index.sa_code_size()
+    except RuntimeError:
+        return len(faiss.serialize_index(index))
 
 
 def row(n, method, build_s, nbytes, times, recall) -> dict:

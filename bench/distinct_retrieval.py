@@ -3,8 +3,8 @@
 Encoding 1M tokens' K/V takes ~45 minutes on 2 cores, and retrieval never reads it. This run builds the same
 haystack as `engram bench distinct` (docstrings of the installed packages, never repeating, facts of every kind
 planted), cuts and routes it exactly as the service does (routing.split / chunk_hash / route over 2 shards), makes
-each chunk's retrieval keys with the service's own Encoder code (embed_windows with key contexts, the lexical key
-text), and stores them in real shards (real Zarr stores, episodic memories, lexical and vector indexes) whose K/V
+each chunk's retrieval keys with the service's own Encoder code (`Encoder.retrieval_keys`: windows and lexical
+key text), and stores them in real shards (real Zarr stores, episodic memories, lexical and vector indexes) whose K/V
 layout is tiny. Each asked fact is then retrieved as an Ask retrieves it — every shard's search, then the
 coordinator's merge (global BM25, fusion, score cutoff) — and the rank of the chunk holding its answer is recorded.
 
@@ -62,7 +62,15 @@ def main():
     real = block_layout(cfg)
     e = cfg.encoder
     fp = routing.fingerprint(
-        cfg.decoder.model, real, e.span, e.scorer, e.embedder, e.window_tokens, e.window_stride, e.key_context_tokens
+        cfg.decoder.model,
+        real,
+        e.span,
+        e.scorer,
+        e.embedder,
+        e.window_tokens,
+        e.window_stride,
+        e.key_context_tokens,
+        e.key_after_tokens,
     )
     encoder = Encoder(e, DecoderConfig(**{**vars(cfg.decoder), "threads": os.cpu_count() or 1}), real)
     tok = encoder.tokenizer
@@ -89,22 +97,21 @@ def main():
             for name, text in tqdm(docs, desc=f"write {length:,} tokens (keys only)", unit="doc"):
                 ids = routing.tokenize(tok, text)
                 tokens += len(ids)
-                chunks = routing.split(ids, e.chunk_tokens, e.context_tokens)
-                hashes = [routing.chunk_hash(c.tokens, fp, c.context) for c in chunks]
+                chunks = routing.split(ids, e.chunk_tokens, e.context_tokens, e.key_after_tokens)
+                hashes = [routing.chunk_hash(c.tokens, fp, c.context, "", c.after) for c in chunks]
                 owner = [routing.route(h, list(range(a.shards))) for h in hashes]
-                keys = [
-                    list(c.context[len(c.context) - e.key_context_tokens :]) if e.key_context_tokens else []
-                    for c in chunks
-                ]
                 t = time.perf_counter()
-                latent = np.concatenate(
-                    [
-                        encoder.embed_windows([list(c.tokens) for c in chunks[i : i + a.batch]], keys[i : i + a.batch])
-                        for i in range(0, len(chunks), a.batch)
-                    ]
-                )
+                keyed = [
+                    encoder.retrieval_keys(
+                        [list(c.tokens) for c in chunks[i : i + a.batch]],
+                        [list(c.context) for c in chunks[i : i + a.batch]],
+                        [list(c.after) for c in chunks[i : i + a.batch]],
+                    )
+                    for i in range(0, len(chunks), a.batch)
+                ]
+                latent = np.concatenate([k[0] for k in keyed])
+                texts = np.concatenate([k[1] for k in keyed]).tolist()
                 embed_s += time.perf_counter() - t
-                texts = [tok.decode(k + list(c.tokens)) for k, c in zip(keys, chunks)]
                 for s, shard in enumerate(shards):
                     mine = [i for i, o in enumerate(owner) if o == s]
                     if not mine:

@@ -31,6 +31,23 @@ def test_context_is_the_tokens_just_before_and_part_of_the_address():
     assert chunk_hash(tail.tokens, "f", tail.context, "") == chunk_hash(tail.tokens, "f", tail.context)
 
 
+def test_after_is_the_tokens_just_after_and_part_of_the_address_only_when_used():
+    from engram.coordinator.routing import chunk_hash, fingerprint
+    from tests.test_shard import LAYOUT
+
+    chunks = split(list(range(300)), 128, context_tokens=32, after_tokens=32)
+    assert [c.after.tolist() for c in chunks] == [list(range(128, 160)), list(range(256, 288)), []]
+    assert [c.tokens.tolist() for c in chunks] == [c.tokens.tolist() for c in split(list(range(300)), 128, 32)]
+    head = chunks[0]
+    assert chunk_hash(head.tokens, "f", head.context, "", head.after) != chunk_hash(head.tokens, "f", head.context)
+    assert chunk_hash(head.tokens, "f", head.context, "", []) == chunk_hash(head.tokens, "f", head.context)
+    # off (0): the fingerprint, so every address of a store written before the setting existed, is unchanged
+    assert fingerprint("m", LAYOUT, 4, "key_norm", "minilm", 64, 32, 32, 0) == fingerprint(
+        "m", LAYOUT, 4, "key_norm", "minilm", 64, 32, 32
+    )
+    assert "|A32" in fingerprint("m", LAYOUT, 4, "key_norm", "minilm", 64, 32, 32, 32)
+
+
 def test_route_is_stable_balanced_and_moves_little_when_growing():
     hashes = [os.urandom(16) for _ in range(4000)]
     two = [route(h, [0, 1]) for h in hashes]
@@ -75,6 +92,7 @@ def test_ask_settings_are_checked_on_load(ask, error):
         ({"context_tokens": -1}, "context_tokens must be 0 or more"),
         ({"keep_tokens": 12}, "multiples of span"),
         ({"scorer": "magic"}, "encoder.scorer must be"),
+        ({"key_after_tokens": -1}, "key_after_tokens must be 0 or more"),
     ],
 )
 def test_encoder_settings_are_checked_on_load(encoder, error):
@@ -140,3 +158,30 @@ def test_tokenizing_in_pieces_gives_the_ids_of_the_whole(tokenizer):
         assert tokenize(tokenizer, text, piece_chars=16).tolist() == whole(text)
 
     check()
+
+
+def test_retrieval_keys_put_the_context_first_and_the_after_tokens_last():
+    """Encoder.retrieval_keys (pure: a decode that spells token ids, an embedder that records its texts): the first
+    window starts with the key context, the last ends with the tokens after the chunk, the lexical text has both."""
+    from engram.workers.encoder import Encoder, EncoderConfig
+
+    seen: list[str] = []
+
+    class Spell:
+        @staticmethod
+        def decode(ids):
+            return " ".join(map(str, ids))
+
+    class Record:
+        @staticmethod
+        def embed(texts):
+            seen.extend(texts)
+            return np.zeros((len(texts), 2))
+
+    enc = object.__new__(Encoder)
+    enc.cfg = EncoderConfig(key_context_tokens=2, key_after_tokens=3, window_tokens=4, window_stride=2, chunk_tokens=8)
+    enc.tokenizer, enc.embedder = Spell(), Record()
+    latent, text = enc.retrieval_keys([list(range(10, 18))], [[7, 8, 9]], [[18, 19, 20]])
+    assert latent.shape == (1, 3, 2)
+    assert seen == ["8 9 10 11 12 13", "12 13 14 15", "14 15 16 17 18 19 20"]
+    assert list(text) == [" ".join(map(str, range(8, 21)))]

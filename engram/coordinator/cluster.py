@@ -45,6 +45,7 @@ class Cluster:
             e.window_tokens,
             e.window_stride,
             e.key_context_tokens,
+            e.key_after_tokens,
         )
         self.resume_rebalance = False
         self.shard_ids = self._routing_table()

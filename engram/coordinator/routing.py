@@ -21,13 +21,20 @@ class Chunk:
     offset: int  # first token's offset in the document
     tokens: np.ndarray  # [<= chunk_tokens] int32, a view into the document's ids
     context: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # [<= context_tokens] before it
+    after: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # [<= after_tokens] after it (keys only)
 
 
-def split(ids: np.ndarray, chunk_tokens: int, context_tokens: int = 0) -> list[Chunk]:
+def split(ids: np.ndarray, chunk_tokens: int, context_tokens: int = 0, after_tokens: int = 0) -> list[Chunk]:
     """ids: [N] int32 (a list is taken too). Chunks are views of it, not copies."""
     ids = np.asarray(ids, dtype=np.int32)
     return [
-        Chunk(i, off, ids[off : off + chunk_tokens], ids[max(0, off - context_tokens) : off])
+        Chunk(
+            i,
+            off,
+            ids[off : off + chunk_tokens],
+            ids[max(0, off - context_tokens) : off],
+            ids[off + chunk_tokens : off + chunk_tokens + after_tokens],
+        )
         for i, off in enumerate(range(0, len(ids), chunk_tokens))
     ]
 
@@ -74,6 +81,7 @@ def fingerprint(
     window_tokens: int,
     window_stride: int,
     key_context_tokens: int = 0,
+    key_after_tokens: int = 0,
 ) -> str:
     """The settings every stored block depends on; part of each chunk's address and kept in cluster.json."""
     return (
@@ -81,10 +89,11 @@ def fingerprint(
         f"|W{window_tokens}/{window_stride}"
         + (f"|{layout.kv_dtype}" if layout.kv_dtype != "float16" else "")  # fp16 stores predate kv_dtype
         + (f"|K{key_context_tokens}" if key_context_tokens else "")  # and these, key contexts
+        + (f"|A{key_after_tokens}" if key_after_tokens else "")
     )
 
 
-def chunk_hash(tokens, fingerprint: str, context=(), scope: str = "") -> bytes:
+def chunk_hash(tokens, fingerprint: str, context=(), scope: str = "", after=()) -> bytes:
     """Content address of a chunk: its tokens and everything that shapes its stored block (its context too), and
     the namespace it may be shared within (scope; "" = the whole cluster, as stores written before scopes)."""
     h = hashlib.blake2b(digest_size=16)
@@ -93,6 +102,8 @@ def chunk_hash(tokens, fingerprint: str, context=(), scope: str = "") -> bytes:
         h.update(b"ns%d:" % len(scope.encode()) + scope.encode())
     if len(context):
         h.update(b"ctx%d:" % len(context) + np.asarray(context, dtype=np.int32).tobytes())
+    if len(after):  # the tokens after it shape its retrieval keys (encoder.key_after_tokens)
+        h.update(b"aft%d:" % len(after) + np.asarray(after, dtype=np.int32).tobytes())
     h.update(np.asarray(tokens, dtype=np.int32).tobytes())
     return h.digest()
 

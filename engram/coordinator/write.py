@@ -73,7 +73,8 @@ class Writer:
         ids = await asyncio.to_thread(self.tokenize, text)
         if not len(ids):
             raise EngramError(ErrorCode.INVALID, f"document {name!r} has no tokens")
-        chunks = routing.split(ids, self.cluster.layout.chunk_tokens, self.cfg.encoder.context_tokens)
+        e = self.cfg.encoder
+        chunks = routing.split(ids, self.cluster.layout.chunk_tokens, e.context_tokens, e.key_after_tokens)
         hashes = self.addresses(namespace, chunks)
         owner = [routing.route(h, shard_ids) for h in hashes]
         per_shard = {s: [i for i, o in enumerate(owner) if o == s] for s in shard_ids}
@@ -122,7 +123,7 @@ class Writer:
     def addresses(self, namespace: str, chunks: list[routing.Chunk]) -> list[bytes]:
         """The chunks' content addresses, scoped to the namespace unless cluster.dedup_scope = "cluster"."""
         scope = namespace if self.cfg.cluster.dedup_scope == "namespace" else ""
-        return [routing.chunk_hash(ch.tokens, self.cluster.fingerprint, ch.context, scope) for ch in chunks]
+        return [routing.chunk_hash(ch.tokens, self.cluster.fingerprint, ch.context, scope, ch.after) for ch in chunks]
 
     async def rollback(self, intent: Intent, shards: list | None = None) -> None:
         """Remove this write's chunks from every shard (only this identity's), then its intent. Retried until the
@@ -162,6 +163,7 @@ class Writer:
                     [chunks[i].tokens.tolist() for i in batch],
                     [hashes[i] for i in batch],
                     [chunks[i].context.tolist() for i in batch],
+                    [chunks[i].after.tolist() for i in batch],
                 )
                 await shards[shard].put_blocks.remote(ref)  # the KV goes encoder -> shard, not through here
             done["chunks"] += len(batch)

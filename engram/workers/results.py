@@ -26,6 +26,12 @@ class SearchHits:
     length: np.ndarray | None = None  # [k] analysed tokens of each hit's key text
     term_stats: TermStats | None = None  # the namespace's statistics here for the query's terms
 
+    @staticmethod
+    def empty(dim: int, readout: bool) -> SearchHits:
+        """The namespace holds nothing on this shard (a zero readout of width dim if one was asked for)."""
+        none = np.zeros(0, np.int64)
+        return SearchHits(np.zeros(0), none, [], none, none, 0, np.zeros(dim) if readout else None, np.zeros(0))
+
 
 @dataclass
 class ChunkAt:

@@ -17,6 +17,7 @@ from ..decoder.layout import BlockLayout
 from ..errors import EngramError, ErrorCode
 from .block_store import EncodedBlocks
 from .chunk_table import ChunkRows
+from .derived import DerivedIndexes
 from .episodic import EpisodicConfig, Memory, hierarchical_readout, new_memory, reference_pinv
 from .lexical import LexicalIndex, bm25, lexical_scores
 from .results import ChunkAt, Committed, Compacted, DocChunks, DocHashes, SearchHits, ShardStats
@@ -42,51 +43,17 @@ class Shard:
         self._rebuild()
         self._open_indexes()
 
-    # --- derived indexes (lexical on disk, vectors in RAM): they follow the store's committed chunk rows --------
+    # --- derived indexes (lexical on disk, vectors in RAM), level with the store's committed chunk rows -------
     def _open_indexes(self) -> None:
-        self._open_lexical()
-        self.vectors = VectorIndex(self.layout.latent_dim, self.cfg.vectors)
-        self._follow_vectors()
+        self.indexes = DerivedIndexes(self.store, self.layout.latent_dim, self.cfg.vectors)
 
-    def _follow(self) -> None:
-        """Bring both derived indexes up to the store's committed chunk rows (after each commit)."""
-        self._follow_lexical()
-        self._follow_vectors()
+    @property
+    def lexical(self) -> LexicalIndex:
+        return self.indexes.lexical
 
-    def _follow_vectors(self) -> None:
-        upto = self._committed_rows()
-        if self.vectors.rows >= upto:
-            return
-        rows = np.arange(self.vectors.rows, upto)
-        namespaces = self.store.tables.ram["docs/namespace"][self.chunks.column("doc", rows)]
-        self.vectors.add(upto, namespaces, rows, self.blocks.latents(self.chunks.column("block", rows)))
-
-    def _open_lexical(self) -> None:
-        """Open the index of this store generation and catch up on the rows it missed (a crash between the store's
-        commit and its own), or build it (a new generation: compaction, or a store from before it existed)."""
-        self.lexical = LexicalIndex(self.store.path / "lexical", self.store.tables.data)
-        if self.lexical.rows > self._committed_rows():  # cannot happen short of a lost store commit: rebuild
-            self.lexical = LexicalIndex(self.store.path / "lexical", self.store.tables.data, reset=True)
-        self.lexical.pairs = set(self._pairs(np.arange(self.lexical.rows)))
-        self._follow_lexical()
-
-    def _committed_rows(self) -> int:
-        return int(self.store.tables.counts["chunks"])
-
-    def _pairs(self, rows: np.ndarray) -> list[tuple[int, str]]:
-        """(block, namespace) of chunk rows."""
-        namespaces = self.store.tables.ram["docs/namespace"][self.chunks.column("doc", rows)]
-        return list(zip(self.chunks.column("block", rows).tolist(), (str(n) for n in namespaces)))
-
-    def _follow_lexical(self) -> None:
-        """Index the committed chunk rows the lexical index has not seen: their new (block, namespace) pairs."""
-        upto = self._committed_rows()
-        if self.lexical.rows >= upto:
-            return
-        pairs = self._pairs(np.arange(self.lexical.rows, upto))
-        new = list(dict.fromkeys(p for p in pairs if p not in self.lexical.pairs))
-        texts = self.blocks.text([b for b, _ in new]).tolist() if new else []
-        self.lexical.add(upto, new, texts)
+    @property
+    def vectors(self) -> VectorIndex:
+        return self.indexes.vectors
 
     # --- episodic memories -------------------------------------------------------------------------------------
     def _rebuild(self) -> None:
@@ -203,7 +170,7 @@ class Shard:
             else:
                 self.chunks.add_chunks(doc, rows)
         self._remember(namespace, blocks, episodes)
-        self._follow()
+        self.indexes.follow()
         return doc
 
     def delete_document(self, namespace: str, name: str, request: str | None = None) -> int:
@@ -310,16 +277,7 @@ class Shard:
         q = np.asarray(query, dtype=np.float64)
         eps = sorted(ep for ep, ns in self.episode_namespace.items() if ns == namespace)
         if not eps:
-            return SearchHits(
-                np.zeros(0),
-                np.zeros(0, np.int64),
-                [],
-                np.zeros(0, np.int64),
-                np.zeros(0, np.int64),
-                0,
-                np.zeros(len(q)) if readout else None,
-                np.zeros(0),
-            )
+            return SearchHits.empty(len(q), readout)
         eps_arr = np.asarray(eps, dtype=np.int64)
         live = self.chunks.all_live_rows()
         rows = live[np.isin(self.chunks.column("episode", live), eps_arr)]
@@ -430,6 +388,6 @@ class Shard:
             episodes=len(self.memories),
             resident_bytes=psutil.Process().memory_info().rss,
             pid=os.getpid(),
-            lexical_behind=self._committed_rows() - self.lexical.rows,
-            vectors_behind=self._committed_rows() - self.vectors.rows,
+            lexical_behind=self.indexes.behind()[0],
+            vectors_behind=self.indexes.behind()[1],
         )

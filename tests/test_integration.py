@@ -54,9 +54,11 @@ def test_needle_in_essays(client):
 
 def test_read_returns_ranked_chunks_and_readout(client):
     r = client.read("Dolores Park sandwich", namespace="it", top_k=3)
-    assert len(r.chunks) == 3
+    assert 1 <= len(r.chunks) <= 3 and "Dolores Park" in r.chunks[0].text
     scores = [c.score for c in r.chunks]
-    assert scores == sorted(scores, reverse=True)
+    # best first; hits under ask.min_score_ratio (0.3) x the best are dropped (with the hybrid, a lexical match
+    # lifts the best score, so fewer than top_k may remain)
+    assert scores == sorted(scores, reverse=True) and all(s >= 0.3 * scores[0] for s in scores)
     assert len(r.readout) == 384 and sum(x * x for x in r.readout) > 0.1
 
 

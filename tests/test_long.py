@@ -26,5 +26,7 @@ def test_essays_128k_with_needle(service, tokenizer):
             f"answer: {r.answer!r}; ttft {r.timings.ttft_s:.2f}s; best chunk {best.chunk_id} {best.score:.3f}; "
             f"write {w.tokens} tokens in {w.seconds:.0f}s"
         )
-        assert "Dolores Park" in best.text
+        # the answer's block reached the decoder (with the hybrid, the chunk ending "The best thing to do in San
+        # Francisco is" can outscore the one holding the answer, when the needle straddles a chunk boundary)
+        assert any("Dolores Park" in ch.text for ch in r.chunks), [ch.chunk_id for ch in r.chunks]
         assert "sandwich" in r.answer.lower() and "dolores park" in r.answer.lower(), r.answer

@@ -47,7 +47,7 @@ def main():
 
     from engram.coordinator import routing
     from engram.coordinator.ask import merge
-    from engram.coordinator.config import EngramConfig, block_layout
+    from engram.coordinator.config import EngramConfig, block_layout, content_fingerprint
     from engram.decoder.layout import BlockLayout
     from engram.decoder.model import DecoderConfig
     from engram.evals.cases import parse_length
@@ -61,17 +61,7 @@ def main():
     cfg = EngramConfig.load(a.config)
     real = block_layout(cfg)
     e = cfg.encoder
-    fp = routing.fingerprint(
-        cfg.decoder.model,
-        real,
-        e.span,
-        e.scorer,
-        e.embedder,
-        e.window_tokens,
-        e.window_stride,
-        e.key_context_tokens,
-        e.key_after_tokens,
-    )
+    fp = content_fingerprint(cfg, real)
     encoder = Encoder(e, DecoderConfig(**{**vars(cfg.decoder), "threads": os.cpu_count() or 1}), real)
     tok = encoder.tokenizer
     tiny = BlockLayout(

@@ -18,8 +18,7 @@ from ..durable import write_atomically
 from ..errors import EngramError, ErrorCode
 from ..workers.embedder import Embedder
 from ..workers.encoder import Encoder
-from . import routing
-from .config import EngramConfig, block_layout
+from .config import EngramConfig, block_layout, content_fingerprint
 from .decoder_actor import DecoderActor
 from .intents import IntentLog
 from .locks import DocLocks
@@ -35,18 +34,7 @@ class Cluster:
         # Actors do not share the driver's working directory: hand them an absolute path.
         cfg.shard.data_dir = str(Path(cfg.shard.data_dir).expanduser().resolve())
         self.layout = block_layout(cfg)  # converts the embedded GGUF once, before any worker starts
-        e = cfg.encoder
-        self.fingerprint = routing.fingerprint(
-            cfg.decoder.model,
-            self.layout,
-            e.span,
-            e.scorer,
-            e.embedder,
-            e.window_tokens,
-            e.window_stride,
-            e.key_context_tokens,
-            e.key_after_tokens,
-        )
+        self.fingerprint = content_fingerprint(cfg, self.layout)
         self.resume_rebalance = False
         self.shard_ids = self._routing_table()
         # Growing the cluster: writes register under the routing epoch they started in, so a rebalance can wait

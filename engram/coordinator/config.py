@@ -13,6 +13,7 @@ from ..decoder.layout import BlockLayout, check_position_scheme
 from ..decoder.model import DecoderConfig, model_config
 from ..workers.encoder import EncoderConfig
 from ..workers.shard import ShardConfig
+from . import routing
 
 
 @dataclass
@@ -131,6 +132,22 @@ class EngramConfig:
         for section, values in overrides.items():
             data.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
         return _build(cls, data, "")
+
+
+def content_fingerprint(cfg: EngramConfig, layout: BlockLayout) -> str:
+    """The settings that shape a stored block, as its content address covers them (routing.fingerprint)."""
+    e = cfg.encoder
+    return routing.fingerprint(
+        cfg.decoder.model,
+        layout,
+        e.span,
+        e.scorer,
+        e.embedder,
+        e.window_tokens,
+        e.window_stride,
+        e.key_context_tokens,
+        e.key_after_tokens,
+    )
 
 
 def block_layout(cfg: EngramConfig) -> BlockLayout:

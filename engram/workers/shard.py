@@ -377,6 +377,7 @@ class Shard:
 
         live = self.chunks.all_live_rows()
         blocks = self.chunks.column("block", live)
+        lexical_behind, vectors_behind = self.indexes.behind()
         return ShardStats(
             shard=self.shard_id,
             node=self.node,
@@ -388,6 +389,6 @@ class Shard:
             episodes=len(self.memories),
             resident_bytes=psutil.Process().memory_info().rss,
             pid=os.getpid(),
-            lexical_behind=self.indexes.behind()[0],
-            vectors_behind=self.indexes.behind()[1],
+            lexical_behind=lexical_behind,
+            vectors_behind=vectors_behind,
         )

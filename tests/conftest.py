@@ -21,6 +21,7 @@ def service(tmp_path_factory):
     cfg.cluster.shards = 2
     cfg.shard.data_dir = str(tmp_path_factory.mktemp("engram-data"))
     cfg.server.metrics_port = 0  # any free port: tests/test_integration.py scrapes it
+    cfg.server.http_port = 0  # any free port (BackgroundServer's default too)
     srv = BackgroundServer(cfg).start()
     yield srv
     srv.stop()
@@ -32,3 +33,20 @@ def tokenizer():
     from engram.decoder.model import DecoderConfig, load_tokenizer
 
     return load_tokenizer(DecoderConfig())
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1 / localhost: (cert.pem, key.pem) paths."""
+    import subprocess
+
+    d = tmp_path_factory.mktemp("tls")
+    args = f"openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost -keyout {d / 'key.pem'}"
+    args += f" -out {d / 'cert.pem'}"
+
+    subprocess.run(
+        [*args.split(), "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True,
+        capture_output=True,
+    )
+    return d / "cert.pem", d / "key.pem"

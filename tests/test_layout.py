@@ -101,11 +101,13 @@ def test_public_api():
         _ = engram.NoSuchThing
 
 
-def test_every_error_code_maps_to_a_grpc_status():
+def test_every_error_code_maps_to_a_grpc_and_an_http_status():
+    from engram.coordinator.openai_api import HTTP_STATUS
     from engram.coordinator.server import STATUS
     from engram.errors import EngramError, ErrorCode
 
     assert set(STATUS) == set(ErrorCode)
+    assert set(HTTP_STATUS) == set(ErrorCode) and all(400 <= s < 600 for s, _ in HTTP_STATUS.values())
     assert all(isinstance(s, grpc.StatusCode) and s != grpc.StatusCode.OK for s in STATUS.values())
     # errors cross Ray actor boundaries by pickling: the code and message survive
     e = pickle.loads(pickle.dumps(EngramError(ErrorCode.ALREADY_EXISTS, "document 'a' already exists")))

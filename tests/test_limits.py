@@ -66,7 +66,7 @@ def test_health_survives_one_late_probe_and_fails_after_three():
     balancers would drop the service), but three silent probes in a row mean no shard answers."""
     from types import SimpleNamespace
 
-    from engram.coordinator.server import watch_health
+    from engram.coordinator.health import watch_health
 
     answers = iter([2, 0, 2, 0, 0, 2, 0, 0, 0, 0])
     seen: list[str] = []

@@ -2,7 +2,6 @@
 
 import asyncio
 import copy
-import subprocess
 
 import grpc
 import pytest
@@ -14,36 +13,14 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def secure(service, tmp_path_factory):
-    d = tmp_path_factory.mktemp("tls")
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-            "-keyout",
-            str(d / "key.pem"),
-            "-out",
-            str(d / "cert.pem"),
-        ],
-        check=True,
-        capture_output=True,
-    )
+def secure(service, tls_files, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tokens")
     (d / "tokens.toml").write_text('[tokens]\n"alice-token" = ["alice"]\n"admin-token" = ["*"]\n')
     cfg = copy.deepcopy(service.cfg)
     cfg.auth.tokens_file = str(d / "tokens.toml")
-    cfg.server.tls_cert_file, cfg.server.tls_key_file = str(d / "cert.pem"), str(d / "key.pem")
-    server, port = asyncio.run_coroutine_threadsafe(start_server(service.engine, cfg, 0), service.loop).result(60)
-    yield f"127.0.0.1:{port}", (d / "cert.pem").read_bytes()
+    cfg.server.tls_cert_file, cfg.server.tls_key_file = map(str, tls_files)
+    server, port = asyncio.run_coroutine_threadsafe(start_server(service.engine, cfg, 0, -1), service.loop).result(60)
+    yield f"127.0.0.1:{port}", tls_files[0].read_bytes()
     asyncio.run_coroutine_threadsafe(server.stop(grace=1), service.loop).result(30)
 
 

@@ -8,7 +8,9 @@ here, the blocks go shard -> decoder through the object store); Ask(mode="rag") 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +55,11 @@ def merge(shard_ids: list[int], results: list[SearchHits], top_k: int, cfg, skip
     return top_hits(fuse(hits, cfg.lexical_weight), top_k, cfg.min_score_ratio)
 
 
+def _remote(method, stream: bool):
+    """A Ray actor method's .remote, as a streaming generator call when `stream`."""
+    return method.options(num_returns="streaming").remote if stream else method.remote
+
+
 def fuse(hits: list[Retrieved], weight: float) -> list[Retrieved]:
     """Scores of hits from every shard on one scale: BM25 (global statistics) is normalised by the best BM25 of
     the query's hits, then added to the dense cosine with `weight`."""
@@ -70,6 +77,8 @@ class AskResult:
     texts: list[str]  # each hit's chunk text
     timings: dict[str, float]  # embed_s, retrieve_s, fetch_s, ttft_s, decode_s, total_s
     context_tokens: int
+    new_tokens: int = 0  # tokens generated (max_new_tokens of them: the answer was cut there)
+    prompt_tokens: int = 0  # the question's tokens (with mode "rag": and the re-prefilled chunks')
 
 
 @dataclass
@@ -193,7 +202,50 @@ class Reader:
     ) -> AskResult:
         """mode "memory": the decoder attends to the retrieved chunks' stored KV blocks. "rag": the baseline —
         the same retrieved chunks' text prefilled again as the prompt."""
-        t0 = time.perf_counter()
+        async with self._admitted():
+            return await self._ask(namespace, question, top_k, max_new_tokens, mode, time.perf_counter())
+
+    async def ask_stream(
+        self, namespace: str, question: str, top_k: int, max_new_tokens: int, mode: str = "memory"
+    ) -> AsyncIterator[list[Retrieved] | str | AskResult]:
+        """`ask`, streamed: the hits in reading order once retrieval is done, then the answer's text in pieces
+        as the decoder generates them, then the AskResult (its answer = the pieces joined). Stopping the
+        iteration (the client went away) stops the decoder too. A shard lost mid-ask is not retried (text may
+        have been sent): UNAVAILABLE."""
+        async with self._admitted():
+            t0 = time.perf_counter()
+            hits, _, timings = await self.retrieve(namespace, question, top_k)
+            reading = arrange(hits + await self.neighbors(namespace, hits), self.cfg.ask.block_order)
+            yield reading
+            t_fetch = time.perf_counter()
+            try:
+                if mode == "rag":
+                    call, tokens, t_call = await self._start_rag(question, reading, max_new_tokens, True)
+                else:
+                    call, tokens, t_call = await self._start_from_blocks(question, reading, max_new_tokens, True)
+                out, done = None, False
+                try:
+                    async for ref in call:
+                        part = await ref
+                        if isinstance(part, str):
+                            yield part
+                        else:
+                            out = part
+                    done = True
+                finally:
+                    if not done:  # cancelled, failed or abandoned by the consumer: the decoder stops too
+                        ray.cancel(call)
+            except Exception as exc:
+                if actor_down(exc):
+                    raise EngramError(ErrorCode.UNAVAILABLE, "a memory shard went down during the ask; retry") from None
+                raise
+            if out is None:
+                raise EngramError(ErrorCode.UNAVAILABLE, "the decoder stopped before answering; retry")
+            yield self._result(out, reading, tokens, timings, t0, t_fetch, t_call)
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self):
+        """Admission control: at most ask.max_queued_asks asks in progress, past it RESOURCE_EXHAUSTED at once."""
         limit = self.cfg.ask.max_queued_asks
         if limit and self.queued >= limit:
             raise EngramError(
@@ -202,7 +254,7 @@ class Reader:
             )
         self.queued += 1
         try:
-            return await self._ask(namespace, question, top_k, max_new_tokens, mode, t0)
+            yield
         finally:
             self.queued -= 1
 
@@ -211,54 +263,74 @@ class Reader:
     ) -> AskResult:
         hits, _, timings = await self.retrieve(namespace, question, top_k)
         reading = arrange(hits + await self.neighbors(namespace, hits), self.cfg.ask.block_order)
-        c = self.cluster
         t_fetch = time.perf_counter()
         if mode == "rag":
-            tokens = await self.tokens(reading)
-            t_call = time.perf_counter()
-            out = await decoded(c.decoder.answer_tokens.remote(question, max_new_tokens, tokens))
+            call, tokens, t_call = await self._start_rag(question, reading, max_new_tokens)
+            out = await decoded(call)
         else:
+
+            async def attempt():
+                call, tokens, t_call = await self._start_from_blocks(question, reading, max_new_tokens)
+                return await decoded(call), tokens, t_call
+
             try:  # a shard or the decoder restarting mid-ask: fetch and decode again (reads are idempotent)
-                out, tokens, t_call = await retry(
-                    lambda: self._answer_from_blocks(question, reading, max_new_tokens), 5, actor_down
-                )
+                out, tokens, t_call = await retry(attempt, 5, actor_down)
             except Exception as exc:
                 if actor_down(exc):
                     raise EngramError(ErrorCode.UNAVAILABLE, "a memory shard went down during the ask; retry") from None
                 raise
+        return self._result(out, reading, tokens, timings, t0, t_fetch, t_call)
+
+    def _result(self, out, reading, tokens, timings, t0: float, t_fetch: float, t_call: float) -> AskResult:
         # Durations only (never wall clocks of two processes): the decoder reports how long it worked; the rest
         # of the round trip was spent before it could start (blocks in transit, queueing behind other asks).
-        waited = time.perf_counter() - t_call - out.busy_s
+        waited = max(0.0, time.perf_counter() - t_call - out.busy_s)
         timings.update(
             fetch_s=(t_call - t_fetch) + waited,
             ttft_s=(t_call - t0) + waited + out.prefill_s,
             decode_s=out.decode_s,
             total_s=time.perf_counter() - t0,
         )
-        return AskResult(out.text, reading, [self.tokenizer.decode(t) for t in tokens], timings, out.context_tokens)
+        texts = [self.tokenizer.decode(t) for t in tokens]
+        return AskResult(
+            out.text, reading, texts, timings, out.context_tokens, out.new_tokens, getattr(out, "prompt_tokens", 0)
+        )
 
-    async def _answer_from_blocks(self, question: str, reading: list[Retrieved], max_new_tokens: int):
-        """-> (the decoder's answer over the blocks, each hit's token ids, when the decoder was called). One call
-        per shard: its tokens come here, its blocks go straight to the decoder worker."""
+    async def _start_rag(self, question: str, reading: list[Retrieved], max_new_tokens: int, stream: bool = False):
+        """-> (the decoder's call over the chunks' text re-prefilled, each hit's token ids, when it was called)."""
+        tokens = await self.tokens(reading)
+        method = self.cluster.decoder.answer_tokens_stream if stream else self.cluster.decoder.answer_tokens
+        t_call = time.perf_counter()
+        return _remote(method, stream)(question, max_new_tokens, tokens), tokens, t_call
+
+    async def _start_from_blocks(
+        self, question: str, reading: list[Retrieved], max_new_tokens: int, stream: bool = False
+    ):
+        """-> (the decoder's call over the blocks — an ObjectRef, or with `stream` a generator of refs —, each
+        hit's token ids, when the decoder was called). One call per shard: its tokens come here, its blocks go
+        straight to the decoder worker."""
         c = self.cluster
         rows, where = by_shard(reading)
         shards = list(rows)
         refs = [c.shards[s].fetch.options(num_returns=2).remote(rows[s]) for s in shards]
         order = [(shards.index(s), i) for s, i in where]
         t_call = time.perf_counter()
-        answer = c.decoder.answer.remote(
+        method = c.decoder.answer_stream if stream else c.decoder.answer
+        call = _remote(method, stream)(
             question, c.layout.chunk_tokens, max_new_tokens, order, *[blocks for _, blocks in refs]
         )
         try:
             shard_tokens = await asyncio.gather(*[tok for tok, _ in refs])
         except asyncio.CancelledError:
-            ray.cancel(answer)
+            ray.cancel(call)
             raise
         except Exception:
-            await asyncio.gather(answer, return_exceptions=True)  # it fails too (same inputs): collect it
+            if stream:
+                ray.cancel(call)
+            else:
+                await asyncio.gather(call, return_exceptions=True)  # it fails too (same inputs): collect it
             raise
-        tokens = [shard_tokens[shards.index(s)][i] for s, i in where]
-        return await decoded(answer), tokens, t_call
+        return call, [shard_tokens[shards.index(s)][i] for s, i in where], t_call
 
     async def read(self, namespace: str, query: str, top_k: int) -> ReadResult:
         t0 = time.perf_counter()

@@ -57,14 +57,24 @@ class Auth:
                 raise ValueError(f"{tokens_file} has no [tokens] table; see README (Security)")
 
     def check(self, context, namespace: str | None) -> None:
-        """namespace None = cluster-wide (Stats): needs a "*" token."""
+        """A gRPC call's metadata. namespace None = cluster-wide (Stats): needs a "*" token."""
+        if self.tokens is not None:
+            self.check_header(dict(context.invocation_metadata()).get("authorization", ""), namespace)
+
+    def check_header(self, header: str, namespace: str | None, where: str = "gRPC metadata") -> None:
+        """An `authorization` header's value may access `namespace` (None: cluster-wide, a "*" token)."""
+        allowed = self.namespaces(header, where)
+        if allowed is not None and "*" not in allowed and (namespace is None or namespace not in allowed):
+            what = "cluster-wide statistics" if namespace is None else f"namespace {namespace!r}"
+            raise AuthError(grpc.StatusCode.PERMISSION_DENIED, f"this token may not access {what}")
+
+    def namespaces(self, header: str, where: str = "gRPC metadata") -> set[str] | None:
+        """The namespaces the presented token may access ({"*"}: all); None when authentication is off."""
         if self.tokens is None:
-            return
-        header = dict(context.invocation_metadata()).get("authorization", "")
+            return None
         if not header.startswith("Bearer "):
             raise AuthError(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing credentials: send gRPC metadata 'authorization: Bearer <token>'",
+                grpc.StatusCode.UNAUTHENTICATED, f"missing credentials: send {where} 'authorization: Bearer <token>'"
             )
         presented = header[len("Bearer ") :].encode()
         allowed = None
@@ -73,9 +83,7 @@ class Auth:
                 allowed = namespaces
         if allowed is None:
             raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "unknown token")
-        if "*" not in allowed and (namespace is None or namespace not in allowed):
-            what = "cluster-wide statistics" if namespace is None else f"namespace {namespace!r}"
-            raise AuthError(grpc.StatusCode.PERMISSION_DENIED, f"this token may not access {what}")
+        return allowed
 
 
 class AuthError(Exception):

@@ -96,12 +96,22 @@ def _print_chunks(chunks) -> None:
 
 
 def cmd_ask(args) -> int:
+    """Prints the answer as the decoder generates it (AskStream); --no-stream waits for the whole answer (Ask)."""
     with _client(args) as c:
         try:
-            r = c.ask(args.question, namespace=args.namespace, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
+            opts = {"namespace": args.namespace, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens}
+            if args.no_stream:
+                r = c.ask(args.question, **opts)
+                print(r.answer)
+            else:
+                for event in c.ask_stream(args.question, **opts):
+                    if event.HasField("reply"):
+                        r = event.reply
+                    elif event.text:
+                        print(event.text, end="", flush=True)
+                print()
         except Exception as e:
             return _fail(e)
-    print(r.answer)
     if args.verbose:
         t = r.timings
         print(
@@ -228,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     serve_args(sp)
     sp.add_argument("--host")
     sp.add_argument("--port", type=int)
+    sp.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP API port (default 8000; -1 = off)")
     sp.set_defaults(fn=cmd_serve)
 
     sp = sub.add_parser("write", help="write a text file (or - for stdin) as one document")
@@ -242,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--top-k", type=int, default=0)
     sp.add_argument("--max-new-tokens", type=int, default=0)
     sp.add_argument("-v", "--verbose", action="store_true", help="print timings and the chunks used")
+    sp.add_argument("--no-stream", action="store_true", help="wait for the whole answer instead of printing tokens")
     sp.set_defaults(fn=cmd_ask)
 
     sp = sub.add_parser("read", help="raw readout: top-k chunks and the episodic readout")

@@ -77,6 +77,23 @@ class EngramClient:
             metadata=self.metadata,
         )
 
+    def ask_stream(
+        self, question: str, namespace: str = "default", top_k: int = 0, max_new_tokens: int = 0, mode: str = ""
+    ) -> Iterator[pb.AskEvent]:
+        """Ask, streamed: an event with the chunks to be read, then `text` events as the decoder generates them,
+        then one with the whole `reply`. Leaving the loop early cancels the call (and the decoder's work)."""
+        call = self.stub.AskStream(
+            pb.AskRequest(
+                namespace=namespace, question=question, top_k=top_k, max_new_tokens=max_new_tokens, mode=mode
+            ),
+            timeout=self.timeout,
+            metadata=self.metadata,
+        )
+        try:
+            yield from call
+        finally:
+            call.cancel()  # a no-op once the stream has ended
+
     def read(self, query: str, namespace: str = "default", top_k: int = 0) -> pb.ReadReply:
         return self.stub.Read(
             pb.ReadRequest(namespace=namespace, query=query, top_k=top_k), timeout=self.timeout, metadata=self.metadata

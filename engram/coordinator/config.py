@@ -20,6 +20,9 @@ from . import routing
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50551
+    # OpenAI-compatible HTTP API (/v1/models, /v1/chat/completions, /v1/completions) on the same host, with the
+    # same tokens, TLS and limits; -1 = off, 0 = any free port
+    http_port: int = 8000
     max_message_bytes: int = 16 * 1024 * 1024  # per gRPC message, both directions; clients send 1 MiB parts
     max_document_bytes: int = 256 * 1024 * 1024  # one document, all its parts together
     max_question_chars: int = 4096
@@ -167,10 +170,14 @@ def block_layout(cfg: EngramConfig) -> BlockLayout:
 
 def from_args(args) -> EngramConfig:
     """The configuration a command asks for: its --config file, then the flags it was given (serve, bench,
-    demo, load: --host, --port, --shards, --ray-address, --data-dir, --model)."""
+    demo, load: --host, --port, --http-port, --shards, --ray-address, --data-dir, --model)."""
     return EngramConfig.load(
         getattr(args, "config", None),
-        server={"host": getattr(args, "host", None), "port": getattr(args, "port", None)},
+        server={
+            "host": getattr(args, "host", None),
+            "port": getattr(args, "port", None),
+            "http_port": getattr(args, "http_port", None),
+        },
         cluster={"shards": getattr(args, "shards", None), "address": getattr(args, "ray_address", None)},
         shard={"data_dir": getattr(args, "data_dir", None)},
         decoder={"model": getattr(args, "model", None)},

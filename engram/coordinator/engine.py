@@ -82,6 +82,14 @@ class Engine:
     ) -> AskResult:
         return await self.reader.ask(namespace, question, top_k, max_new_tokens, mode)
 
+    def ask_stream(self, namespace: str, question: str, top_k: int, max_new_tokens: int, mode: str = "memory"):
+        """Reader.ask_stream: the hits, then the answer's text in pieces, then the AskResult."""
+        return self.reader.ask_stream(namespace, question, top_k, max_new_tokens, mode)
+
+    async def namespaces(self) -> set[str]:
+        """Every namespace holding a document on some shard."""
+        return await self.reader.namespaces()
+
     async def read(self, namespace: str, query: str, top_k: int) -> ReadResult:
         return await self.reader.read(namespace, query, top_k)
 

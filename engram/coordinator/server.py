@@ -19,7 +19,10 @@ from ..proto import engram_pb2_grpc as pb_grpc
 from .auth import Auth, AuthError, check_exposure
 from .config import EngramConfig
 from .engine import ClusterStats, Engine
+from .health import watch_health
 from .metrics import Metrics
+from .openai_api import start_http
+from .validate import ask_options, check_mode, check_name, check_question
 
 log = logging.getLogger("engram")
 
@@ -33,11 +36,6 @@ STATUS = {  # every ErrorCode (tests/test_errors.py checks none is missing)
     ErrorCode.STALE: grpc.StatusCode.UNAVAILABLE,  # a shard restarted mid-write: retry with the same request_id
 }
 INVALID = ErrorCode.INVALID
-
-
-def _check_name(kind: str, value: str) -> None:
-    if not value or len(value) > 256 or any(ch in value for ch in "\x00\n\r"):
-        raise EngramError(INVALID, f"{kind} must be 1-256 characters without NUL or newlines, got {value[:40]!r}")
 
 
 def _chunks(hits, texts) -> list[pb.Chunk]:
@@ -139,8 +137,8 @@ class EngramService(pb_grpc.EngramServicer):
             key, parts, size, request_id, decoder = None, [], 0, "", None
             seen: set[tuple[str, str]] = set()
             async for req in request_iterator:
-                _check_name("namespace", req.namespace)
-                _check_name("document_id", req.document_id)
+                check_name("namespace", req.namespace)
+                check_name("document_id", req.document_id)
                 self.auth.check(context, req.namespace)
                 if len(req.request_id) > 128:
                     raise EngramError(INVALID, "request_id must be at most 128 characters")
@@ -175,50 +173,55 @@ class EngramService(pb_grpc.EngramServicer):
                 self.metrics.written.labels(kind=k).inc(v)
         return pb.WriteReply(seconds=time.perf_counter() - t0, **totals)
 
-    def _ask_options(self, top_k: int, max_new: int = 0) -> tuple[int, int]:
-        a = self.cfg.ask
-        if top_k > a.max_top_k:
-            raise EngramError(INVALID, f"top_k must be at most {a.max_top_k}, got {top_k}")
-        if max_new > a.max_max_new_tokens:
-            raise EngramError(INVALID, f"max_new_tokens must be at most {a.max_max_new_tokens}, got {max_new}")
-        return top_k or a.top_k, max_new or a.max_new_tokens
+    def _ask_request(self, request, context) -> tuple:
+        check_name("namespace", request.namespace)
+        self.auth.check(context, request.namespace)
+        check_question(self.cfg, request.question)
+        top_k, max_new = ask_options(self.cfg, request.top_k, request.max_new_tokens)
+        return request.namespace, request.question, top_k, max_new, check_mode(request.mode)
 
-    def _check_question(self, question: str) -> None:
-        if not question.strip():
-            raise EngramError(INVALID, "the question is empty")
-        if len(question) > self.cfg.server.max_question_chars:
-            raise EngramError(
-                INVALID,
-                f"the question is {len(question)} characters; the limit is "
-                f"{self.cfg.server.max_question_chars} (server.max_question_chars)",
-            )
+    def _ask_reply(self, out) -> pb.AskReply:
+        for stage, seconds in out.timings.items():
+            self.metrics.ask_stage.labels(stage=stage.removesuffix("_s")).observe(seconds)
+        return pb.AskReply(
+            answer=out.answer,
+            chunks=_chunks(out.hits, out.texts),
+            timings=pb.Timings(**out.timings),
+            context_tokens=out.context_tokens,
+            new_tokens=out.new_tokens,
+            prompt_tokens=out.prompt_tokens,
+        )
 
     async def Ask(self, request, context):
         async def go():
-            _check_name("namespace", request.namespace)
-            self.auth.check(context, request.namespace)
-            self._check_question(request.question)
-            top_k, max_new = self._ask_options(request.top_k, request.max_new_tokens)
-            if request.mode not in ("", "memory", "rag"):
-                raise EngramError(INVALID, f"mode must be 'memory' or 'rag', got {request.mode[:40]!r}")
-            out = await self.engine.ask(request.namespace, request.question, top_k, max_new, request.mode or "memory")
-            for stage, seconds in out.timings.items():
-                self.metrics.ask_stage.labels(stage=stage.removesuffix("_s")).observe(seconds)
-            return pb.AskReply(
-                answer=out.answer,
-                chunks=_chunks(out.hits, out.texts),
-                timings=pb.Timings(**out.timings),
-                context_tokens=out.context_tokens,
-            )
+            return self._ask_reply(await self.engine.ask(*self._ask_request(request, context)))
 
         return await self._run(context, go(), "Ask")
 
+    async def AskStream(self, request, context):
+        """Events are written from here (context.write): _run maps every failure, also mid-stream, to a status."""
+
+        async def go():
+            stream = self.engine.ask_stream(*self._ask_request(request, context))
+            try:
+                async for part in stream:
+                    if isinstance(part, str):
+                        await context.write(pb.AskEvent(text=part))
+                    elif isinstance(part, list):  # the hits, in reading order (texts come with the reply)
+                        await context.write(pb.AskEvent(retrieval=pb.Retrieval(chunks=_chunks(part, [""] * len(part)))))
+                    else:
+                        await context.write(pb.AskEvent(reply=self._ask_reply(part)))
+            finally:
+                await stream.aclose()  # a client gone mid-answer: the decoder stops
+
+        await self._run(context, go(), "AskStream")
+
     async def Read(self, request, context):
         async def go():
-            _check_name("namespace", request.namespace)
+            check_name("namespace", request.namespace)
             self.auth.check(context, request.namespace)
-            self._check_question(request.query)
-            top_k, _ = self._ask_options(request.top_k)
+            check_question(self.cfg, request.query)
+            top_k, _ = ask_options(self.cfg, request.top_k)
             out = await self.engine.read(request.namespace, request.query, top_k)
             return pb.ReadReply(
                 chunks=_chunks(out.hits, out.texts), readout=out.readout.tolist(), timings=pb.Timings(**out.timings)
@@ -228,8 +231,8 @@ class EngramService(pb_grpc.EngramServicer):
 
     async def Delete(self, request, context):
         async def go():
-            _check_name("namespace", request.namespace)
-            _check_name("document_id", request.document_id)
+            check_name("namespace", request.namespace)
+            check_name("document_id", request.document_id)
             self.auth.check(context, request.namespace)
             return pb.DeleteReply(chunks=await self.engine.delete(request.namespace, request.document_id))
 
@@ -261,9 +264,13 @@ class EngramService(pb_grpc.EngramServicer):
         return await self._run(context, go(), "Compact")
 
 
-async def start_server(engine: Engine, cfg: EngramConfig, port: int | None = None) -> tuple[grpc.aio.Server, int]:
+async def start_server(
+    engine: Engine, cfg: EngramConfig, port: int | None = None, http_port: int | None = None
+) -> tuple[grpc.aio.Server, int]:
     """Start serving on cfg.server.host; port 0 picks a free one. Returns (server, bound port). Also starts the
-    Prometheus endpoint (server.metrics_port) and resumes an unfinished rebalance."""
+    OpenAI-compatible HTTP API (http_port, default server.http_port; -1 = off; its server and port are
+    `server.http` and `server.http_port`), the Prometheus endpoint (server.metrics_port) and resumes an unfinished
+    rebalance."""
     tls = bool(cfg.server.tls_cert_file and cfg.server.tls_key_file)
     check_exposure(cfg.server.host, cfg.auth.tokens_file, tls, cfg.server.allow_unauthenticated)
     limit = cfg.server.max_message_bytes
@@ -292,6 +299,14 @@ async def start_server(engine: Engine, cfg: EngramConfig, port: int | None = Non
     else:
         bound = server.add_insecure_port(address)
     await server.start()
+    http_port = cfg.server.http_port if http_port is None else http_port
+    server.http, server.http_port = None, None
+    if http_port >= 0:
+        try:
+            server.http, server.http_port = await start_http(engine, cfg, service.auth, metrics, http_port)
+        except BaseException:
+            await server.stop(None)
+            raise
     await health_servicer.set("engram.v1.Engram", health_pb2.HealthCheckResponse.SERVING)
     if cfg.server.metrics_port is not None and cfg.server.metrics_port >= 0:  # TOML has no null: -1 = off
         server.metrics_port = metrics.serve(cfg.server.metrics_host, cfg.server.metrics_port)
@@ -299,36 +314,26 @@ async def start_server(engine: Engine, cfg: EngramConfig, port: int | None = Non
     server.engram_metrics = metrics
     server.health_task = asyncio.ensure_future(watch_health(engine, health_servicer, cfg.server.health_interval_s))
     engine.start_background()
-    log.info("engram serving on %s:%d", cfg.server.host, bound)
+    log.info("engram serving on %s:%d (HTTP: %s)", cfg.server.host, bound, server.http_port or "off")
     return server, bound
-
-
-async def watch_health(engine: Engine, servicer, interval_s: float, misses_to_fail: int = 3) -> None:
-    """SERVING while at least one shard answers, NOT_SERVING when none has for `misses_to_fail` probes in a row
-    (load balancers and Kubernetes probes stop sending requests that could only fail). One silent probe is not
-    enough: shards busy committing a large write answer late (seen: both missed one probe at 128k-token ingest)."""
-    status = health_pb2.HealthCheckResponse
-    serving, misses = True, 0
-    while True:
-        await asyncio.sleep(interval_s)
-        try:
-            up = await engine.cluster.ping(timeout=max(interval_s, 1.0))
-        except Exception:
-            up = 0
-        misses = 0 if up else misses + 1
-        if (misses < misses_to_fail) != serving:
-            serving = misses < misses_to_fail
-            log.warning(
-                "health: %d of %d shards answer; %s", up, len(engine.shards), "SERVING" if serving else "NOT_SERVING"
-            )
-            await servicer.set("engram.v1.Engram", status.SERVING if serving else status.NOT_SERVING)
 
 
 async def serve_forever(cfg: EngramConfig) -> None:
     engine = await asyncio.to_thread(Engine, cfg)
     server, port = await start_server(engine, cfg)
-    print(f"engram: serving on {cfg.server.host}:{port} with {len(engine.shards)} shards", flush=True)
-    await server.wait_for_termination()
+    http = f", OpenAI-compatible HTTP on port {server.http_port}" if server.http else ""
+    print(f"engram: serving gRPC on {cfg.server.host}:{port}{http} with {len(engine.shards)} shards", flush=True)
+    try:
+        await server.wait_for_termination()
+    finally:
+        await stop_server(server)
+
+
+async def stop_server(server: grpc.aio.Server, grace: float = 1.0) -> None:
+    """Stop the HTTP API, then gRPC."""
+    if getattr(server, "http", None) is not None:
+        await server.http.stop()
+    await server.stop(grace=grace)
 
 
 class BackgroundServer:
@@ -336,10 +341,13 @@ class BackgroundServer:
 
     with BackgroundServer(cfg) as srv: EngramClient(srv.address)..."""
 
-    def __init__(self, cfg: EngramConfig, port: int = 0):
+    def __init__(self, cfg: EngramConfig, port: int = 0, http_port: int | None = 0):
+        """port, http_port: 0 = any free port (the default here: a demo or a test never collides); http_port None
+        = as configured (server.http_port), -1 = no HTTP API."""
         import threading
 
         self.cfg, self.port = cfg, port
+        self.http_port = cfg.server.http_port if http_port is None or cfg.server.http_port < 0 else http_port
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="engram-server")
         self.engine: Engine | None = None
@@ -348,18 +356,27 @@ class BackgroundServer:
     def start(self) -> BackgroundServer:
         self.engine = Engine(self.cfg)
         self.thread.start()
-        fut = asyncio.run_coroutine_threadsafe(start_server(self.engine, self.cfg, self.port), self.loop)
+        fut = asyncio.run_coroutine_threadsafe(
+            start_server(self.engine, self.cfg, self.port, self.http_port), self.loop
+        )
         self.server, self.port = fut.result(timeout=60)
+        self.http_port = self.server.http_port
         return self
 
     @property
     def address(self) -> str:
         return f"{self.cfg.server.host}:{self.port}"
 
+    @property
+    def http_url(self) -> str | None:
+        """The OpenAI-compatible API's base URL (".../v1"), None when off."""
+        scheme = "https" if self.cfg.server.tls_cert_file else "http"
+        return f"{scheme}://{self.cfg.server.host}:{self.http_port}/v1" if self.http_port else None
+
     def stop(self) -> None:
         if self.server is not None:
             self.loop.call_soon_threadsafe(self.server.health_task.cancel)
-            asyncio.run_coroutine_threadsafe(self.server.stop(grace=1), self.loop).result(timeout=30)
+            asyncio.run_coroutine_threadsafe(stop_server(self.server), self.loop).result(timeout=60)
             self.server.engram_metrics.stop()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,7 @@ class Answer:
     prefill_s: float  # assembling the memory cache + prefilling the question = time to first token
     decode_s: float
     context_tokens: int  # entries in the KV cache before the question
+    prompt_tokens: int = 0  # the question's tokens (with the RAG baseline: the re-prefilled chunks' too)
 
 
 @dataclass
@@ -43,26 +45,59 @@ def decode_one_token(model, cache, token: torch.Tensor, pos: int) -> torch.Tenso
     return logits[:, -1].argmax(-1)
 
 
+def generate_stream(
+    model, cache, prompt: list[int], start: int, max_new_tokens: int, eos_id: int | None, stop=None
+) -> Iterator[int]:
+    """Greedy decoding, each token id yielded as soon as it is known (the first right after the prefill);
+    `stop()` (optional) is asked before each step: True ends generation there (the caller gave up)."""
+    device = next(model.parameters()).device
+    token = prefill(model, cache, torch.tensor([prompt], device=device), start).argmax(-1)  # [1]
+    pos = start + len(prompt)
+    for n in range(1, max_new_tokens + 1):
+        tid = int(token)
+        if tid == eos_id:
+            return
+        yield tid
+        if n == max_new_tokens or (stop is not None and stop()):
+            return
+        token = decode_one_token(model, cache, token, pos)
+        pos += 1
+
+
 def generate(
     model, cache, prompt: list[int], start: int, max_new_tokens: int, eos_id: int | None, stop=None
 ) -> Generated:
-    """Greedy decoding; `stop()` (optional) is asked before each step: True ends generation there (the caller gave
-    up on the answer)."""
-    device = next(model.parameters()).device
-    token = prefill(model, cache, torch.tensor([prompt], device=device), start).argmax(-1)  # [1]
-    first = time.perf_counter()
-    ids: list[int] = []
-    pos = start + len(prompt)
-    for _ in range(max_new_tokens):
-        tid = int(token)
-        if tid == eos_id:
-            break
+    """generate_stream, collected: the ids and when the first was known."""
+    ids, first = [], None
+    for tid in generate_stream(model, cache, prompt, start, max_new_tokens, eos_id, stop):
+        first = first or time.perf_counter()
         ids.append(tid)
-        if len(ids) == max_new_tokens or (stop is not None and stop()):
-            break
-        token = decode_one_token(model, cache, token, pos)
-        pos += 1
-    return Generated(ids, first)
+    return Generated(ids, first or time.perf_counter())
+
+
+class TextStream:
+    """Token ids -> the answer's text in pieces as they become final. Their concatenation is the whole answer,
+    decoded and stripped, exactly: leading whitespace is dropped, trailing whitespace and an unfinished UTF-8
+    character (a byte-level token may end inside one) are held back until later text makes them final."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.sent = tokenizer, [], ""
+
+    def push(self, tid: int) -> str:
+        self.ids.append(tid)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+        return self._advance(text.rstrip().rstrip("\ufffd").rstrip())
+
+    def finish(self) -> tuple[str, str]:
+        """-> (the last piece, the whole answer)."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).strip()
+        return self._advance(text), self.sent
+
+    def _advance(self, text: str) -> str:
+        if not text.startswith(self.sent):  # decoding changed text already sent (never seen): wait for the end
+            return ""
+        piece, self.sent = text[len(self.sent) :], text
+        return piece
 
 
 class MemoryDecoder:
@@ -116,18 +151,27 @@ class MemoryDecoder:
     def _prompt(self, question: str) -> list[int]:
         return self.tokenizer(self.template.format(question=question), add_special_tokens=False).input_ids
 
-    @torch.inference_mode()
     def answer(self, question: str, blocks, chunk_tokens: int, max_new_tokens: int = 32, stop=None) -> Answer:
-        t0 = time.perf_counter()
-        cache, next_pos = self.build_cache(blocks, chunk_tokens)
-        context_tokens = cache.get_seq_length()
-        tokens = generate(
-            self.model, cache, self._prompt(question), next_pos, max_new_tokens, self.tokenizer.eos_token_id, stop
-        )
-        return self._answer(tokens, t0, context_tokens)
+        return last(self.answer_stream(question, blocks, chunk_tokens, max_new_tokens, stop))
+
+    def answer_text(self, question: str, chunks: list[list[int]], max_new_tokens: int = 32, stop=None) -> Answer:
+        return last(self.answer_text_stream(question, chunks, max_new_tokens, stop))
 
     @torch.inference_mode()
-    def answer_text(self, question: str, chunks: list[list[int]], max_new_tokens: int = 32, stop=None) -> Answer:
+    def answer_stream(
+        self, question: str, blocks, chunk_tokens: int, max_new_tokens: int = 32, stop=None
+    ) -> Iterator[str | Answer]:
+        """The answer over the blocks (in reading order): its text in pieces as generated, then the Answer."""
+        t0 = time.perf_counter()
+        cache, next_pos = self.build_cache(blocks, chunk_tokens)
+        context_tokens, prompt = cache.get_seq_length(), self._prompt(question)
+        ids = generate_stream(self.model, cache, prompt, next_pos, max_new_tokens, self.tokenizer.eos_token_id, stop)
+        yield from self._stream(ids, t0, context_tokens, len(prompt))
+
+    @torch.inference_mode()
+    def answer_text_stream(
+        self, question: str, chunks: list[list[int]], max_new_tokens: int = 32, stop=None
+    ) -> Iterator[str | Answer]:
         """Baselines on the same decoder: the chunks' tokens re-prefilled as the prompt ([sink] + chunks +
         question) — RAG with retrieved chunks, or full context with the whole document."""
         from transformers import DynamicCache
@@ -135,10 +179,26 @@ class MemoryDecoder:
         t0 = time.perf_counter()
         context = [self.sink_id] + [t for c in chunks for t in c]
         prompt = context + self._prompt(question)
-        tokens = generate(self.model, DynamicCache(), prompt, 0, max_new_tokens, self.tokenizer.eos_token_id, stop)
-        return self._answer(tokens, t0, len(context))
+        ids = generate_stream(self.model, DynamicCache(), prompt, 0, max_new_tokens, self.tokenizer.eos_token_id, stop)
+        yield from self._stream(ids, t0, len(context), len(prompt) - len(context))
 
-    def _answer(self, tokens: Generated, t0: float, context_tokens: int) -> Answer:
-        text = self.tokenizer.decode(tokens.ids, skip_special_tokens=True).strip()
-        first = tokens.first_token_s
-        return Answer(text, tokens.ids, first - t0, time.perf_counter() - first, context_tokens)
+    def _stream(self, ids: Iterator[int], t0: float, context_tokens: int, prompt_tokens: int):
+        text, first = TextStream(self.tokenizer), None
+        for tid in ids:
+            first = first or time.perf_counter()
+            if piece := text.push(tid):
+                yield piece
+        first = first or time.perf_counter()  # no token (end of sequence at once): the prefill ended here
+        piece, whole = text.finish()
+        if piece:
+            yield piece
+        done = time.perf_counter()
+        yield Answer(whole, text.ids, first - t0, done - first, context_tokens, prompt_tokens)
+
+
+def last(parts: Iterator):
+    """The last item of a stream (the Answer after the text pieces); None if it yields nothing."""
+    out = None
+    for out in parts:  # noqa: B007
+        pass
+    return out

@@ -81,16 +81,36 @@ class Timings(_message.Message):
     def __init__(self, embed_s: _Optional[float] = ..., retrieve_s: _Optional[float] = ..., fetch_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
 
 class AskReply(_message.Message):
-    __slots__ = ("answer", "chunks", "timings", "context_tokens")
+    __slots__ = ("answer", "chunks", "timings", "context_tokens", "new_tokens", "prompt_tokens")
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     answer: str
     chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
     timings: Timings
     context_tokens: int
-    def __init__(self, answer: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., context_tokens: _Optional[int] = ...) -> None: ...
+    new_tokens: int
+    prompt_tokens: int
+    def __init__(self, answer: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., context_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+
+class AskEvent(_message.Message):
+    __slots__ = ("retrieval", "text", "reply")
+    RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    REPLY_FIELD_NUMBER: _ClassVar[int]
+    retrieval: Retrieval
+    text: str
+    reply: AskReply
+    def __init__(self, retrieval: _Optional[_Union[Retrieval, _Mapping]] = ..., text: _Optional[str] = ..., reply: _Optional[_Union[AskReply, _Mapping]] = ...) -> None: ...
+
+class Retrieval(_message.Message):
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ...) -> None: ...
 
 class ReadRequest(_message.Message):
     __slots__ = ("namespace", "query", "top_k")

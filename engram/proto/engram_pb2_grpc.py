@@ -44,6 +44,11 @@ class EngramStub:
                 request_serializer=engram__pb2.AskRequest.SerializeToString,
                 response_deserializer=engram__pb2.AskReply.FromString,
                 _registered_method=True)
+        self.AskStream = channel.unary_stream(
+                '/engram.v1.Engram/AskStream',
+                request_serializer=engram__pb2.AskRequest.SerializeToString,
+                response_deserializer=engram__pb2.AskEvent.FromString,
+                _registered_method=True)
         self.Read = channel.unary_unary(
                 '/engram.v1.Engram/Read',
                 request_serializer=engram__pb2.ReadRequest.SerializeToString,
@@ -85,6 +90,15 @@ class EngramServicer:
 
     def Ask(self, request, context):
         """Answer a question from memory with the decoder.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AskStream(self, request, context):
+        """Ask, streamed: first an event with the chunks the decoder reads (once retrieval is done), then one event per
+        piece of answer text as the decoder generates it, then one with the whole AskReply. Cancelling the call stops
+        the decoder.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,6 +152,11 @@ def add_EngramServicer_to_server(servicer, server):
                     servicer.Ask,
                     request_deserializer=engram__pb2.AskRequest.FromString,
                     response_serializer=engram__pb2.AskReply.SerializeToString,
+            ),
+            'AskStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.AskStream,
+                    request_deserializer=engram__pb2.AskRequest.FromString,
+                    response_serializer=engram__pb2.AskEvent.SerializeToString,
             ),
             'Read': grpc.unary_unary_rpc_method_handler(
                     servicer.Read,
@@ -219,6 +238,33 @@ class Engram:
             '/engram.v1.Engram/Ask',
             engram__pb2.AskRequest.SerializeToString,
             engram__pb2.AskReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AskStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/engram.v1.Engram/AskStream',
+            engram__pb2.AskRequest.SerializeToString,
+            engram__pb2.AskEvent.FromString,
             options,
             channel_credentials,
             insecure,

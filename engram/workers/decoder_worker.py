@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Iterator
 
 from ..decoder import model as decoder_model
-from ..decoder.generate import Answer, MemoryDecoder
+from ..decoder.generate import Answer, MemoryDecoder, last
 
 
 @dataclasses.dataclass
@@ -21,6 +22,7 @@ class Decoded:
     context_tokens: int
     new_tokens: int
     device: str
+    prompt_tokens: int = 0  # the question's (RAG: and the re-prefilled chunks')
 
 
 class DecoderWorker:
@@ -54,29 +56,48 @@ class DecoderWorker:
     ) -> Decoded | None:
         """block_lists: per shard, its blocks (dicts of block columns) (Ray resolves them before this runs);
         order: (list, index) pairs giving the reading order in which the blocks are placed before the question."""
+        return _decoded(last(self.answer_stream(question, chunk_tokens, max_new_tokens, order, *block_lists)))
+
+    def answer_stream(
+        self, question: str, chunk_tokens: int, max_new_tokens: int, order: list[tuple[int, int]], *block_lists
+    ) -> Iterator[str | Decoded]:
+        """`answer`, streamed (a Ray streaming generator): the answer's text in pieces as they are generated, then
+        the Decoded."""
         t0 = time.perf_counter()
         if self.cancelled():  # the asker gave up while this call waited in the queue
-            return None
+            return
         blocks = [block_lists[i][j] for i, j in order]
-        return self._reply(self.decoder.answer(question, blocks, chunk_tokens, max_new_tokens, self.cancelled), t0)
+        yield from self._reply(
+            self.decoder.answer_stream(question, blocks, chunk_tokens, max_new_tokens, self.cancelled), t0
+        )
 
     def answer_tokens(self, question: str, max_new_tokens: int, chunks: list[list[int]]) -> Decoded | None:
         """The RAG baseline: the retrieved chunks' tokens prefilled again as the prompt, no stored KV."""
+        return _decoded(last(self.answer_tokens_stream(question, max_new_tokens, chunks)))
+
+    def answer_tokens_stream(self, question: str, max_new_tokens: int, chunks: list[list[int]]):
         t0 = time.perf_counter()
         if self.cancelled():
-            return None
-        return self._reply(self.decoder.answer_text(question, chunks, max_new_tokens, self.cancelled), t0)
+            return
+        yield from self._reply(self.decoder.answer_text_stream(question, chunks, max_new_tokens, self.cancelled), t0)
 
-    def _reply(self, a: Answer, t0: float) -> Decoded | None:
-        if self.cancelled():  # stopped part-way: nobody waits for it
-            return None
-        self.answered += 1
-        return Decoded(
-            a.text,
-            a.prefill_s,
-            a.decode_s,
-            time.perf_counter() - t0,
-            a.context_tokens,
-            len(a.token_ids),
-            str(self.decoder.device),
-        )
+    def _reply(self, parts: Iterator[str | Answer], t0: float) -> Iterator[str | Decoded]:
+        for part in parts:
+            if not isinstance(part, Answer):
+                yield part
+            elif not self.cancelled():  # stopped part-way: nobody waits for it
+                self.answered += 1
+                yield Decoded(
+                    part.text,
+                    part.prefill_s,
+                    part.decode_s,
+                    time.perf_counter() - t0,
+                    part.context_tokens,
+                    len(part.token_ids),
+                    str(self.decoder.device),
+                    part.prompt_tokens,
+                )
+
+
+def _decoded(out) -> Decoded | None:
+    return out if isinstance(out, Decoded) else None  # a cancelled call ends without one

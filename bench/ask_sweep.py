@@ -19,9 +19,9 @@ import ray
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
+from engram.coordinator.background import BackgroundServer
 from engram.coordinator.client import EngramClient
 from engram.coordinator.config import EngramConfig
-from engram.coordinator.server import BackgroundServer
 from engram.evals import cases as bench
 from engram.evals.haystack import PASSKEY_QUESTION, first_integer, passkey_context
 

@@ -55,9 +55,9 @@ def main() -> None:
     a = ap.parse_args()
 
     from engram.coordinator.ask import global_bm25
+    from engram.coordinator.background import BackgroundServer
     from engram.coordinator.client import EngramClient
     from engram.coordinator.config import EngramConfig
-    from engram.coordinator.server import BackgroundServer
     from engram.evals.cases import parse_length
     from engram.evals.distinct import chunk_of_answer, corpus, make_facts, plant
 

@@ -32,9 +32,9 @@ def run(shards: int, totals: list[int], doc_tokens: int, asks: int, num_cpus: in
     import ray
     from tqdm import tqdm
 
+    from engram.coordinator.background import BackgroundServer
     from engram.coordinator.client import EngramClient
     from engram.coordinator.config import EngramConfig
-    from engram.coordinator.server import BackgroundServer
     from engram.evals.haystack import PASSKEY_QUESTION, first_integer, passkey_context
 
     cfg = EngramConfig()

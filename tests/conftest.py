@@ -13,8 +13,8 @@ def service(tmp_path_factory):
     """One real Ray (2 CPUs), 2 shard actors, 2 encoders, the decoder worker and a gRPC server on 127.0.0.1."""
     import ray
 
+    from engram.coordinator.background import BackgroundServer
     from engram.coordinator.config import EngramConfig
-    from engram.coordinator.server import BackgroundServer
 
     cfg = EngramConfig()
     cfg.cluster.num_cpus = 2

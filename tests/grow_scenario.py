@@ -20,8 +20,8 @@ import ray
 from multinode import shard_cluster  # tests/ is this script's directory
 
 from engram.coordinator import routing
+from engram.coordinator.background import BackgroundServer
 from engram.coordinator.client import EngramClient
-from engram.coordinator.server import BackgroundServer
 from engram.evals.haystack import PASSKEY_QUESTION, first_integer, passkey_context
 
 NS = "grow"

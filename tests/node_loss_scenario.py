@@ -17,8 +17,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 import ray
 from multinode import shard_cluster  # tests/ is this script's directory
 
+from engram.coordinator.background import BackgroundServer
 from engram.coordinator.client import EngramClient
-from engram.coordinator.server import BackgroundServer
 from engram.evals.haystack import PASSKEY_QUESTION, passkey_context
 
 

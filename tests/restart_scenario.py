@@ -13,10 +13,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 import ray
 
+from engram.coordinator.background import BackgroundServer
 from engram.coordinator.client import EngramClient
 from engram.coordinator.config import EngramConfig
 from engram.coordinator.routing import route
-from engram.coordinator.server import BackgroundServer
 from engram.evals.haystack import PASSKEY_QUESTION, passkey_context
 
 

@@ -102,7 +102,7 @@ def test_public_api():
 
 
 def test_every_error_code_maps_to_a_grpc_and_an_http_status():
-    from engram.coordinator.openai_api import HTTP_STATUS
+    from engram.coordinator.http_errors import HTTP_STATUS
     from engram.coordinator.server import STATUS
     from engram.errors import EngramError, ErrorCode
 

@@ -56,6 +56,19 @@ def test_models_are_the_tokens_namespaces(api):
     assert client(api, "carol-token").models.retrieve("carol").id == "carol"
     with pytest.raises(openai.NotFoundError):
         client(api, "carol-token").models.retrieve("dave")
+    # the documents API is guarded alike, over HTTP and gRPC
+    carol = client(api, "carol-token")
+    assert [n["id"] for n in carol.get("/namespaces", cast_to=object)["data"]] == ["carol"]
+    assert [d["id"] for d in carol.get("/namespaces/carol/documents", cast_to=object)["data"]] == ["mill"]
+    with pytest.raises(openai.PermissionDeniedError):
+        carol.get("/namespaces/dave/documents/dave-notes", cast_to=object)
+    with pytest.raises(openai.PermissionDeniedError):
+        carol.delete("/namespaces/dave", cast_to=object)
+    c = EngramClient(api["grpc"], root_certificates=api["ca"], token="carol-token", timeout=60)
+    assert [n.name for n in c.namespaces()] == ["carol"]
+    with pytest.raises(grpc.RpcError) as e:
+        c.get_document("dave-notes", namespace="dave")
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_chat_completion_answers_from_memory(api):

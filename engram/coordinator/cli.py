@@ -1,10 +1,10 @@
-"""`engram` command line: serve, write, ask, read, delete, stats, shards, load, demo."""
+"""`engram` command line: serve, write, ask, read, delete, namespaces, documents, cat, delete-namespace, stats,
+shards, compact, load, bench, demo."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 import time
@@ -35,6 +35,7 @@ def _fail(err) -> int:
 
 def cmd_serve(args) -> int:
     from .config import from_args
+    from .logs import setup_logging
     from .server import serve_forever
 
     cfg = from_args(args)
@@ -43,49 +44,23 @@ def cmd_serve(args) -> int:
     return 0
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message (and exc when there is one)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        import json
-
-        out = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
-def setup_logging(fmt: str) -> None:
-    if fmt not in ("text", "json"):
-        raise SystemExit(f"engram: server.log_format must be 'text' or 'json', got {fmt!r}")
-    handler = logging.StreamHandler()
-    handler.setFormatter(
-        JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-
-
 def cmd_write(args) -> int:
-    from tqdm import tqdm
+    from .ingest import sync_folder, write_one
 
-    text = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()  # the server checks UTF-8
-    doc_id = args.doc_id or ("stdin" if args.file == "-" else Path(args.file).name)
-    t0 = time.perf_counter()
-    with _client(args) as c, tqdm(total=len(text), unit="B", unit_scale=True, desc=f"write {doc_id}") as bar:
+    path = Path(args.file)
+    with _client(args) as c:
         try:
-            r = c.write([(doc_id, text)], namespace=args.namespace, progress=bar.update)
+            if args.file != "-" and path.is_dir():
+                done = sync_folder(c, path, args.namespace, args.glob, args.prune)
+                for doc_id, why in done.skipped:
+                    print(f"skipped {doc_id}: {why}", file=sys.stderr)
+                print(done.summary())
+            else:
+                data = sys.stdin.buffer.read() if args.file == "-" else path.read_bytes()
+                doc_id = args.doc_id or ("stdin" if args.file == "-" else path.name)
+                print(write_one(c, data, doc_id, args.namespace))
         except Exception as e:
             return _fail(e)
-    dt = time.perf_counter() - t0
-    print(
-        f"stored {r.documents} document(s): {r.chunks} chunks, {r.tokens} tokens ({r.new_blocks} new blocks) "
-        f"in {dt:.1f} s = {r.tokens / dt:,.0f} tokens/s"
-    )
     return 0
 
 
@@ -181,6 +156,50 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def cmd_namespaces(args) -> int:
+    with _client(args) as c:
+        try:
+            for ns in c.namespaces():
+                print(f"{ns.name}\t{ns.documents} documents")
+        except Exception as e:
+            return _fail(e)
+    return 0
+
+
+def cmd_documents(args) -> int:
+    with _client(args) as c:
+        try:
+            docs = c.documents(args.namespace)
+        except Exception as e:
+            return _fail(e)
+    for d in docs:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.written_at)) if d.written_at else "-"
+        print(f"{d.document_id}\t{d.chunks} chunks\t{d.tokens} tokens\t{when}\t{d.sha256[:12] or '-'}")
+    return 0
+
+
+def cmd_cat(args) -> int:
+    with _client(args) as c:
+        try:
+            sys.stdout.write(c.get_document(args.doc_id, namespace=args.namespace))
+        except Exception as e:
+            return _fail(e)
+    return 0
+
+
+def cmd_delete_namespace(args) -> int:
+    if not args.yes:
+        print(f"engram: this deletes every document of namespace {args.name!r}; add --yes to do it", file=sys.stderr)
+        return 2
+    with _client(args) as c:
+        try:
+            r = c.delete_namespace(args.name)
+        except Exception as e:
+            return _fail(e)
+    print(f"deleted namespace {args.name}: {r.documents} documents, {r.chunks} chunks")
+    return 0
+
+
 def cmd_compact(args) -> int:
     with _client(args) as c:
         try:
@@ -231,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--config", help="TOML file overriding the defaults (see README)")
         sp.add_argument("--shards", type=int)
         sp.add_argument("--data-dir")
-        sp.add_argument("--model", help="decoder: 'smollm2' (embedded) or a local Hugging Face model folder")
+        sp.add_argument("--model", help="decoder: smollm2 or gemma3-270m (embedded), or a local HF model folder")
         sp.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
 
     sp = sub.add_parser("serve", help="start Ray actors and the gRPC server")
@@ -241,10 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP API port (default 8000; -1 = off)")
     sp.set_defaults(fn=cmd_serve)
 
-    sp = sub.add_parser("write", help="write a text file (or - for stdin) as one document")
+    sp = sub.add_parser("write", help="write a text file (or - for stdin) as one document, or sync a folder")
     client_args(sp)
-    sp.add_argument("file")
-    sp.add_argument("--doc-id", help="document id (default: the file name)")
+    sp.add_argument("file", help="a file, - for stdin, or a folder (each file one document, id = relative path)")
+    sp.add_argument("--doc-id", help="document id of a file (default: the file name)")
+    sp.add_argument("--glob", help="folder: which files, e.g. '**/*.md' (default: Markdown and plain text)")
+    sp.add_argument("--prune", action="store_true", help="folder: delete documents whose file is gone")
     sp.set_defaults(fn=cmd_write)
 
     sp = sub.add_parser("ask", help="answer a question from memory")
@@ -266,6 +287,25 @@ def main(argv: list[str] | None = None) -> int:
     client_args(sp)
     sp.add_argument("doc_id")
     sp.set_defaults(fn=cmd_delete)
+
+    sp = sub.add_parser("namespaces", help="the namespaces holding documents (those your token may read)")
+    client_args(sp)
+    sp.set_defaults(fn=cmd_namespaces)
+
+    sp = sub.add_parser("documents", help="a namespace's documents: chunks, tokens, when written, sha256")
+    client_args(sp)
+    sp.set_defaults(fn=cmd_documents)
+
+    sp = sub.add_parser("cat", help="print a document's text back")
+    client_args(sp)
+    sp.add_argument("doc_id")
+    sp.set_defaults(fn=cmd_cat)
+
+    sp = sub.add_parser("delete-namespace", help="remove every document of a namespace")
+    client_args(sp)
+    sp.add_argument("name")
+    sp.add_argument("--yes", action="store_true", help="really delete")
+    sp.set_defaults(fn=cmd_delete_namespace)
 
     sp = sub.add_parser("stats", help="per-shard counts, bytes and bytes per token")
     client_args(sp)

@@ -104,6 +104,28 @@ class EngramClient:
             pb.DeleteRequest(namespace=namespace, document_id=document_id), timeout=self.timeout, metadata=self.metadata
         )
 
+    def namespaces(self) -> list[pb.NamespaceInfo]:
+        """The namespaces holding documents that this client's token may read."""
+        return list(self._call("ListNamespaces", pb.ListNamespacesRequest()).namespaces)
+
+    def documents(self, namespace: str = "default") -> list[pb.DocumentInfo]:
+        return list(self._call("ListDocuments", pb.ListDocumentsRequest(namespace=namespace)).documents)
+
+    def get_document(self, document_id: str, namespace: str = "default") -> str:
+        """A document's text, as stored."""
+        parts = self.stub.GetDocument(
+            pb.GetDocumentRequest(namespace=namespace, document_id=document_id),
+            timeout=self.timeout,
+            metadata=self.metadata,
+        )
+        return b"".join(p.text for p in parts).decode("utf-8")
+
+    def delete_namespace(self, namespace: str) -> pb.DeleteNamespaceReply:
+        return self._call("DeleteNamespace", pb.DeleteNamespaceRequest(namespace=namespace))
+
+    def _call(self, method: str, request):
+        return getattr(self.stub, method)(request, timeout=self.timeout, metadata=self.metadata)
+
     def stats(self) -> pb.StatsReply:
         return self.stub.Stats(pb.StatsRequest(), timeout=self.timeout, metadata=self.metadata)
 

@@ -96,7 +96,8 @@ class Cluster:
                 num_cpus=c.num_cpus if c.address is None else None,
                 namespace=c.namespace,
                 include_dashboard=False,
-                log_to_driver=True,
+                log_to_driver=True,  # actors' warnings and errors reach the server's log
+                logging_level=logging.WARNING,  # not Ray's own start-up notes: `engram serve` says what serves
             )
         resources = ray.cluster_resources()
         has_gpu = resources.get("GPU", 0) >= 1

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..decoder.layout import BlockLayout, check_position_scheme
 from ..decoder.model import DecoderConfig, model_config
+from ..decoder.rope import check_supported
 from ..workers.encoder import EncoderConfig
 from ..workers.shard import ShardConfig
 from . import routing
@@ -157,8 +158,10 @@ def block_layout(cfg: EngramConfig) -> BlockLayout:
     """The block layout every part uses, derived once from the decoder's own config (reads no weights; converts
     the embedded GGUF on first use). Checks what needs the model: the context fits its window."""
     e = cfg.encoder
+    model = model_config(cfg.decoder)
+    check_supported(model)  # an architecture whose keys cannot be moved exactly is refused at start
     return BlockLayout.of(
-        model_config(cfg.decoder),
+        model,
         e.chunk_tokens,
         e.keep_tokens,
         e.kv_dtype,

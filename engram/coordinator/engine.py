@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from dataclasses import dataclass, replace
 
 from ..decoder import model as decoder_model
@@ -19,6 +20,15 @@ from .rebalance import Rebalancer, RebalanceState
 from .write import Writer, Written
 
 log = logging.getLogger("engram")
+
+
+@dataclass
+class Document:
+    name: str
+    chunks: int
+    tokens: int
+    digest: str  # sha256 hex of its text ("" if written before digests were kept)
+    written: float  # unix seconds
 
 
 @dataclass
@@ -89,6 +99,47 @@ class Engine:
     async def namespaces(self) -> set[str]:
         """Every namespace holding a document on some shard."""
         return await self.reader.namespaces()
+
+    async def namespace_sizes(self) -> dict[str, int]:
+        """namespace -> its documents (each counted once, however many shards hold its chunks)."""
+        docs = set().union(*await self.cluster.all_shards("documents"))
+        return dict(Counter(ns for ns, _ in docs))
+
+    async def documents(self, namespace: str) -> list[Document]:
+        """The namespace's documents, by name, as all shards hold them (a document being written is left out)."""
+        merged: dict[str, Document] = {}
+        for infos in await self.cluster.all_shards("document_list", namespace):
+            for i in infos:
+                d = merged.setdefault(i.name, Document(i.name, 0, 0, i.digest, i.written))
+                d.chunks, d.tokens = d.chunks + i.chunks, d.tokens + i.tokens
+                d.written = max(d.written, i.written)
+        writing = {name for ns, name in self.cluster.writing if ns == namespace}
+        return [merged[n] for n in sorted(merged) if n not in writing]
+
+    async def document_text(self, namespace: str, name: str) -> str:
+        """A document's text, decoded from its chunks' stored token ids in order."""
+        parts = sorted(p for shard in await self.cluster.all_shards("document_tokens", namespace, name) for p in shard)
+        if not parts or (namespace, name) in self.cluster.writing:
+            raise EngramError(ErrorCode.NOT_FOUND, f"no document {name!r} in namespace {namespace!r}")
+        if [seq for seq, _ in parts] != list(range(len(parts))):  # a move between shards, half-seen: ask again
+            raise EngramError(ErrorCode.UNAVAILABLE, f"document {name!r} is moving between shards; retry")
+        ids = [t for _, tokens in parts for t in tokens]
+        return await asyncio.to_thread(self.tokenizer.decode, ids)
+
+    async def delete_namespace(self, namespace: str) -> tuple[int, int]:
+        """Delete every document of the namespace -> (documents, chunks) removed. A write still under way in it
+        lands after this (delete again once it is acknowledged)."""
+        docs = [name for ns, name in set().union(*await self.cluster.all_shards("documents")) if ns == namespace]
+        if not docs:
+            raise EngramError(ErrorCode.NOT_FOUND, f"namespace {namespace!r} holds no documents")
+        chunks = 0
+        for name in docs:
+            try:
+                chunks += await self.delete(namespace, name)
+            except EngramError as e:  # deleted meanwhile by another request
+                if e.code != ErrorCode.NOT_FOUND:
+                    raise
+        return len(docs), chunks
 
     async def read(self, namespace: str, query: str, top_k: int) -> ReadResult:
         return await self.reader.read(namespace, query, top_k)

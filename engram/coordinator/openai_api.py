@@ -26,7 +26,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,29 +33,16 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
-from ..errors import EngramError, ErrorCode
 from .ask import AskResult
-from .auth import Auth, AuthError
+from .auth import Auth
 from .config import EngramConfig
+from .documents_api import documents_router
 from .engine import Engine
+from .http_errors import ApiError, api_error
 from .metrics import Metrics
 from .validate import ask_options, check_mode, check_name, check_question
 
 log = logging.getLogger("engram")
-
-HTTP_STATUS = {  # every ErrorCode (tests/test_layout.py checks none is missing): (status, OpenAI error type)
-    ErrorCode.INVALID: (400, "invalid_request_error"),
-    ErrorCode.NOT_FOUND: (404, "not_found_error"),
-    ErrorCode.ALREADY_EXISTS: (409, "conflict_error"),
-    ErrorCode.UNAVAILABLE: (503, "service_unavailable_error"),
-    ErrorCode.BUSY: (409, "conflict_error"),
-    ErrorCode.EXHAUSTED: (429, "rate_limit_error"),
-    ErrorCode.STALE: (503, "service_unavailable_error"),
-}
-AUTH_STATUS = {
-    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
-    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
-}
 
 
 class Message(BaseModel):
@@ -85,28 +71,6 @@ class ChatCompletion(Completion):
 
 class TextCompletion(Completion):
     prompt: str | list[str]
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, kind: str, message: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.kind, self.param = status, kind, param
-
-    def body(self) -> dict:
-        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": None}}
-
-
-def api_error(exc: BaseException) -> ApiError:
-    """Any failure as the client sees it: its own messages for request and auth errors, an incident id else."""
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, EngramError):
-        return ApiError(*HTTP_STATUS[exc.code], str(exc))
-    if isinstance(exc, AuthError):
-        return ApiError(*AUTH_STATUS[exc.code], str(exc))
-    incident = uuid.uuid4().hex[:12]
-    log.error("internal error %s in the HTTP API", incident, exc_info=exc)
-    return ApiError(500, "server_error", f"internal error (incident {incident}); the server log has the details")
 
 
 def question_of(req: ChatCompletion | TextCompletion) -> str:
@@ -162,8 +126,9 @@ def make_app(engine: Engine, cfg: EngramConfig, auth: Auth, metrics: Metrics) ->
 
     @app.middleware("http")
     async def _limits(request: Request, call_next):
-        """Body size as gRPC's message limit; every request counted and timed under its path."""
-        t0, method = time.perf_counter(), f"HTTP {request.url.path}"[:64]
+        """Body size as gRPC's message limit; every request counted and timed under its route's template (never
+        a namespace or document name: clients choose those)."""
+        t0 = time.perf_counter()
         if int(request.headers.get("content-length") or 0) > cfg.server.max_message_bytes:
             response = JSONResponse(
                 ApiError(413, "invalid_request_error", "the request body is over server.max_message_bytes").body(),
@@ -175,9 +140,10 @@ def make_app(engine: Engine, cfg: EngramConfig, auth: Auth, metrics: Metrics) ->
             except Exception as exc:  # what no handler took: never a traceback to the client
                 err = api_error(exc)
                 response = JSONResponse(err.body(), status_code=err.status)
-        if request.url.path.startswith("/v1/"):  # unknown paths are not a label (clients choose them)
-            metrics.requests.labels(method=method, code=str(response.status_code)).inc()
-            metrics.latency.labels(method=method).observe(time.perf_counter() - t0)
+        route = getattr(request.scope.get("route"), "path", None)
+        method = f"{request.method} {route}" if route else "HTTP other"
+        metrics.requests.labels(method=method, code=str(response.status_code)).inc()
+        metrics.latency.labels(method=method).observe(time.perf_counter() - t0)
         return response
 
     def token(request: Request) -> str:
@@ -283,6 +249,8 @@ def make_app(engine: Engine, cfg: EngramConfig, auth: Auth, metrics: Metrics) ->
     @app.post("/v1/completions")
     async def completions(req: TextCompletion, request: Request):
         return await complete(request, req, chat=False)
+
+    app.include_router(documents_router(engine, auth))
 
     return app
 

@@ -238,6 +238,51 @@ class EngramService(pb_grpc.EngramServicer):
 
         return await self._run(context, go(), "Delete")
 
+    async def ListNamespaces(self, request, context):
+        async def go():
+            sizes = await self.engine.namespace_sizes()
+            allowed = self.auth.namespaces(dict(context.invocation_metadata()).get("authorization", ""))
+            names = sorted(n for n in sizes if allowed is None or "*" in allowed or n in allowed)
+            return pb.ListNamespacesReply(namespaces=[pb.NamespaceInfo(name=n, documents=sizes[n]) for n in names])
+
+        return await self._run(context, go(), "ListNamespaces")
+
+    async def ListDocuments(self, request, context):
+        async def go():
+            check_name("namespace", request.namespace)
+            self.auth.check(context, request.namespace)
+            docs = await self.engine.documents(request.namespace)
+            return pb.ListDocumentsReply(
+                documents=[
+                    pb.DocumentInfo(
+                        document_id=d.name, chunks=d.chunks, tokens=d.tokens, sha256=d.digest, written_at=d.written
+                    )
+                    for d in docs
+                ]
+            )
+
+        return await self._run(context, go(), "ListDocuments")
+
+    async def GetDocument(self, request, context):
+        async def go():
+            check_name("namespace", request.namespace)
+            check_name("document_id", request.document_id)
+            self.auth.check(context, request.namespace)
+            data = (await self.engine.document_text(request.namespace, request.document_id)).encode()
+            for i in range(0, max(len(data), 1), 1 << 20):
+                await context.write(pb.DocumentPart(text=data[i : i + (1 << 20)]))
+
+        await self._run(context, go(), "GetDocument")
+
+    async def DeleteNamespace(self, request, context):
+        async def go():
+            check_name("namespace", request.namespace)
+            self.auth.check(context, request.namespace)
+            documents, chunks = await self.engine.delete_namespace(request.namespace)
+            return pb.DeleteNamespaceReply(documents=documents, chunks=chunks)
+
+        return await self._run(context, go(), "DeleteNamespace")
+
     async def Stats(self, request, context):
         async def go():
             self.auth.check(context, None)
@@ -334,55 +379,3 @@ async def stop_server(server: grpc.aio.Server, grace: float = 1.0) -> None:
     if getattr(server, "http", None) is not None:
         await server.http.stop()
     await server.stop(grace=grace)
-
-
-class BackgroundServer:
-    """Engine + gRPC server on an event loop in a daemon thread (for the demo and tests).
-
-    with BackgroundServer(cfg) as srv: EngramClient(srv.address)..."""
-
-    def __init__(self, cfg: EngramConfig, port: int = 0, http_port: int | None = 0):
-        """port, http_port: 0 = any free port (the default here: a demo or a test never collides); http_port None
-        = as configured (server.http_port), -1 = no HTTP API."""
-        import threading
-
-        self.cfg, self.port = cfg, port
-        self.http_port = cfg.server.http_port if http_port is None or cfg.server.http_port < 0 else http_port
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="engram-server")
-        self.engine: Engine | None = None
-        self.server: grpc.aio.Server | None = None
-
-    def start(self) -> BackgroundServer:
-        self.engine = Engine(self.cfg)
-        self.thread.start()
-        fut = asyncio.run_coroutine_threadsafe(
-            start_server(self.engine, self.cfg, self.port, self.http_port), self.loop
-        )
-        self.server, self.port = fut.result(timeout=60)
-        self.http_port = self.server.http_port
-        return self
-
-    @property
-    def address(self) -> str:
-        return f"{self.cfg.server.host}:{self.port}"
-
-    @property
-    def http_url(self) -> str | None:
-        """The OpenAI-compatible API's base URL (".../v1"), None when off."""
-        scheme = "https" if self.cfg.server.tls_cert_file else "http"
-        return f"{scheme}://{self.cfg.server.host}:{self.http_port}/v1" if self.http_port else None
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.loop.call_soon_threadsafe(self.server.health_task.cancel)
-            asyncio.run_coroutine_threadsafe(stop_server(self.server), self.loop).result(timeout=60)
-            self.server.engram_metrics.stop()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()

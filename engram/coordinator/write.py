@@ -71,6 +71,8 @@ class Writer:
                 f"{namespace!r}; delete it first or use another document_id",
             )
         ids = await asyncio.to_thread(self.tokenize, text)
+        digest = await asyncio.to_thread(lambda: hashlib.sha256(text.encode()).hexdigest())  # listings, syncs
+        written = time.time()
         if not len(ids):
             raise EngramError(ErrorCode.INVALID, f"document {name!r} has no tokens")
         e = self.cfg.encoder
@@ -90,7 +92,9 @@ class Writer:
             if fresh:
                 await self._finish(asyncio.to_thread(self.cluster.intents.begin, intent))
             new_blocks = await retry(
-                lambda: self._write_once(namespace, name, request_id, chunks, hashes, per_shard, shards),
+                lambda: self._write_once(
+                    namespace, name, request_id, chunks, hashes, per_shard, shards, (digest, written)
+                ),
                 self.cfg.cluster.write_attempts,
                 shard_failure,
                 wait_for_shards,
@@ -151,8 +155,9 @@ class Writer:
         task.result()  # its own failure, if any
 
     async def _write_once(
-        self, namespace: str, name: str, request_id: str, chunks, hashes, per_shard, shards: list
+        self, namespace: str, name: str, request_id: str, chunks, hashes, per_shard, shards: list, about: tuple
     ) -> int:
+        """about: (sha256 hex of the text, unix seconds written), kept with the document on its shards."""
         new_blocks = 0
         sem = asyncio.Semaphore(self.cfg.cluster.max_in_flight or 2 * len(self.cluster.encoders))
         done = {"chunks": 0, "logged": time.perf_counter(), "t0": time.perf_counter()}
@@ -202,6 +207,7 @@ class Writer:
                     [chunks[i].seq for i in idx],
                     [chunks[i].offset for i in idx],
                     request_id,
+                    *about,
                 )
                 for s, idx in per_shard.items()
                 if idx

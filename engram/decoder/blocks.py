@@ -20,7 +20,7 @@ import torch
 
 from . import quant
 from .layout import BlockLayout
-from .rope import rerotate
+from .rope import layer_rotaries, rerotate_layers
 
 
 def _query_capture(model):
@@ -108,7 +108,11 @@ def encode_chunks(
     try:
         # Right padding needs no mask: causal attention keeps real tokens from seeing it. The base model only:
         # the 49k-vocabulary LM head would cost ~12% of the pass for logits nobody reads.
-        out = model.model(input_ids=ids, use_cache=True)
+        # A plain DynamicCache keeps every position of every layer: a model's own cache would trim sliding-window
+        # layers (Gemma-3) to their window, and the block needs all its tokens (the masks still apply the window).
+        from transformers import DynamicCache
+
+        out = model.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
     finally:
         for hd in handles:
             hd.remove()
@@ -130,7 +134,7 @@ def encode_chunks(
         positions.append(pos)
     pos_t = torch.stack(positions, 1)
     pad = (pos_t < 0)[..., None]
-    keys_t = rerotate(torch.stack(keys, 1), -ctx, model.model.rotary_emb)  # from 1+ctx.. back to 1..T
+    keys_t = rerotate_layers(torch.stack(keys, 1), -ctx, layer_rotaries(model), 1)  # from 1+ctx.. back to 1..T
     keys_t = keys_t.masked_fill(pad, 0)
     values_t = torch.stack(values, 1).masked_fill(pad, 0)
     batch = quant.pack_kv(keys_t, values_t, layout.kv_dtype)

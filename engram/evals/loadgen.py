@@ -96,8 +96,8 @@ def cmd_load(args) -> int:
     if args.server:
         rep = run_load(args.server, args.clients, args.seconds, token=args.token)
     else:  # start a local service for the run
+        from ..coordinator.background import BackgroundServer
         from ..coordinator.config import from_args
-        from ..coordinator.server import BackgroundServer
 
         cfg = from_args(args)
         cfg.shard.data_dir = tempfile.mkdtemp(prefix="engram-load-")

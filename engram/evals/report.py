@@ -27,7 +27,7 @@ def bench_service(cfg, server: str | None, data_dir: str | None) -> Iterator[tup
             if data_dir is None:
                 tmp = tempfile.TemporaryDirectory(prefix="engram-bench-")
                 cfg.shard.data_dir = tmp.name
-            from ..coordinator.server import BackgroundServer
+            from ..coordinator.background import BackgroundServer
 
             srv = BackgroundServer(cfg).start()
         yield (srv.address if srv is not None else server), memory

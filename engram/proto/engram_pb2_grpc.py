@@ -59,6 +59,26 @@ class EngramStub:
                 request_serializer=engram__pb2.DeleteRequest.SerializeToString,
                 response_deserializer=engram__pb2.DeleteReply.FromString,
                 _registered_method=True)
+        self.ListNamespaces = channel.unary_unary(
+                '/engram.v1.Engram/ListNamespaces',
+                request_serializer=engram__pb2.ListNamespacesRequest.SerializeToString,
+                response_deserializer=engram__pb2.ListNamespacesReply.FromString,
+                _registered_method=True)
+        self.ListDocuments = channel.unary_unary(
+                '/engram.v1.Engram/ListDocuments',
+                request_serializer=engram__pb2.ListDocumentsRequest.SerializeToString,
+                response_deserializer=engram__pb2.ListDocumentsReply.FromString,
+                _registered_method=True)
+        self.GetDocument = channel.unary_stream(
+                '/engram.v1.Engram/GetDocument',
+                request_serializer=engram__pb2.GetDocumentRequest.SerializeToString,
+                response_deserializer=engram__pb2.DocumentPart.FromString,
+                _registered_method=True)
+        self.DeleteNamespace = channel.unary_unary(
+                '/engram.v1.Engram/DeleteNamespace',
+                request_serializer=engram__pb2.DeleteNamespaceRequest.SerializeToString,
+                response_deserializer=engram__pb2.DeleteNamespaceReply.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/engram.v1.Engram/Stats',
                 request_serializer=engram__pb2.StatsRequest.SerializeToString,
@@ -118,6 +138,34 @@ class EngramServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListNamespaces(self, request, context):
+        """The namespaces holding documents that the caller's token may read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDocuments(self, request, context):
+        """A namespace's documents: chunks, tokens, digest, when written.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDocument(self, request, context):
+        """A document's text back (decoded from its stored tokens), in parts of at most 1 MiB.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteNamespace(self, request, context):
+        """Remove every document of a namespace from both memories.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -167,6 +215,26 @@ def add_EngramServicer_to_server(servicer, server):
                     servicer.Delete,
                     request_deserializer=engram__pb2.DeleteRequest.FromString,
                     response_serializer=engram__pb2.DeleteReply.SerializeToString,
+            ),
+            'ListNamespaces': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNamespaces,
+                    request_deserializer=engram__pb2.ListNamespacesRequest.FromString,
+                    response_serializer=engram__pb2.ListNamespacesReply.SerializeToString,
+            ),
+            'ListDocuments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDocuments,
+                    request_deserializer=engram__pb2.ListDocumentsRequest.FromString,
+                    response_serializer=engram__pb2.ListDocumentsReply.SerializeToString,
+            ),
+            'GetDocument': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetDocument,
+                    request_deserializer=engram__pb2.GetDocumentRequest.FromString,
+                    response_serializer=engram__pb2.DocumentPart.SerializeToString,
+            ),
+            'DeleteNamespace': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteNamespace,
+                    request_deserializer=engram__pb2.DeleteNamespaceRequest.FromString,
+                    response_serializer=engram__pb2.DeleteNamespaceReply.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -319,6 +387,114 @@ class Engram:
             '/engram.v1.Engram/Delete',
             engram__pb2.DeleteRequest.SerializeToString,
             engram__pb2.DeleteReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNamespaces(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram.v1.Engram/ListNamespaces',
+            engram__pb2.ListNamespacesRequest.SerializeToString,
+            engram__pb2.ListNamespacesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDocuments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram.v1.Engram/ListDocuments',
+            engram__pb2.ListDocumentsRequest.SerializeToString,
+            engram__pb2.ListDocumentsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDocument(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/engram.v1.Engram/GetDocument',
+            engram__pb2.GetDocumentRequest.SerializeToString,
+            engram__pb2.DocumentPart.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteNamespace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram.v1.Engram/DeleteNamespace',
+            engram__pb2.DeleteNamespaceRequest.SerializeToString,
+            engram__pb2.DeleteNamespaceReply.FromString,
             options,
             channel_credentials,
             insecure,

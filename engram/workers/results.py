@@ -58,11 +58,23 @@ class DocChunks:
     seq: list[int]
     offset: list[int]
     length: list[int]
+    digest: str = ""  # the document's, as its shards keep them (DocAbout)
+    written: float = 0.0
 
     def pick(self, rows: list[int]) -> DocChunks:
-        return DocChunks(
-            self.request, *([getattr(self, k)[i] for i in rows] for k in ("hash", "seq", "offset", "length"))
-        )
+        parts = ([getattr(self, k)[i] for i in rows] for k in ("hash", "seq", "offset", "length"))
+        return DocChunks(self.request, *parts, self.digest, self.written)
+
+
+@dataclass
+class DocInfo:
+    """One document of a namespace, as a shard holds it (a document's chunks may be spread over shards)."""
+
+    name: str
+    chunks: int  # live chunks here
+    tokens: int  # their tokens
+    digest: str  # sha256 hex of the whole document's text ("" if written before digests were kept)
+    written: float  # unix seconds
 
 
 @dataclass

@@ -16,11 +16,12 @@ import numpy as np
 from ..decoder.layout import BlockLayout
 from ..errors import EngramError, ErrorCode
 from .block_store import EncodedBlocks
-from .chunk_table import ChunkRows
+from .chunk_table import ChunkRows, DocAbout
 from .derived import DerivedIndexes
 from .episodic import EpisodicConfig, Memory, hierarchical_readout, new_memory, reference_pinv
 from .lexical import LexicalIndex, bm25, lexical_scores
-from .results import ChunkAt, Committed, Compacted, DocChunks, DocHashes, SearchHits, ShardStats
+from .results import ChunkAt, Compacted, SearchHits, ShardStats
+from .shard_documents import ShardDocuments
 from .store import ShardStore, StoreError
 from .vectors import VectorConfig, VectorIndex
 
@@ -33,7 +34,7 @@ class ShardConfig:
     vectors: VectorConfig = field(default_factory=VectorConfig)
 
 
-class Shard:
+class Shard(ShardDocuments):
     def __init__(self, shard_id: int, cfg: ShardConfig, layout: BlockLayout, node: str = ""):
         self.shard_id, self.cfg, self.layout = shard_id, cfg, layout
         self.node = node or os.uname().nodename
@@ -120,31 +121,6 @@ class Shard:
         """Stage encoded blocks; they become durable with the next committed document."""
         return len(self.blocks.put(blocks))
 
-    def document_request(self, namespace: str, name: str) -> str | None:
-        """The request id the document was written with ("" if none); None if there is no such document."""
-        doc = self.chunks.doc(namespace, name)
-        return None if doc is None else self.chunks.request(doc)
-
-    def commit_document(
-        self,
-        namespace: str,
-        name: str,
-        tokens: int,
-        hashes: list[bytes],
-        seqs: list[int],
-        offsets: list[int],
-        request_id: str = "",
-    ) -> Committed:
-        """Durably add a document's chunks (their blocks must be staged or stored). Atomic: all or nothing.
-        Idempotent under a request id: committing the same request again changes nothing."""
-        doc = self.chunks.doc(namespace, name)
-        if doc is not None:
-            if request_id and self.chunks.request(doc) == request_id:
-                return Committed(len(self.chunks.live_rows(doc)), doc, replayed=True)
-            raise EngramError(ErrorCode.ALREADY_EXISTS, f"document {name!r} already exists in namespace {namespace!r}")
-        doc = self._add_chunks(namespace, name, None, tokens, hashes, seqs, offsets, request_id)
-        return Committed(len(hashes), doc, replayed=False)
-
     def _add_chunks(
         self,
         namespace: str,
@@ -154,7 +130,7 @@ class Shard:
         hashes: list[bytes],
         seqs: list[int],
         offsets: list[int],
-        request_id: str,
+        about: DocAbout,
     ) -> int:
         """Commit chunk rows to a new document (doc None) or an existing one, then write them to the episodic
         memories. All or nothing."""
@@ -166,24 +142,12 @@ class Shard:
         rows = ChunkRows(blocks, np.asarray(seqs, dtype=np.int64), np.asarray(offsets, dtype=np.int64), episodes)
         with self.store.transaction():
             if doc is None:
-                doc = self.chunks.add_document(namespace, name, tokens, request_id, rows)
+                doc = self.chunks.add_document(namespace, name, tokens, about, rows)
             else:
                 self.chunks.add_chunks(doc, rows)
         self._remember(namespace, blocks, episodes)
         self.indexes.follow()
         return doc
-
-    def delete_document(self, namespace: str, name: str, request: str | None = None) -> int:
-        """Remove a document from both memories; episodic rows go by the exact α = −1 update. -> chunks removed.
-        request: only if the document was written by this request (a failed write takes back its own chunks)."""
-        doc = self.chunks.doc(namespace, name)
-        if doc is None or (request is not None and self.chunks.request(doc) != request):
-            return 0
-        rows = self.chunks.live_rows(doc)
-        with self.store.transaction():
-            self.chunks.delete_document(doc)
-        self._forget(rows)
-        return len(rows)
 
     def compact(self) -> Compacted:
         """Rewrite the store without what deletes and moves left behind (blocks, token ids), then reload from it."""
@@ -197,68 +161,6 @@ class Shard:
         self._rebuild()
         self._open_indexes()  # a new generation: rebuilt from it
         return Compacted(self.shard_id, before[0], len(self.blocks), before[1], self.store.stored_bytes())
-
-    # --- rebalancing (chunks move to shards added later; copy to the new owner first, then drop here) --------
-    def chunk_table(self) -> list[DocHashes]:
-        """Every document on this shard with the content addresses of its chunks here."""
-        return [
-            DocHashes(ns, name, self.blocks.hashes(self.chunks.column("block", self.chunks.live_rows(doc))))
-            for (ns, name), doc in self.chunks.lookup.items()
-        ]
-
-    def doc_chunks(self, namespace: str, name: str) -> DocChunks | None:
-        """This shard's chunks of one document now (None: not here)."""
-        doc = self.chunks.doc(namespace, name)
-        if doc is None:
-            return None
-        rows = self.chunks.live_rows(doc)
-        blocks = self.chunks.column("block", rows)
-        return DocChunks(
-            self.chunks.request(doc),
-            self.blocks.hashes(blocks),
-            self.chunks.column("seq", rows).tolist(),
-            self.chunks.column("offset", rows).tolist(),
-            self.blocks.length(blocks).tolist(),
-        )
-
-    def export_blocks(self, hashes: list[bytes]) -> EncodedBlocks:
-        """Stored blocks as put_blocks takes them (another shard imports them)."""
-        return self.blocks.export(hashes)
-
-    def import_chunks(self, namespace: str, name: str, moved: DocChunks) -> int:
-        """Commit chunks moved here from another shard (their blocks staged first). Idempotent: chunks of the
-        document this shard already holds are skipped. -> chunks added."""
-        doc = self.chunks.doc(namespace, name)
-        have: set[int] = set()
-        if doc is not None:
-            if moved.request != self.chunks.request(doc):
-                raise EngramError(
-                    ErrorCode.ALREADY_EXISTS,
-                    f"document {name!r} in namespace {namespace!r} here was written by another request; not merging",
-                )
-            have = set(self.chunks.column("seq", self.chunks.live_rows(doc)).tolist())
-        new = moved.pick([i for i, q in enumerate(moved.seq) if q not in have])
-        if not new.seq:
-            return 0
-        self._add_chunks(namespace, name, doc, sum(new.length), new.hash, new.seq, new.offset, new.request)
-        return len(new.seq)
-
-    def drop_chunks(self, namespace: str, name: str, seqs: list[int]) -> int:
-        """Durably remove this shard's chunks of a document with these numbers (they now live elsewhere).
-        A document left with no chunks here leaves this shard. -> chunks removed."""
-        doc = self.chunks.doc(namespace, name)
-        if doc is None:
-            return 0
-        mine = self.chunks.live_rows(doc)
-        rows = mine[np.isin(self.chunks.column("seq", mine), seqs)]
-        if len(rows) == 0:
-            return 0
-        with self.store.transaction():
-            self.chunks.drop(rows)
-            if len(rows) == len(mine):
-                self.chunks.delete_document(doc)
-        self._forget(rows)
-        return len(rows)
 
     # --- reads -----------------------------------------------------------------------------------------------------
     def search(

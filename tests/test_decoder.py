@@ -116,3 +116,40 @@ def test_local_model_folder(smol, tmp_path):
     assert model.config.num_hidden_layers == 30
     with pytest.raises(FileNotFoundError, match=r"config\.json"):
         model_path(DecoderConfig(model=str(tmp_path)))
+
+
+def test_asks_decoded_together_answer_as_each_alone(smol):
+    """Batched decoding (batch.generate_batch): asks over different numbers of blocks, with questions of different
+    lengths and different answer limits, each get the answer they get alone — padding is masked, positions are
+    each row's own."""
+    model, tok = smol
+    layout = BlockLayout.of(model.config, 64, 0, "int4")
+    dec = MemoryDecoder(model, tok, kv_dtype="int4")
+    ids = lambda text: tok(text, add_special_tokens=False).input_ids
+    filler = ids("The grass is green. The sky is blue. " * 12)[:64]
+    blocks = {}
+    for key in (71432, 20581, 99013):
+        needle = ids(f"The pass key is {key}. Remember it. {key} is the pass key.")
+        blocks[key] = kv.blocks_of(kv.encode_chunks(model, dec.sink_id, [(filler[:20] + needle + filler)[:64]], layout))
+    plain = kv.blocks_of(kv.encode_chunks(model, dec.sink_id, [filler], layout))
+    asks = [
+        ("What is the pass key? The pass key is", plain + blocks[71432], 64, 8),
+        ("The pass key is", blocks[20581], 64, 7),
+        (
+            "Tell me: what is the pass key that you were told to remember? The pass key is",
+            blocks[99013] + plain,
+            64,
+            12,
+        ),
+        ("What colour is the grass?", plain, 64, 3),
+    ]
+    alone = [dec.answer(q, b, t, n) for q, b, t, n in asks]
+    got: dict[int, list] = {}
+    for row, part in dec.answer_batch(asks, [lambda: False] * len(asks)):
+        got.setdefault(row, []).append(part)
+    for r, a in enumerate(alone):
+        *pieces, answer = got[r]
+        assert answer.text == a.text and answer.token_ids == a.token_ids, (r, answer.text, a.text)
+        assert "".join(pieces) == a.text and answer.context_tokens == a.context_tokens
+    assert "71432" in alone[0].text and "20581" in alone[1].text
+    assert len(alone[3].token_ids) <= 3

@@ -118,10 +118,19 @@ class Cluster:
             .remote(self.cfg.encoder.embedder, 1)
         )
         gpus = c.decoder_gpus if c.decoder_gpus is not None else (1 if has_gpu else 0)
+        batch = self.cfg.ask.max_batch
         self.decoder = (
             ray.remote(DecoderActor)
-            .options(num_cpus=0, num_gpus=gpus, max_restarts=-1, max_task_retries=3)
-            .remote(self.cfg.decoder, self.cfg.ask.position_scheme, self.cfg.encoder.kv_dtype)
+            # batching: each waiting ask holds a call (a thread) while the batch thread decodes; a second batch
+            # forms while one decodes
+            .options(
+                num_cpus=0,
+                num_gpus=gpus,
+                max_restarts=-1,
+                max_task_retries=3,
+                max_concurrency=2 * batch + 2 if batch > 1 else 1,
+            )
+            .remote(self.cfg.decoder, self.cfg.ask.position_scheme, self.cfg.encoder.kv_dtype, batch)
         )
         self._next_encoder = itertools.cycle(self.encoders)
         ray.get(

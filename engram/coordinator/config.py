@@ -100,6 +100,9 @@ class AskConfig:
     # Asks waiting for or in the decoder at once; past it an Ask is refused with RESOURCE_EXHAUSTED at once
     # instead of queueing without bound (the decoder answers one at a time). 0 = no limit.
     max_queued_asks: int = 64
+    # Asks the decoder worker decodes together: every ask waiting when it is free, up to this many, in one batch
+    # (their blocks side by side, padding masked; each answers as it would alone). 1 = one at a time.
+    max_batch: int = 16
 
     def __post_init__(self):
         if not 1 <= self.top_k <= self.max_top_k:
@@ -118,6 +121,8 @@ class AskConfig:
                 f"({self.max_max_new_tokens}), not {self.max_new_tokens}"
             )
         check_position_scheme(self.position_scheme)
+        if not 1 <= self.max_batch <= 256:
+            raise ValueError(f"ask.max_batch must be between 1 and 256, not {self.max_batch}")
 
 
 @dataclass

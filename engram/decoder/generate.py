@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from . import quant
+from .batch import generate_batch
 from .layout import check_kv_dtype, check_position_scheme
 from .model import sink_token_id
 from .rope import layer_rotaries, rerotate_layers
@@ -181,6 +182,33 @@ class MemoryDecoder:
         prompt = context + self._prompt(question)
         ids = generate_stream(self.model, DynamicCache(), prompt, 0, max_new_tokens, self.tokenizer.eos_token_id, stop)
         yield from self._stream(ids, t0, len(context), len(prompt) - len(context))
+
+    @torch.inference_mode()
+    def answer_batch(self, asks: list[tuple[str, list, int, int]], stops: list) -> Iterator[tuple[int, str | Answer]]:
+        """answer_stream for several asks (question, blocks, chunk_tokens, max_new_tokens) decoded together
+        (batch.generate_batch): (row, text piece) as generated, (row, Answer) when the row ends."""
+        t0 = time.perf_counter()
+        caches, starts, prompts, contexts = [], [], [], []
+        for question, blocks, chunk_tokens, _ in asks:
+            cache, start = self.build_cache(blocks, chunk_tokens)
+            caches.append(cache)
+            starts.append(start)
+            contexts.append(cache.get_seq_length())
+            prompts.append(self._prompt(question))
+        texts = [TextStream(self.tokenizer) for _ in asks]
+        first: list[float | None] = [None] * len(asks)
+        limits = [a[3] for a in asks]
+        for r, tid in generate_batch(self.model, caches, prompts, starts, limits, self.tokenizer.eos_token_id, stops):
+            first[r] = first[r] or time.perf_counter()
+            if tid is not None:
+                if piece := texts[r].push(tid):
+                    yield r, piece
+                continue
+            piece, whole = texts[r].finish()
+            if piece:
+                yield r, piece
+            done = time.perf_counter()
+            yield r, Answer(whole, texts[r].ids, first[r] - t0, done - first[r], contexts[r], len(prompts[r]))
 
     def _stream(self, ids: Iterator[int], t0: float, context_tokens: int, prompt_tokens: int):
         text, first = TextStream(self.tokenizer), None

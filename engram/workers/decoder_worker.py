@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
+import queue
+import threading
 import time
 from collections.abc import Iterator
 
@@ -25,9 +28,29 @@ class Decoded:
     prompt_tokens: int = 0  # the question's (RAG: and the re-prefilled chunks')
 
 
+@dataclasses.dataclass
+class _Pending:
+    """An ask handed from its call's thread to the batch thread; parts come back through `out`."""
+
+    question: str
+    max_new_tokens: int
+    blocks: list | None = None  # memory mode
+    chunk_tokens: int = 0
+    chunks: list[list[int]] | None = None  # the RAG baseline: token ids re-prefilled (decoded alone)
+    out: queue.Queue = dataclasses.field(default_factory=queue.Queue)
+    stop: threading.Event = dataclasses.field(default_factory=threading.Event)  # the caller gave up
+
+
 class DecoderWorker:
+    """max_batch > 1: concurrent calls (a threaded Ray actor) hand their asks to one batch thread, which decodes
+    every ask waiting when it is free together (batch.generate_batch); 1: each call decodes its own ask."""
+
     def __init__(
-        self, cfg: decoder_model.DecoderConfig, position_scheme: str = "consecutive", kv_dtype: str = "float16"
+        self,
+        cfg: decoder_model.DecoderConfig,
+        position_scheme: str = "consecutive",
+        kv_dtype: str = "float16",
+        max_batch: int = 1,
     ):
         self.cfg = cfg
         if not cfg.threads:  # Ray caps threads of actors that reserve no CPU; the decoder may use the node's cores
@@ -35,9 +58,16 @@ class DecoderWorker:
         model, tokenizer = decoder_model.load(cfg)
         self.decoder = MemoryDecoder(model, tokenizer, cfg.question_template, position_scheme, kv_dtype)
         self.answered = 0  # answers produced since start (a cancelled ask never counts)
+        self.batches: collections.deque[int] = collections.deque(maxlen=4096)  # recent batch sizes (tests, benches)
+        self.max_batch, self.pending, self.lock = max_batch, queue.Queue(), threading.Lock()
+        if max_batch > 1:
+            threading.Thread(target=self._batch_loop, daemon=True, name="decoder-batches").start()
 
     def answers(self) -> int:
         return self.answered
+
+    def batch_sizes(self) -> list[int]:
+        return list(self.batches)
 
     def cancelled(self) -> bool:
         """Whether the caller gave up on the call in progress (the Ray actor says so: coordinator/decoder_actor.py).
@@ -79,14 +109,19 @@ class DecoderWorker:
         t0 = time.perf_counter()
         if self.cancelled():
             return
-        yield from self._reply(self.decoder.answer_text_stream(question, chunks, max_new_tokens, self.cancelled), t0)
+        if self.max_batch > 1:  # decoded by the batch thread too (alone), never beside a batch on the same cores
+            parts = self._through_batches(_Pending(question, max_new_tokens, chunks=chunks))
+        else:
+            parts = self.decoder.answer_text_stream(question, chunks, max_new_tokens, self.cancelled)
+        yield from self._reply(parts, t0)
 
     def _reply(self, parts: Iterator[str | Answer], t0: float) -> Iterator[str | Decoded]:
         for part in parts:
             if not isinstance(part, Answer):
                 yield part
             elif not self.cancelled():  # stopped part-way: nobody waits for it
-                self.answered += 1
+                with self.lock:
+                    self.answered += 1
                 yield Decoded(
                     part.text,
                     part.prefill_s,
@@ -97,6 +132,59 @@ class DecoderWorker:
                     str(self.decoder.device),
                     part.prompt_tokens,
                 )
+
+    def _through_batches(self, ask: _Pending) -> Iterator[str | Answer]:
+        """Hand the ask to the batch thread and pass on what it sends back; a caller that gives up (Ray's
+        cancellation, seen in this call's thread) stops its row."""
+        self.pending.put(ask)
+        while True:
+            try:
+                part = ask.out.get(timeout=0.05)
+            except queue.Empty:
+                if self.cancelled():
+                    ask.stop.set()
+                    return
+                continue
+            if isinstance(part, BaseException):
+                raise part
+            yield part
+            if isinstance(part, Answer):
+                return
+
+    def _batch_loop(self) -> None:
+        """Take every ask waiting (up to max_batch) and decode them together; the RAG baseline alone."""
+        while True:
+            asks = [self.pending.get()]
+            while len(asks) < self.max_batch:
+                try:
+                    asks.append(self.pending.get_nowait())
+                except queue.Empty:
+                    break
+            asks = [a for a in asks if not a.stop.is_set()]  # given up while waiting
+            d = self.decoder
+            for a in (a for a in asks if a.chunks is not None):
+                self._decode([a], _row0(d.answer_text_stream(a.question, a.chunks, a.max_new_tokens, a.stop.is_set)))
+            memory = [a for a in asks if a.chunks is None]
+            if len(memory) == 1:  # alone: the plain path, exactly as without batching
+                a = memory[0]
+                parts = d.answer_stream(a.question, a.blocks, a.chunk_tokens, a.max_new_tokens, a.stop.is_set)
+                self._decode(memory, _row0(parts))
+            elif memory:
+                work = [(a.question, a.blocks, a.chunk_tokens, a.max_new_tokens) for a in memory]
+                self._decode(memory, d.answer_batch(work, [a.stop.is_set for a in memory]))
+
+    def _decode(self, asks: list[_Pending], parts: Iterator[tuple[int, str | Answer]]) -> None:
+        self.batches.append(len(asks))
+        try:
+            for row, part in parts:
+                asks[row].out.put(part)
+        except Exception as exc:  # every caller of the batch hears of it
+            for a in asks:
+                a.out.put(exc)
+
+
+def _row0(parts: Iterator) -> Iterator[tuple[int, str | Answer]]:
+    return ((0, p) for p in parts)
 
 
 def _decoded(out) -> Decoded | None:

@@ -22,7 +22,20 @@ def service(tmp_path_factory):
     cfg.shard.data_dir = str(tmp_path_factory.mktemp("engram-data"))
     cfg.server.metrics_port = 0  # any free port: tests/test_integration.py scrapes it
     cfg.server.http_port = 0  # any free port (BackgroundServer's default too)
-    srv = BackgroundServer(cfg).start()
+    # A `ray start` killed without `ray stop` leaves its address here; a local service must start its own Ray
+    # regardless (it once tried to join the dead one and failed: "When connecting to an existing cluster...").
+    from pathlib import Path
+
+    stale = Path("/tmp/ray/ray_current_cluster")
+    planted = not stale.exists()
+    if planted:
+        stale.parent.mkdir(parents=True, exist_ok=True)
+        stale.write_text("192.0.2.1:6379\n")  # TEST-NET: nothing answers there
+    try:
+        srv = BackgroundServer(cfg).start()
+    finally:
+        if planted:
+            stale.unlink(missing_ok=True)
     yield srv
     srv.stop()
     ray.shutdown()

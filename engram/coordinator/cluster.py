@@ -92,7 +92,8 @@ class Cluster:
             if os.environ.get("RAY_AUTH_MODE") == "disabled":  # the default is token (coordinator/__init__.py)
                 log.warning("RAY_AUTH_MODE=disabled: anyone who reaches this Ray cluster can call its actors")
             ray.init(
-                address=c.address,
+                # "local": always a new instance, never a stale or unrelated one this machine last started
+                address=c.address or "local",
                 num_cpus=c.num_cpus if c.address is None else None,
                 namespace=c.namespace,
                 include_dashboard=False,

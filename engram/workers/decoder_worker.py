@@ -97,9 +97,11 @@ class DecoderWorker:
         if self.cancelled():  # the asker gave up while this call waited in the queue
             return
         blocks = [block_lists[i][j] for i, j in order]
-        yield from self._reply(
-            self.decoder.answer_stream(question, blocks, chunk_tokens, max_new_tokens, self.cancelled), t0
-        )
+        if self.max_batch > 1:
+            parts = self._through_batches(_Pending(question, max_new_tokens, blocks, chunk_tokens))
+        else:
+            parts = self.decoder.answer_stream(question, blocks, chunk_tokens, max_new_tokens, self.cancelled)
+        yield from self._reply(parts, t0)
 
     def answer_tokens(self, question: str, max_new_tokens: int, chunks: list[list[int]]) -> Decoded | None:
         """The RAG baseline: the retrieved chunks' tokens prefilled again as the prompt, no stored KV."""

@@ -5,7 +5,7 @@ import pytest
 
 from engram.decoder.layout import BlockLayout
 from engram.workers.block_store import EncodedBlocks
-from engram.workers.chunk_table import ChunkRows
+from engram.workers.chunk_table import ChunkRows, DocAbout
 from engram.workers.store import ShardStore, StoreError
 
 LAYOUT = BlockLayout(layers=2, kv_heads=3, keep_tokens=4, head_dim=8, chunk_tokens=4, latent_dim=6, latents_per_chunk=2)
@@ -41,7 +41,7 @@ def test_round_trip_and_reopen(tmp_path):
     s = ShardStore(tmp_path, LAYOUT)
     b = batch(rng, [h(1), h(2), h(3)])
     idx = s.blocks.put(b)
-    s.chunks.add_document("ns", "doc", 12, "", rows(idx, 3))
+    s.chunks.add_document("ns", "doc", 12, DocAbout(), rows(idx, 3))
     s.commit()
     s2 = ShardStore(tmp_path, LAYOUT)
     got = s2.blocks.get([2, 0])
@@ -65,7 +65,7 @@ def test_uncommitted_writes_vanish_on_reopen(tmp_path):
     s.blocks.put(batch(rng, [h(1)]))
     s.commit()
     s.blocks.put(batch(rng, [h(2), h(3)]))  # staged, never committed: the process "dies" here
-    s.chunks.add_document("ns", "late", 8, "", rows([1, 2], 2))
+    s.chunks.add_document("ns", "late", 8, DocAbout(), rows([1, 2], 2))
     s2 = ShardStore(tmp_path, LAYOUT)
     assert s2.tables.counts == {"blocks": 1, "chunks": 0, "docs": 0, "drops": 0}
     assert s2.blocks.contains([h(1), h(2)]) == [True, False]
@@ -100,7 +100,7 @@ def test_rollback_undoes_a_staged_delete_and_drop(tmp_path):
     """A failed commit of a delete (or a move's drop) leaves the document exactly as it was: in RAM and on disk."""
     rng = np.random.default_rng(4)
     s = ShardStore(tmp_path, LAYOUT)
-    s.chunks.add_document("ns", "a", 8, "req", rows(s.blocks.put(batch(rng, [h(1), h(2)])), 2))
+    s.chunks.add_document("ns", "a", 8, DocAbout("req"), rows(s.blocks.put(batch(rng, [h(1), h(2)])), 2))
     s.commit()
     doc = s.chunks.doc("ns", "a")
     s.chunks.drop(s.chunks.live_rows(doc)[:1])
@@ -117,7 +117,7 @@ def test_per_document_rows_and_close(tmp_path):
     rng = np.random.default_rng(5)
     s = ShardStore(tmp_path, LAYOUT)
     for i, name in enumerate(["a", "b", "c"]):
-        s.chunks.add_document("ns", name, 4, "", rows(s.blocks.put(batch(rng, [h(10 * i), h(10 * i + 1)])), 2))
+        s.chunks.add_document("ns", name, 4, DocAbout(), rows(s.blocks.put(batch(rng, [h(10 * i), h(10 * i + 1)])), 2))
         s.commit()
     b = s.chunks.doc("ns", "b")
     s.chunks.add_chunks(b, rows(s.blocks.put(batch(rng, [h(99)])), 1))

@@ -130,3 +130,24 @@ def test_per_document_rows_and_close(tmp_path):
     reopened.close()
     with pytest.raises(StoreError, match="closed"):
         reopened.blocks.put(batch(rng, [h(7)]))
+
+
+def test_document_digest_and_time_kept_and_older_stores_open(tmp_path):
+    """A document's sha256 and write time survive a reopen; a store written before those columns existed opens
+    with them empty ("" and 0) instead of failing."""
+    import zarr
+
+    rng = np.random.default_rng(3)
+    s = ShardStore(tmp_path, LAYOUT)
+    s.chunks.add_document("ns", "a", 8, DocAbout("req", "ab" * 32, 1.8e9), rows(s.blocks.put(batch(rng, [h(1)])), 1))
+    s.commit()
+    s.close()
+    about = ShardStore(tmp_path, LAYOUT).chunks.about(0)
+    assert (about.request, about.digest, about.written) == ("req", "ab" * 32, 1.8e9)
+    group = zarr.open_group(tmp_path / "data.zarr", mode="a")
+    for col in ("docs/digest", "docs/written"):  # as an older version wrote it
+        del group[col]
+    old = ShardStore(tmp_path, LAYOUT)
+    about = old.chunks.about(0)
+    assert (about.request, about.digest, about.written) == ("req", "", 0.0)
+    assert old.chunks.documents() == [("ns", "a")]

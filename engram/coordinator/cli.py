@@ -329,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--token", default=os.environ.get("ENGRAM_TOKEN"))
     sp.add_argument("--clients", type=int, default=32)
     sp.add_argument("--seconds", type=float, default=60)
+    sp.add_argument("--write-share", type=float, default=0.3, help="share of requests that are writes")
     sp.set_defaults(fn=cmd_load)
 
     from ..evals.cases import DEFAULT_LENGTHS, RULER_VARIANTS, TASKS

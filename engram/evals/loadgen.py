@@ -94,7 +94,7 @@ def cmd_load(args) -> int:
     import tempfile
 
     if args.server:
-        rep = run_load(args.server, args.clients, args.seconds, token=args.token)
+        rep = run_load(args.server, args.clients, args.seconds, args.write_share, token=args.token)
     else:  # start a local service for the run
         from ..coordinator.background import BackgroundServer
         from ..coordinator.config import from_args
@@ -102,7 +102,7 @@ def cmd_load(args) -> int:
         cfg = from_args(args)
         cfg.shard.data_dir = tempfile.mkdtemp(prefix="engram-load-")
         with BackgroundServer(cfg) as srv:
-            rep = run_load(srv.address, args.clients, args.seconds)
+            rep = run_load(srv.address, args.clients, args.seconds, args.write_share)
     print(json.dumps(rep.summary(), indent=2))
     for e in rep.errors[:5]:
         print("error:", e)

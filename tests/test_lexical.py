@@ -169,3 +169,14 @@ def test_moved_blocks_keep_their_key_text(tmp_path):
     s, b = written(tmp_path / "a")
     exported = s.export_blocks([bytes(x) for x in b.hash[1:3]])
     assert list(exported.text) == TEXTS[1:3]
+
+
+def test_bm25_of_texts_without_words_is_zero_not_nan():
+    """A namespace whose texts analyse to no token (punctuation, stop words only: seen in fuzzing) has average
+    length 0: the scores are 0, not NaN (a NaN would poison the fused ranking)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores = bm25(np.zeros((2, 1)), np.zeros(2), TermStats(2, 0, np.zeros(1)))
+    assert scores.tolist() == [0.0, 0.0]

@@ -57,7 +57,8 @@ def bm25(tf: np.ndarray, length: np.ndarray, stats: TermStats) -> np.ndarray:
     if tf.size == 0 or stats.docs == 0:
         return np.zeros(len(tf))
     idf = np.log1p((stats.docs - stats.df + 0.5) / (stats.df + 0.5))  # [T]
-    norm = K1 * (1 - B + B * length / (stats.tokens / stats.docs))  # [K]
+    avg = stats.tokens / stats.docs or 1.0  # 0 when no text had an analysable word (then every tf is 0 too)
+    norm = K1 * (1 - B + B * length / avg)  # [K]
     return (idf * tf * (K1 + 1) / (tf + norm[:, None])).sum(1)
 
 

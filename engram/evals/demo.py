@@ -25,7 +25,8 @@ def run_demo(args) -> int:
     t0 = time.perf_counter()
     print(f"engram demo: starting Ray with {cfg.cluster.shards} shards (data in {cfg.shard.data_dir})", flush=True)
     with BackgroundServer(cfg) as srv, EngramClient(srv.address) as client:
-        print(f"  ready in {time.perf_counter() - t0:.1f} s; gRPC on {srv.address}", flush=True)
+        http = f", OpenAI-compatible HTTP on {srv.http_url}" if srv.http_url else ""
+        print(f"  ready in {time.perf_counter() - t0:.1f} s; gRPC on {srv.address}{http}", flush=True)
         text = passkey_context(args.tokens, args.depth, key, load_tokenizer(cfg.decoder))
         t1 = time.perf_counter()
         with tqdm(total=len(text.encode()), unit="B", unit_scale=True, desc="write over gRPC") as bar:

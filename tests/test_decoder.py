@@ -153,3 +153,28 @@ def test_asks_decoded_together_answer_as_each_alone(smol):
         assert "".join(pieces) == a.text and answer.context_tokens == a.context_tokens
     assert "71432" in alone[0].text and "20581" in alone[1].text
     assert len(alone[3].token_ids) <= 3
+
+
+def test_a_batched_ask_counts_its_wait_in_its_time_to_first_token(smol):
+    """An ask that waits behind a running batch reports that wait in its time to first token: from the call's start
+    to its reply = time to first token + decode time (it once reported only the time from its own batch's start)."""
+    import threading
+    import time
+
+    from engram.workers.decoder_worker import DecoderWorker
+
+    worker = DecoderWorker(DecoderConfig(threads=2), "consecutive", "float16", max_batch=4)
+    out = {}
+
+    def ask(name, max_new):
+        out[name] = worker.answer("Count: one, two, three,", 64, max_new, [])
+
+    first = threading.Thread(target=ask, args=("long", 40))
+    first.start()
+    while not worker.batch_sizes():  # the first batch is under way
+        time.sleep(0.005)
+    ask("behind", 4)
+    first.join()
+    for d in out.values():
+        assert abs(d.busy_s - (d.prefill_s + d.decode_s)) < 0.15, d
+    assert out["behind"].prefill_s > out["long"].decode_s / 2  # it waited for most of the long answer

@@ -39,6 +39,7 @@ class _Pending:
     chunks: list[list[int]] | None = None  # the RAG baseline: token ids re-prefilled (decoded alone)
     out: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)  # the caller gave up
+    queued_at: float = dataclasses.field(default_factory=time.perf_counter)
 
 
 class DecoderWorker:
@@ -177,8 +178,11 @@ class DecoderWorker:
 
     def _decode(self, asks: list[_Pending], parts: Iterator[tuple[int, str | Answer]]) -> None:
         self.batches.append(len(asks))
+        started = time.perf_counter()
         try:
             for row, part in parts:
+                if isinstance(part, Answer):  # its time to first token counts the wait for this batch too
+                    part = dataclasses.replace(part, prefill_s=part.prefill_s + started - asks[row].queued_at)
                 asks[row].out.put(part)
         except Exception as exc:  # every caller of the batch hears of it
             for a in asks:

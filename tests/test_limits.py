@@ -247,3 +247,19 @@ def test_write_time_does_not_tell_whether_another_namespace_holds_the_text(clien
     ratio = statistics.median(right) / statistics.median(wrong)
     print(f"write s: right guesses {right}, wrong guesses {wrong}")
     assert 0.6 < ratio < 1.67, (right, wrong)
+
+
+def test_a_busy_http_port_is_a_clear_start_error():
+    """`engram serve` with server.http_port already taken says which setting to change (not a bare OSError)."""
+    import asyncio
+    import socket
+
+    from engram.coordinator.auth import Auth
+    from engram.coordinator.config import EngramConfig
+    from engram.coordinator.metrics import Metrics
+    from engram.coordinator.openai_api import start_http
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=r"server\.http_port"):
+            asyncio.run(start_http(None, EngramConfig(), Auth(None), Metrics(), port))

@@ -38,9 +38,13 @@ def cmd_serve(args) -> int:
     from .logs import setup_logging
     from .server import serve_forever
 
-    cfg = from_args(args)
-    setup_logging(cfg.server.log_format)
-    asyncio.run(serve_forever(cfg))
+    try:
+        cfg = from_args(args)
+        setup_logging(cfg.server.log_format)
+        asyncio.run(serve_forever(cfg))
+    except (ValueError, FileNotFoundError) as e:  # a setting to fix (the message says which), not a crash
+        print(f"engram: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -265,7 +265,13 @@ class HttpServer(uvicorn.Server):
 
     async def start(self, host: str, port: int) -> int:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.create_server((host, port), family=family)
+        try:
+            self.sock = socket.create_server((host, port), family=family)
+        except OSError as e:
+            raise ValueError(
+                f"the HTTP API cannot listen on {host}:{port} ({e.strerror}): set server.http_port (engram serve "
+                "--http-port) to a free port, 0 for any, or -1 to turn the HTTP API off"
+            ) from None
         self.task = asyncio.ensure_future(self.serve(sockets=[self.sock]))
         while not self.started:
             if self.task.done():

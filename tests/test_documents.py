@@ -1,13 +1,14 @@
 """The documents API (gRPC, client, CLI, HTTP) and folder ingest (`engram write DIR`) on the session's service."""
 
 import hashlib
+import subprocess
+import sys
 import time
 
 import grpc
 import httpx2 as httpx  # what the openai client ships with
 import pytest
 
-from engram.coordinator import cli
 from engram.coordinator.client import EngramClient
 from engram.coordinator.ingest import sync_folder
 
@@ -31,7 +32,13 @@ def make_folder(root):
     (root / "empty.txt").write_text("  \n")
 
 
-def test_folder_sync_and_documents(service, tmp_path, capsys):
+def engram_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "engram.coordinator.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_folder_sync_and_documents(service, tmp_path):
     root = tmp_path / "notes"
     make_folder(root)
     ns = "docs-sync"
@@ -58,9 +65,10 @@ def test_folder_sync_and_documents(service, tmp_path, capsys):
     assert [d.document_id for d in c.documents(ns)] == ["a.md"]
     assert "noon" in c.get_document("a.md", namespace=ns)
 
-    assert cli.main(["cat", "a.md", "-n", ns, "--server", service.address]) == 0
-    assert capsys.readouterr().out == (root / "a.md").read_text()
-    assert cli.main(["delete-namespace", ns, "--server", service.address]) == 2  # without --yes: nothing
+    # the CLI as a user runs it (a process of its own: in-process, its imports disturbed later tests' log capture)
+    cat = engram_cli("cat", "a.md", "-n", ns, "--server", service.address)
+    assert cat.returncode == 0 and cat.stdout == (root / "a.md").read_text()
+    assert engram_cli("delete-namespace", ns, "--server", service.address).returncode == 2  # no --yes: nothing
     assert [d.document_id for d in c.documents(ns)] == ["a.md"]
 
 

@@ -292,9 +292,7 @@ class Reader:
             total_s=time.perf_counter() - t0,
         )
         texts = [self.tokenizer.decode(t) for t in tokens]
-        return AskResult(
-            out.text, reading, texts, timings, out.context_tokens, out.new_tokens, getattr(out, "prompt_tokens", 0)
-        )
+        return AskResult(out.text, reading, texts, timings, out.context_tokens, out.new_tokens, out.prompt_tokens)
 
     async def _start_rag(self, question: str, reading: list[Retrieved], max_new_tokens: int, stream: bool = False):
         """-> (the decoder's call over the chunks' text re-prefilled, each hit's token ids, when it was called)."""

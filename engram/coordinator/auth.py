@@ -56,10 +56,20 @@ class Auth:
             if not self.tokens:
                 raise ValueError(f"{tokens_file} has no [tokens] table; see README (Security)")
 
+    @staticmethod
+    def header_of(context) -> str:
+        """A gRPC call's `authorization` metadata ("" when absent)."""
+        return dict(context.invocation_metadata()).get("authorization", "")
+
+    @staticmethod
+    def readable(allowed: set[str] | None, names) -> list[str]:
+        """Of `names`, sorted, those a token that may access `allowed` (from `namespaces`) may read."""
+        return sorted(n for n in names if allowed is None or "*" in allowed or n in allowed)
+
     def check(self, context, namespace: str | None) -> None:
         """A gRPC call's metadata. namespace None = cluster-wide (Stats): needs a "*" token."""
         if self.tokens is not None:
-            self.check_header(dict(context.invocation_metadata()).get("authorization", ""), namespace)
+            self.check_header(self.header_of(context), namespace)
 
     def check_header(self, header: str, namespace: str | None, where: str = "gRPC metadata") -> None:
         """An `authorization` header's value may access `namespace` (None: cluster-wide, a "*" token)."""

@@ -35,7 +35,7 @@ def documents_router(engine: Engine, auth: Auth) -> APIRouter:
     async def list_namespaces(request: Request):
         async def work(allowed):
             sizes = await engine.namespace_sizes()
-            names = sorted(n for n in sizes if allowed is None or "*" in allowed or n in allowed)
+            names = auth.readable(allowed, sizes)
             return {"object": "list", "data": [{"id": n, "object": "namespace", "documents": sizes[n]} for n in names]}
 
         return await guarded(request, None, work)

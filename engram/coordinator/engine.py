@@ -102,8 +102,7 @@ class Engine:
 
     async def namespace_sizes(self) -> dict[str, int]:
         """namespace -> its documents (each counted once, however many shards hold its chunks)."""
-        docs = set().union(*await self.cluster.all_shards("documents"))
-        return dict(Counter(ns for ns, _ in docs))
+        return dict(Counter(ns for ns, _ in await self._documents()))
 
     async def documents(self, namespace: str) -> list[Document]:
         """The namespace's documents, by name, as all shards hold them (a document being written is left out)."""
@@ -115,6 +114,10 @@ class Engine:
                 d.written = max(d.written, i.written)
         writing = {name for ns, name in self.cluster.writing if ns == namespace}
         return [merged[n] for n in sorted(merged) if n not in writing]
+
+    async def _documents(self) -> set[tuple[str, str]]:
+        """Every (namespace, document) on some shard, each once however many shards hold its chunks."""
+        return set().union(*await self.cluster.all_shards("documents"))
 
     async def document_text(self, namespace: str, name: str) -> str:
         """A document's text, decoded from its chunks' stored token ids in order."""
@@ -129,7 +132,7 @@ class Engine:
     async def delete_namespace(self, namespace: str) -> tuple[int, int]:
         """Delete every document of the namespace -> (documents, chunks) removed. A write still under way in it
         lands after this (delete again once it is acknowledged)."""
-        docs = [name for ns, name in set().union(*await self.cluster.all_shards("documents")) if ns == namespace]
+        docs = [name for ns, name in await self._documents() if ns == namespace]
         if not docs:
             raise EngramError(ErrorCode.NOT_FOUND, f"namespace {namespace!r} holds no documents")
         chunks = 0

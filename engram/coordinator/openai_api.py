@@ -155,7 +155,7 @@ def make_app(engine: Engine, cfg: EngramConfig, auth: Auth, metrics: Metrics) ->
             present = await engine.namespaces()
         except Exception as exc:
             raise api_error(exc) from None
-        return sorted(present if allowed is None or "*" in allowed else present & allowed)
+        return auth.readable(allowed, present)
 
     def model_object(name: str) -> dict:
         return {"id": name, "object": "model", "created": 0, "owned_by": "engram"}

@@ -241,8 +241,7 @@ class EngramService(pb_grpc.EngramServicer):
     async def ListNamespaces(self, request, context):
         async def go():
             sizes = await self.engine.namespace_sizes()
-            allowed = self.auth.namespaces(dict(context.invocation_metadata()).get("authorization", ""))
-            names = sorted(n for n in sizes if allowed is None or "*" in allowed or n in allowed)
+            names = self.auth.readable(self.auth.namespaces(self.auth.header_of(context)), sizes)
             return pb.ListNamespacesReply(namespaces=[pb.NamespaceInfo(name=n, documents=sizes[n]) for n in names])
 
         return await self._run(context, go(), "ListNamespaces")

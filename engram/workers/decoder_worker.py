@@ -41,6 +41,12 @@ class _Pending:
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)  # the caller gave up
     queued_at: float = dataclasses.field(default_factory=time.perf_counter)
 
+    def alone(self, decoder: MemoryDecoder, stop) -> Iterator[str | Answer]:
+        """This ask decoded by itself: text pieces, then the Answer."""
+        if self.chunks is not None:
+            return decoder.answer_text_stream(self.question, self.chunks, self.max_new_tokens, stop)
+        return decoder.answer_stream(self.question, self.blocks, self.chunk_tokens, self.max_new_tokens, stop)
+
 
 class DecoderWorker:
     """max_batch > 1: concurrent calls (a threaded Ray actor) hand their asks to one batch thread, which decodes
@@ -98,25 +104,24 @@ class DecoderWorker:
         if self.cancelled():  # the asker gave up while this call waited in the queue
             return
         blocks = [block_lists[i][j] for i, j in order]
-        if self.max_batch > 1:
-            parts = self._through_batches(_Pending(question, max_new_tokens, blocks, chunk_tokens))
-        else:
-            parts = self.decoder.answer_stream(question, blocks, chunk_tokens, max_new_tokens, self.cancelled)
-        yield from self._reply(parts, t0)
+        yield from self._reply(self._parts(_Pending(question, max_new_tokens, blocks, chunk_tokens)), t0)
 
     def answer_tokens(self, question: str, max_new_tokens: int, chunks: list[list[int]]) -> Decoded | None:
         """The RAG baseline: the retrieved chunks' tokens prefilled again as the prompt, no stored KV."""
         return _decoded(last(self.answer_tokens_stream(question, max_new_tokens, chunks)))
 
-    def answer_tokens_stream(self, question: str, max_new_tokens: int, chunks: list[list[int]]):
+    def answer_tokens_stream(
+        self, question: str, max_new_tokens: int, chunks: list[list[int]]
+    ) -> Iterator[str | Decoded]:
         t0 = time.perf_counter()
         if self.cancelled():
             return
-        if self.max_batch > 1:  # decoded by the batch thread too (alone), never beside a batch on the same cores
-            parts = self._through_batches(_Pending(question, max_new_tokens, chunks=chunks))
-        else:
-            parts = self.decoder.answer_text_stream(question, chunks, max_new_tokens, self.cancelled)
-        yield from self._reply(parts, t0)
+        yield from self._reply(self._parts(_Pending(question, max_new_tokens, chunks=chunks)), t0)
+
+    def _parts(self, ask: _Pending) -> Iterator[str | Answer]:
+        """With batching, through the batch thread (a RAG ask too, alone: never beside a batch on the same
+        cores); else decoded here."""
+        return self._through_batches(ask) if self.max_batch > 1 else ask.alone(self.decoder, self.cancelled)
 
     def _reply(self, parts: Iterator[str | Answer], t0: float) -> Iterator[str | Decoded]:
         for part in parts:
@@ -164,17 +169,13 @@ class DecoderWorker:
                 except queue.Empty:
                     break
             asks = [a for a in asks if not a.stop.is_set()]  # given up while waiting
-            d = self.decoder
-            for a in (a for a in asks if a.chunks is not None):
-                self._decode([a], _row0(d.answer_text_stream(a.question, a.chunks, a.max_new_tokens, a.stop.is_set)))
             memory = [a for a in asks if a.chunks is None]
-            if len(memory) == 1:  # alone: the plain path, exactly as without batching
-                a = memory[0]
-                parts = d.answer_stream(a.question, a.blocks, a.chunk_tokens, a.max_new_tokens, a.stop.is_set)
-                self._decode(memory, _row0(parts))
-            elif memory:
+            alone = [a for a in asks if a.chunks is not None] + (memory if len(memory) == 1 else [])
+            for a in alone:  # RAG, or one ask: the plain path, exactly as without batching
+                self._decode([a], _row0(a.alone(self.decoder, a.stop.is_set)))
+            if len(memory) > 1:
                 work = [(a.question, a.blocks, a.chunk_tokens, a.max_new_tokens) for a in memory]
-                self._decode(memory, d.answer_batch(work, [a.stop.is_set for a in memory]))
+                self._decode(memory, self.decoder.answer_batch(work, [a.stop.is_set for a in memory]))
 
     def _decode(self, asks: list[_Pending], parts: Iterator[tuple[int, str | Answer]]) -> None:
         self.batches.append(len(asks))

@@ -83,7 +83,8 @@ class BlockStore:
 
     def get(self, rows) -> dict[str, np.ndarray]:
         """-> the read columns (K/V, positions) of these blocks, [n, ...] each, read from disk."""
-        return {c: self.tables.read(f"blocks/{c}", rows) for c in self.layout.block_columns}
+        cols = self.tables.read_many([f"blocks/{c}" for c in self.layout.block_columns], rows)
+        return {name.split("/")[1]: col for name, col in cols.items()}
 
     def tokens(self, rows) -> list[list[int]]:
         """The token ids of these blocks' chunks (read from disk)."""

@@ -26,6 +26,7 @@ CHUNK_SCHEMA: dict[str, tuple[tuple[int, ...], str]] = {
     "docs/digest": ((), "str"),  # the whole document's text, sha256 hex (older stores: "")
     "docs/written": ((), "float64"),  # when it was written, unix seconds (older stores: 0)
     "drops/chunk": ((), "int64"),
+    "deletes/doc": ((), "int64"),  # deleted documents (format 1 listed them in the commit record)
 }
 
 
@@ -50,8 +51,9 @@ class ChunkRows:
 
 class ChunkTable:
     def __init__(self, tables: Tables, deleted_docs: list[int]):
+        """deleted_docs: those a format-1 commit record lists (format 2 keeps them in the deletes table)."""
         self.tables = tables
-        self.deleted: set[int] = set(deleted_docs)  # committed deletions (listed in the commit record)
+        self.deleted: set[int] = set(deleted_docs) | set(tables.ram["deletes/doc"].tolist())  # committed
         self._pending: list[tuple] = []  # staged changes, applied to the indexes at commit
         ram = tables.ram
         n_chunks = len(ram["chunks/doc"])
@@ -60,7 +62,8 @@ class ChunkTable:
             for d, (ns, name) in enumerate(zip(ram["docs/namespace"], ram["docs/name"]))
             if d not in self.deleted
         }
-        self.alive = np.ones(n_chunks, dtype=bool)
+        self._alive = np.ones(n_chunks, dtype=bool)  # buffer; `alive` is its first n_chunks
+        self.alive = self._alive[:n_chunks]
         self.alive[np.isin(ram["chunks/doc"], list(self.deleted))] = False
         self.alive[ram["drops/chunk"]] = False  # moved to another shard
         self._rows: dict[int, np.ndarray] = {}  # doc -> its chunk rows (live or not)
@@ -143,16 +146,17 @@ class ChunkTable:
         self._pending.append(("drop", rows))
 
     def delete_document(self, doc: int) -> None:
+        self.tables.append("deletes", {"doc": np.array([doc], dtype=np.int64)})
         self._pending.append(("delete", doc))
-
-    def deleted_after_commit(self) -> list[int]:
-        """The deleted documents the next commit record lists: committed ones and staged ones."""
-        return sorted(self.deleted | {p[1] for p in self._pending if p[0] == "delete"})
 
     def committed(self) -> None:
         """Apply the staged changes to the indexes (the store committed them)."""
-        grow = len(self.tables.ram["chunks/doc"]) - len(self.alive)
-        self.alive = np.concatenate([self.alive, np.zeros(grow, dtype=bool)])
+        n = len(self.tables.ram["chunks/doc"])
+        if n > len(self._alive):  # doubling, as the tables' RAM columns: amortised O(1) per row
+            grown = np.zeros(max(n, 2 * len(self._alive)), dtype=bool)
+            grown[: len(self._alive)] = self._alive
+            self._alive = grown
+        self.alive = self._alive[:n]
         for change in self._pending:
             kind = change[0]
             if kind == "doc":

@@ -1,13 +1,19 @@
 """A shard's store: a block store and a chunk table in one Zarr group, committed together (one writer: the shard
 actor that owns it).
 
-On disk (<data_dir>/shard-<id>/):
-  data.zarr/blocks/  K/V columns and positions (one Zarr chunk per block; BlockLayout), tokens [n, T] int32,
-                     length [n], hash [n, 16] uint8, latent [n, R, C] float32
+On disk (<data_dir>/shard-<id>/), format 2:
+  data.zarr/segments/blocks.kv/   K/V columns, positions (BlockLayout) and tokens [T] int32 of each block, side by
+                                  side in append-only segment files of up to 1 GiB (segments.py): one ranged read
+                                  per block, ~0.001 files per block
+  data.zarr/segments/blocks.ram/  hash [16] uint8, length, latent [R, C] float32 of each block (read whole on open)
+  data.zarr/blocks/text           the lexical key text of each block (Zarr, strings)
   data.zarr/chunks/  block, doc, seq, offset, episode [m]   (a document's chunk -> the block holding its KV)
-  data.zarr/docs/    namespace, name, request (strings), tokens [d]
+  data.zarr/docs/    namespace, name, request, digest (strings), tokens [d], written [d]
   data.zarr/drops/   chunk [k]: chunk rows moved to another shard (rebalancing)
-  COMMIT.json        the layout, committed rows per table, deleted documents (tables.py: the commit protocol)
+  data.zarr/deletes/ doc [j]: deleted documents
+  COMMIT.json        format, layout, committed rows per table, rows per segment file (tables.py: the commit protocol)
+Format 1 (before segment logs: every block one Zarr chunk file per column, deleted documents listed in
+COMMIT.json) is migrated on open by a compaction into a format-2 generation.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from .tables import StoreError, Tables
 
 __all__ = ["ShardStore", "StoreError"]
 
+FORMAT = 2
+
 
 class ShardStore:
     def __init__(self, path: str | Path, layout: BlockLayout, fsync: bool = True):
@@ -42,23 +50,31 @@ class ShardStore:
                 "[encoder] kv_dtype) to open it, or use a new data_dir"
             )
         self.fsync = fsync
-        self.tables = self._open_tables()
+        legacy = record is not None and record.get("format", 1) < FORMAT
+        self.tables = self._open_tables(legacy=legacy)
         self.blocks = BlockStore(self.tables, layout)
         self.chunks = ChunkTable(self.tables, self.tables.record.get("deleted_docs", []))
         self._bytes_at: tuple[int, int] | None = None  # (store version, bytes on disk) of the last walk
+        if legacy:  # rewrite it in today's format (crash-safe: an interrupted migration runs again on next open)
+            self.compact()
+            self.__init__(path, layout, fsync)
 
-    def _open_tables(self, generation: str | None = None) -> Tables:
+    def _open_tables(self, generation: str | None = None, legacy: bool = False) -> Tables:
         kv = tuple(f"blocks/{c}" for c in self.layout.block_columns)
         return Tables(
             self.path,
             {**block_schema(self.layout), **CHUNK_SCHEMA},
             in_ram=(*BLOCKS_IN_RAM, *(n for n in CHUNK_SCHEMA)),
-            one_file_per_row=(*kv, "blocks/latent"),
-            uncompressed=("blocks/keys", "blocks/values"),  # zstd gains ~8% on K/V
-            meta={"layout": asdict(self.layout), "deleted_docs": []},
+            one_file_per_row=(*kv, "blocks/latent") if legacy else (),
+            uncompressed=("blocks/keys", "blocks/values"),
+            meta=self._meta(),
             fsync=self.fsync,
             generation=generation,
+            logs=None if legacy else {"blocks.kv": (*kv, "blocks/tokens"), "blocks.ram": BLOCKS_IN_RAM},
         )
+
+    def _meta(self) -> dict:
+        return {"format": FORMAT, "layout": asdict(self.layout)}
 
     def compact(self, batch: int = 256) -> None:
         """Write what is live (documents, their chunks, the blocks those use) into a new generation, switch to it
@@ -74,12 +90,10 @@ class ShardStore:
         new = self._open_tables(generation=f"data-{uuid.uuid4().hex[:12]}.zarr")
         for start in range(0, len(blocks), batch):  # KV and tokens from disk, a batch at a time
             sel = blocks[start : start + batch]
-            cols = {
-                name.split("/")[1]: old.ram[name][sel] if name in old.ram else old.read(name, sel)
-                for name in old.arrays
-                if name.startswith("blocks/")
-            }
-            new.append("blocks", cols)
+            names = [name for name in old.schema if name.startswith("blocks/")]
+            cols = old.read_many([n for n in names if n not in old.ram], sel)
+            cols.update({name: old.ram[name][sel] for name in names if name in old.ram})
+            new.append("blocks", {name.split("/")[1]: col for name, col in cols.items()})
         if len(docs):
             new.append(
                 "docs", {name.split("/")[1]: old.ram[name][docs] for name in old.ram if name.startswith("docs/")}
@@ -89,12 +103,12 @@ class ShardStore:
             cols["block"] = np.searchsorted(blocks, cols["block"])  # renumbered: blocks and docs are sorted
             cols["doc"] = np.searchsorted(docs, cols["doc"])
             new.append("chunks", cols)
-        new.commit({"layout": asdict(self.layout), "deleted_docs": []})  # the switch
+        new.commit(self._meta())  # the switch
         shutil.rmtree(self.path / old.data, ignore_errors=True)
 
     def commit(self) -> None:
         """Make every staged change (blocks, documents, chunks, drops, deletes) durable and visible."""
-        self.tables.commit({"layout": asdict(self.layout), "deleted_docs": self.chunks.deleted_after_commit()})
+        self.tables.commit(self._meta())
         self.chunks.committed()
 
     @contextmanager

@@ -15,6 +15,7 @@ import numpy as np
 import zarr
 
 from ..durable import sync_filesystem, write_atomically
+from .segments import SegmentLog, rows_per_file
 
 ROW_CHUNK = 4096  # Zarr chunk length of the small per-row tables
 COMMIT = "COMMIT.json"
@@ -26,8 +27,11 @@ class StoreError(RuntimeError):
 
 
 class Tables:
-    """schema: "table/column" -> (shape of one row, dtype); columns in `in_ram` are mirrored in `ram`.
-    `one_file_per_row`: columns whose rows are stored one Zarr chunk each (KV blocks, read one at a time)."""
+    """schema: "table/column" -> (shape of one row, dtype); columns in `in_ram` are mirrored in `ram` (grown by
+    doubling: appends are amortised O(1), not a copy of the column each).
+    `logs`: log name -> columns stored side by side in append-only segment files (segments.py: KV blocks, many per
+    file) instead of Zarr; every other column is a Zarr array of ROW_CHUNK-row chunks.
+    `one_file_per_row`: Zarr columns whose rows are stored one Zarr chunk each (stores before segment logs)."""
 
     def __init__(
         self,
@@ -39,6 +43,7 @@ class Tables:
         meta: dict,
         fsync: bool = True,
         generation: str | None = None,
+        logs: dict[str, tuple[str, ...]] | None = None,
     ):
         """generation: build a new, empty generation of the tables in `generation` (a compaction); its first
         commit makes it the store's data. Otherwise open the committed one."""
@@ -53,8 +58,21 @@ class Tables:
                 if old.name != self.data:
                     shutil.rmtree(old, ignore_errors=True)
         self.group = zarr.open_group(self.path / self.data, mode="a")
+        self.schema = schema
+        logs = logs or {}
+        per_file = record.setdefault("segments", {})  # rows per segment file, fixed when a log is created
+        self.logs: dict[str, SegmentLog] = {}
+        self.log_of: dict[str, SegmentLog] = {}  # column -> its log
+        for log, names in logs.items():
+            cols = {name: schema[name] for name in names}
+            seg = SegmentLog(self.path / self.data / "segments" / log, cols, 1)
+            seg.per_file = per_file.setdefault(log, rows_per_file(seg.row_bytes))
+            self.logs[log] = seg
+            self.log_of.update(dict.fromkeys(names, seg))
         self.arrays: dict[str, zarr.Array] = {}
         for name, (row, dtype) in schema.items():
+            if name in self.log_of:
+                continue
             if name in self.group:
                 self.arrays[name] = self.group[name]
             else:
@@ -68,11 +86,17 @@ class Tables:
                 )
         self.record = record  # the last commit record (meta of the caller included)
         self.counts = {t: record.get(t, 0) for t in self.tables}  # committed rows (old stores lack newer tables)
-        for name, arr in self.arrays.items():  # drop whatever an interrupted write left past the commit
-            n = self.counts[name.split("/")[0]]
-            if arr.shape[0] != n:
-                arr.resize((n, *arr.shape[1:]))
-        self.ram = {name: self.arrays[name][:] for name in in_ram}
+        self._cut_to_committed()  # drop whatever an interrupted write left past the commit
+        self.ram: dict[str, np.ndarray] = {}  # views of _buffers, [rows, ...] each
+        self._buffers: dict[str, np.ndarray] = {}
+        from_logs: dict[str, np.ndarray] = {}
+        for seg in self.logs.values():
+            if any(name in in_ram for name in seg.columns):
+                table = next(iter(seg.columns)).split("/")[0]
+                from_logs.update(seg.read_all(self.counts[table]))
+        for name in in_ram:
+            self._buffers[name] = from_logs[name] if name in from_logs else self.arrays[name][:]
+            self.ram[name] = self._buffers[name]
         self.staged = dict.fromkeys(self.tables, 0)  # rows appended since the last commit
         self.closed = False
         self.commits = 0
@@ -88,22 +112,37 @@ class Tables:
             raise StoreError("the store is closed")
         start = self.counts[table] + self.staged[table]
         n = len(next(iter(rows.values())))
+        for seg in {id(s): s for s in (self.log_of.get(f"{table}/{c}") for c in rows) if s}.values():
+            seg.write(start, {name: rows[name.split("/")[1]] for name in seg.columns})
         for col, data in rows.items():
             name = f"{table}/{col}"
-            arr = self.arrays[name]
-            arr.resize((start + n, *arr.shape[1:]))
-            arr[start : start + n] = data
+            if name not in self.log_of:
+                arr = self.arrays[name]
+                arr.resize((start + n, *arr.shape[1:]))
+                arr[start : start + n] = data
             if name in self.ram:
-                self.ram[name] = np.concatenate([self.ram[name], np.asarray(data, dtype=self.ram[name].dtype)])
+                self._extend_ram(name, start, data)
         self.staged[table] += n
         return np.arange(start, start + n)
+
+    def _extend_ram(self, name: str, start: int, data) -> None:
+        """Write rows at `start` of a RAM column, doubling its buffer when full (amortised O(1) per row)."""
+        buf = self._buffers[name]
+        end = start + len(data)
+        if end > len(buf):
+            grown = np.empty((max(end, 2 * len(buf), 64), *buf.shape[1:]), dtype=buf.dtype)
+            grown[:start] = buf[:start]
+            buf = self._buffers[name] = grown
+        buf[start:end] = np.asarray(data, dtype=buf.dtype)
+        self.ram[name] = buf[:end]
 
     def commit(self, meta: dict) -> None:
         """Make every staged row durable and visible, with `meta` (the caller's fields) in the record."""
         if self.closed:
             raise StoreError("the store is closed")
         counts = {t: self.counts[t] + self.staged[t] for t in self.tables}
-        record = {**meta, **counts, **({"data": self.data} if self.data != DATA else {})}
+        segments = {"segments": {log: seg.per_file for log, seg in self.logs.items()}} if self.logs else {}
+        record = {**meta, **counts, **segments, **({"data": self.data} if self.data != DATA else {})}
         if self.fsync:
             sync_filesystem(self.path)  # the Zarr chunk files written since the last commit
         write_atomically(self.path / COMMIT, json.dumps(record), self.fsync)
@@ -112,17 +151,37 @@ class Tables:
 
     def rollback(self) -> None:
         """Forget staged rows (after a failed write); the disk already ignores them."""
+        self._cut_to_committed()
+        for name in self.ram:
+            self.ram[name] = self._buffers[name][: self.counts[name.split("/")[0]]]
+        self.staged = dict.fromkeys(self.tables, 0)
+
+    def _cut_to_committed(self) -> None:
         for name, arr in self.arrays.items():
             n = self.counts[name.split("/")[0]]
             if arr.shape[0] != n:
                 arr.resize((n, *arr.shape[1:]))
-            if name in self.ram:
-                self.ram[name] = self.ram[name][:n]
-        self.staged = dict.fromkeys(self.tables, 0)
+        for seg in self.logs.values():
+            seg.truncate(self.counts[next(iter(seg.columns)).split("/")[0]])
 
     def read(self, name: str, rows) -> np.ndarray:
-        """Rows of an on-disk column (a ranged read per Zarr chunk they fall in)."""
-        return self.arrays[name].get_orthogonal_selection((np.asarray(rows, dtype=np.int64),))
+        """Rows of an on-disk column (a ranged read per Zarr chunk or segment row they fall in)."""
+        return self.read_many([name], rows)[name]
+
+    def read_many(self, names: list[str], rows) -> dict[str, np.ndarray]:
+        """Rows of on-disk columns; columns of one segment log come in one ranged read per row."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out: dict[str, np.ndarray] = {}
+        for seg in {id(s): s for s in (self.log_of.get(n) for n in names) if s}.values():
+            out.update(seg.read([n for n in names if self.log_of.get(n) is seg], rows))
+        for name in names:
+            if name not in out:
+                out[name] = self.arrays[name].get_orthogonal_selection((rows,))
+        return out
+
+    def files(self) -> int:
+        """Files of the current generation (Zarr chunks and metadata, segment files)."""
+        return sum(1 for f in (self.path / self.data).rglob("*") if f.is_file())
 
     def version(self) -> int:
         """Changes with every commit: what caches of derived values key on."""
@@ -132,4 +191,6 @@ class Tables:
         if not self.closed:
             self.rollback()
             self.group.store.close()
+            for seg in self.logs.values():
+                seg.close()
             self.closed = True

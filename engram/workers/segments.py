@@ -1,0 +1,114 @@
+"""Append-only segment files: fixed-size rows of several columns, many rows per file.
+
+A store's blocks are large (hundreds of KB each) and written once; one Zarr chunk file per block and column made ~8
+files per block. Here a log's rows go into a few large files instead: row i lives in file i // rows_per_file at
+byte (i % rows_per_file) * row_bytes, its columns side by side, so reading one block is one small ranged read
+(`pread`) and writing N rows is one sequential write — no read-modify-write of a neighbour, no per-row file.
+
+Crash safety is the caller's (tables.py): rows are written past the committed count and only a commit record makes
+them visible; on open the files are cut back to the committed count (`truncate`), so a torn or uncommitted tail is
+never read.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+FILE_BYTES = 1 << 30  # target size of one segment file
+
+
+def rows_per_file(row_bytes: int) -> int:
+    return max(1, FILE_BYTES // row_bytes)
+
+
+class SegmentLog:
+    """columns: name -> (shape of one row, dtype); rows of all of them are stored side by side."""
+
+    def __init__(self, path: Path, columns: dict[str, tuple[tuple[int, ...], str]], per_file: int):
+        self.path, self.per_file = path, per_file
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.columns: dict[str, tuple[tuple[int, ...], np.dtype, int, int]] = {}  # name -> shape, dtype, at, bytes
+        at = 0
+        for name, (shape, dtype) in columns.items():
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            self.columns[name] = (tuple(shape), np.dtype(dtype), at, nbytes)
+            at += nbytes
+        self.row_bytes = at
+        self._fds: dict[int, int] = {}
+
+    def _file(self, k: int) -> Path:
+        return self.path / f"seg-{k:06d}.bin"
+
+    def _fd(self, k: int) -> int:
+        if k not in self._fds:
+            self._fds[k] = os.open(self._file(k), os.O_RDWR | os.O_CREAT, 0o644)
+        return self._fds[k]
+
+    def write(self, start: int, data: dict[str, np.ndarray]) -> None:
+        """Write rows start .. start + n (every column of the log given, n rows each)."""
+        n = len(next(iter(data.values())))
+        rows = np.empty((n, self.row_bytes), dtype=np.uint8)
+        for name, (shape, dtype, at, nbytes) in self.columns.items():
+            col = np.ascontiguousarray(np.asarray(data[name], dtype=dtype).reshape(n, *shape))
+            rows[:, at : at + nbytes] = col.reshape(n, -1).view(np.uint8)
+        i = 0
+        while i < n:  # one pwrite per segment file the rows fall in
+            k, first = divmod(start + i, self.per_file)
+            take = min(n - i, self.per_file - first)
+            os.pwrite(self._fd(k), rows[i : i + take].tobytes(), first * self.row_bytes)
+            i += take
+
+    def read(self, names: list[str], rows) -> dict[str, np.ndarray]:
+        """These columns of these rows: one ranged read per row covering the columns asked."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        spans = [self.columns[name] for name in names]
+        lo = min(at for _, _, at, _ in spans)
+        hi = max(at + nbytes for _, _, at, nbytes in spans)
+        raw = np.empty((len(rows), hi - lo), dtype=np.uint8)
+        for j, row in enumerate(rows.tolist()):
+            k, first = divmod(row, self.per_file)
+            got = os.pread(self._fd(k), hi - lo, first * self.row_bytes + lo)
+            if len(got) != hi - lo:
+                raise OSError(f"segment {self._file(k).name}: row {row} is cut short")
+            raw[j] = np.frombuffer(got, dtype=np.uint8)
+        return {name: self._column(raw, name, lo) for name in names}
+
+    def read_all(self, n: int) -> dict[str, np.ndarray]:
+        """Every column of rows 0 .. n, read file by file (a shard's open: the columns it keeps in RAM)."""
+        parts = []
+        for k in range(-(-n // self.per_file)):
+            count = min(self.per_file, n - k * self.per_file)
+            parts.append(np.fromfile(self._file(k), dtype=np.uint8, count=count * self.row_bytes))
+        raw = np.concatenate(parts).reshape(n, self.row_bytes) if parts else np.empty((0, self.row_bytes), np.uint8)
+        return {name: self._column(raw, name, 0) for name in self.columns}
+
+    def _column(self, raw: np.ndarray, name: str, lo: int) -> np.ndarray:
+        shape, dtype, at, nbytes = self.columns[name]
+        part = np.ascontiguousarray(raw[:, at - lo : at - lo + nbytes])
+        return part.view(dtype).reshape(len(raw), *shape)
+
+    def truncate(self, n: int) -> None:
+        """Cut the log back to n rows: what lies past them (an uncommitted or torn write) is removed."""
+        last = -(-n // self.per_file)  # files that hold rows 0 .. n
+        for f in self.path.glob("seg-*.bin"):
+            k = int(f.stem.split("-")[1])
+            if k >= last:
+                if k in self._fds:
+                    os.close(self._fds.pop(k))
+                f.unlink()
+        if n:
+            k = last - 1
+            size = (n - k * self.per_file) * self.row_bytes
+            if self._file(k).exists() and self._file(k).stat().st_size > size:
+                os.truncate(self._file(k), size)
+
+    def files(self) -> int:
+        return len(list(self.path.glob("seg-*.bin")))
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}

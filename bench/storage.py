@@ -69,18 +69,21 @@ def run(args) -> dict:
         empty = engine_stats(srv)
         pids = [sh.pid for sh in empty.shards]
         io_before = shard_io(pids)
-        t0, written = time.perf_counter(), 0
+        t0, written, early = time.perf_counter(), 0, None
         with tqdm(total=sum(len(t) for _, t in docs), unit="B", unit_scale=True, desc="write") as bar:
             for i in range(0, len(docs), args.batch):
                 w = c.write(docs[i : i + args.batch], namespace="storage", progress=bar.update)
                 written += w.tokens
+                if early is None and written >= args.tokens // 5:  # RAM per token: the slope from here to the end
+                    early = engine_stats(srv)
         ingest_s = time.perf_counter() - t0
         io_after = shard_io(pids)
         s = engine_stats(srv)
+        parts = ray.get([shard.ram_parts.remote() for shard in srv.engine.cluster.shards])
         files, on_disk = files_and_bytes(Path(tmp))
         latencies, ttft = [], []
         for _ in range(args.asks):
-            name, text = rng.choice(docs)
+            _, text = rng.choice(docs)
             first = text.strip().split(".")[0][:200]
             t1 = time.perf_counter()
             a = c.ask(f"{first}. What does this describe?", namespace="storage", max_new_tokens=16)
@@ -96,7 +99,10 @@ def run(args) -> dict:
         shard.store.close()
     wrote = sum(a["write_bytes"] - b["write_bytes"] for a, b in zip(io_after, io_before))
     wchar = sum(a["wchar"] - b["wchar"] for a, b in zip(io_after, io_before))
-    rss_growth = [(sh.resident_bytes - e.resident_bytes) for sh, e in zip(s.shards, empty.shards)]
+    slope = [  # resident bytes per token owned, from 1/5 of the corpus to all of it (one-time allocations out)
+        (sh.resident_bytes - e.resident_bytes) / (sh.tokens - e.tokens) if sh.tokens > e.tokens else None
+        for sh, e in zip(s.shards, early.shards)
+    ]
     row = {
         "tokens": s.tokens,
         "documents": s.documents,
@@ -114,8 +120,9 @@ def run(args) -> dict:
         "write_call_amplification": round(wchar / on_disk, 3) if wchar else None,
         "shard_rss_mb": [round(sh.resident_bytes / 1e6) for sh in s.shards],
         "shard_tokens": [sh.tokens for sh in s.shards],
-        "shard_rss_growth_mb_per_m_tokens": [
-            round(g / 1e6 / (sh.tokens / 1e6), 1) if sh.tokens else None for g, sh in zip(rss_growth, s.shards)
+        "shard_rss_mb_per_m_tokens": [round(b, 1) if b is not None else None for b in slope],
+        "ram_parts_mb_per_m_tokens": [
+            {k: round(v / sh.tokens, 1) for k, v in part.items()} for part, sh in zip(parts, s.shards)
         ],
         "episodes": [sh.episodes for sh in s.shards],
         "restart_s": [round(r, 2) for r in restart],

@@ -51,9 +51,9 @@ def test_delete_forgets_exactly_and_survives_restart(tmp_path):
     s = make(tmp_path)
     ba, bb = unit_batch(rng, [1]), unit_batch(rng, [2])
     write(s, "a", ba, [1])
-    write(s, "b", bb, [2])  # same open episode as "a" (2 chunks per episode)
-    assert len(s.memories) == 1
-    assert s.delete_document("ns", "a") == 1
+    write(s, "b", bb, [2])  # same open episode as "a" (2 chunks per episode): now full, so closed
+    assert len(s.memories) == 1 and next(iter(s.memories.values())).closed
+    assert s.delete_document("ns", "a") == 1  # a forget in a closed episode: rebuilt from the store
     (ep,) = s.memories
     alone = write_one_shot(bb.latent.reshape(-1, 6), s.m0_pinv, s.cfg.episodic.ridge)
     np.testing.assert_allclose(s.memories[ep].memory, alone.memory, atol=1e-8)

@@ -59,9 +59,32 @@ class EpisodicMemory:
         self.memory = np.zeros((k, m0_pinv.shape[0]))  # M   [K, C]
         self.count = 0
         self._projection: np.ndarray | None = None
+        self.basis: np.ndarray | None = None  # closed: U [C, r] float32, U·Uᵀ = M†M; cov and memory dropped
+
+    @property
+    def closed(self) -> bool:
+        return self.basis is not None
+
+    def close(self) -> None:
+        """A full episode takes no more writes: keep only what reads need, an orthonormal basis U [C, r] of the
+        memory's row space in float32 (read(z) = z·U·Uᵀ = z·M†M, the same cut as pinv's rcond), and drop the
+        normal equations [K, K], M [K, C] and the projection [C, C]: ~6x less RAM at K = 256, C = 384 (float64
+        buys nothing for a read: scores are cosines, float32 holds them to ~1e-7). A forget in a closed episode
+        rebuilds it from the items the store still holds (Shard._forget): the same least-squares memory."""
+        _, sv, vt = np.linalg.svd(self.memory, full_matrices=False)
+        keep = sv > 1e-8 * sv.max() if sv.size and sv.max() > 0 else np.zeros(len(sv), dtype=bool)
+        self.basis = np.ascontiguousarray(vt[keep].T, dtype=np.float32)
+        self.cov = self.memory = self._projection = None
+
+    @property
+    def nbytes(self) -> int:
+        parts = (self.cov, self.memory, self._projection, self.basis)
+        return sum(a.nbytes for a in parts if a is not None)
 
     def update(self, z: np.ndarray, alpha: float) -> None:
         """α = +1 writes the rows of z [N, C]; α = −1 forgets rows written earlier, exactly."""
+        if self.closed:
+            raise RuntimeError("this episode is closed: rebuild it from its items instead of updating it")
         z = np.asarray(z, dtype=np.float64)
         if z.size == 0:
             return
@@ -88,11 +111,15 @@ class EpisodicMemory:
 
     def read(self, z: np.ndarray) -> np.ndarray:
         """z [..., C] -> readout z_r = (z·M†)·M [..., C]."""
-        return np.asarray(z, dtype=np.float64) @ self.projection
+        z = np.asarray(z, dtype=np.float64)
+        if self.closed:
+            return (z @ self.basis) @ self.basis.T
+        return z @ self.projection
 
     def prepare(self) -> None:
         """Do the read's expensive part now (on the write path), not in the first ask."""
-        self.projection  # noqa: B018
+        if not self.closed:
+            self.projection  # noqa: B018
 
     @staticmethod
     def scorer(z: np.ndarray, readout: np.ndarray) -> np.ndarray:
@@ -142,6 +169,15 @@ class HopfieldMemory:
 
     def prepare(self) -> None:
         pass
+
+    closed = False
+
+    def close(self) -> None:
+        """Nothing to drop: the items are what it reads and what a forget removes."""
+
+    @property
+    def nbytes(self) -> int:
+        return self.items.nbytes
 
     @staticmethod
     def scorer(z: np.ndarray, readout: np.ndarray) -> np.ndarray:

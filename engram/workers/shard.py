@@ -67,9 +67,19 @@ class Shard(ShardDocuments):
             sel = rows[episodes == ep]
             mem = self.memories[int(ep)] = new_memory(self.cfg.episodic, self.m0_pinv)
             mem.write(self._items(self.chunks.column("block", sel)))
-            mem.prepare()  # warm before serving
+            self._settle(mem)  # warm before serving
             self.episode_namespace[int(ep)] = self.chunks.namespace(int(self.chunks.column("doc", sel[:1])[0]))
         self.next_episode = self.chunks.next_episode()
+
+    def _settle(self, mem: Memory) -> None:
+        """After a write: a full episode is closed (it keeps only what reads need), an open one prepared."""
+        if mem.count >= self._chunks_per_episode() * self.layout.latents_per_chunk:
+            mem.close()
+        else:
+            mem.prepare()  # on the write path, not in the first ask
+
+    def _chunks_per_episode(self) -> int:
+        return max(1, self.cfg.episodic.rows // self.layout.latents_per_chunk)  # K // R
 
     def _items(self, blocks: np.ndarray) -> np.ndarray:
         """The episodic items of chunks: their R window latents each -> [len(blocks) * R, C]."""
@@ -78,7 +88,7 @@ class Shard(ShardDocuments):
     def _assign_episodes(self, namespace: str, n: int) -> np.ndarray:
         """Fill the namespace's open episode up to K items (K // R chunks), then open new ones."""
         r = self.layout.latents_per_chunk
-        k = max(1, self.cfg.episodic.rows // r)  # chunks per episode
+        k = self._chunks_per_episode()
         out = np.empty(n, dtype=np.int64)
         open_eps = [
             ep for ep, ns in self.episode_namespace.items() if ns == namespace and self.memories[ep].count // r < k
@@ -100,14 +110,19 @@ class Shard(ShardDocuments):
             mem = self.memories.setdefault(int(ep), new_memory(self.cfg.episodic, self.m0_pinv))
             self.episode_namespace[int(ep)] = namespace
             mem.write(self._items(blocks[episodes == ep]))
-            mem.prepare()  # on the write path, not in the first ask
+            self._settle(mem)
 
     def _forget(self, rows: np.ndarray) -> None:
         """Take chunk rows' items out of the episodic memories (exact, α = −1); the rows are already dead."""
         episodes = self.chunks.column("episode", rows)
+        live = self.chunks.all_live_rows()
         for ep in np.unique(episodes):
             mem = self.memories[int(ep)]
-            mem.forget(self._items(self.chunks.column("block", rows[episodes == ep])))
+            if mem.closed:  # its normal equations are gone: write what the store still holds of it anew
+                mem = self.memories[int(ep)] = new_memory(self.cfg.episodic, self.m0_pinv)
+                mem.write(self._items(self.chunks.column("block", live[self.chunks.column("episode", live) == ep])))
+            else:
+                mem.forget(self._items(self.chunks.column("block", rows[episodes == ep])))
             if mem.count == 0:
                 del self.memories[int(ep)], self.episode_namespace[int(ep)]
             else:
@@ -273,6 +288,16 @@ class Shard(ShardDocuments):
 
     def namespaces(self) -> list[str]:
         return sorted({ns for ns, _ in self.chunks.lookup})
+
+    def ram_parts(self) -> dict[str, int]:
+        """Bytes of RAM by part (BENCHMARKS.md "Storage"): episodic memories, the blocks' RAM columns (hash,
+        length, latents), the chunk table, the vector index. Python objects' overhead not counted."""
+        return {
+            "episodic": sum(m.nbytes for m in self.memories.values()),
+            "block_columns": self.store.tables.ram_bytes("blocks/"),
+            "chunk_table": self.store.tables.ram_bytes() - self.store.tables.ram_bytes("blocks/"),
+            "vectors": self.vectors.nbytes(),
+        }
 
     def stats(self) -> ShardStats:
         import psutil

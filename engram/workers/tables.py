@@ -179,6 +179,10 @@ class Tables:
                 out[name] = self.arrays[name].get_orthogonal_selection((rows,))
         return out
 
+    def ram_bytes(self, prefix: str = "") -> int:
+        """RAM of the mirrored columns whose names start with `prefix` (their buffers, spare capacity included)."""
+        return sum(b.nbytes for name, b in self._buffers.items() if name.startswith(prefix))
+
     def files(self) -> int:
         """Files of the current generation (Zarr chunks and metadata, segment files)."""
         return sum(1 for f in (self.path / self.data).rglob("*") if f.is_file())

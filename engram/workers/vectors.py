@@ -137,3 +137,7 @@ class VectorIndex:
 
     def vectors(self) -> int:
         return sum(v.count for v in self.namespaces.values())
+
+    def nbytes(self) -> int:
+        """RAM of the indexes: FAISS codes (SQfp16: 2 bytes per dimension; an ANN index about as much) and rows."""
+        return sum(v.index.ntotal * v.dim * 2 + v.rows.nbytes for v in self.namespaces.values())

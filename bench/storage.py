@@ -37,6 +37,14 @@ def shard_io(pids: list[int]) -> list[dict]:
     return out
 
 
+def shard_uss(pids: list[int]) -> list[int]:
+    """Memory private to each shard process (USS): without the shared pages (Ray's object store, libraries) that
+    its resident set also counts."""
+    import psutil
+
+    return [psutil.Process(pid).memory_full_info().uss for pid in pids]
+
+
 def engine_stats(srv):
     """The engine's own stats (shard pids included), from the server's event loop."""
     import asyncio
@@ -75,10 +83,10 @@ def run(args) -> dict:
                 w = c.write(docs[i : i + args.batch], namespace="storage", progress=bar.update)
                 written += w.tokens
                 if early is None and written >= args.tokens // 5:  # RAM per token: the slope from here to the end
-                    early = engine_stats(srv)
+                    early, early_uss = engine_stats(srv), shard_uss(pids)
         ingest_s = time.perf_counter() - t0
         io_after = shard_io(pids)
-        s = engine_stats(srv)
+        s, end_uss = engine_stats(srv), shard_uss(pids)
         parts = ray.get([shard.ram_parts.remote() for shard in srv.engine.cluster.shards])
         files, on_disk = files_and_bytes(Path(tmp))
         latencies, ttft = [], []
@@ -121,6 +129,11 @@ def run(args) -> dict:
         "shard_rss_mb": [round(sh.resident_bytes / 1e6) for sh in s.shards],
         "shard_tokens": [sh.tokens for sh in s.shards],
         "shard_rss_mb_per_m_tokens": [round(b, 1) if b is not None else None for b in slope],
+        "shard_uss_mb": [round(u / 1e6) for u in end_uss],
+        "shard_uss_mb_per_m_tokens": [
+            round((u - e) / (sh.tokens - es.tokens), 1) if sh.tokens > es.tokens else None
+            for u, e, sh, es in zip(end_uss, early_uss, s.shards, early.shards)
+        ],
         "ram_parts_mb_per_m_tokens": [
             {k: round(v / sh.tokens, 1) for k, v in part.items()} for part, sh in zip(parts, s.shards)
         ],

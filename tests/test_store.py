@@ -1,14 +1,16 @@
 """Zarr round-trips and the commit protocol of a shard's store (block store + chunk table)."""
 
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from engram.decoder.layout import BlockLayout
-from engram.workers.block_store import EncodedBlocks
-from engram.workers.chunk_table import ChunkRows, DocAbout
+from engram.workers.block_store import BLOCKS_IN_RAM, BlockStore, EncodedBlocks, block_schema
+from engram.workers.chunk_table import CHUNK_SCHEMA, ChunkRows, ChunkTable, DocAbout
 from engram.workers.store import ShardStore, StoreError
+from engram.workers.tables import Tables
 
 LAYOUT = BlockLayout(layers=2, kv_heads=3, keep_tokens=4, head_dim=8, chunk_tokens=4, latent_dim=6, latents_per_chunk=2)
 
@@ -20,7 +22,7 @@ def batch(rng, hashes):
         kv={
             "keys": rng.standard_normal(kv).astype(np.float16),
             "values": rng.standard_normal(kv).astype(np.float16),
-            "positions": rng.integers(-1, 5, kv[:4]).astype(np.int16),
+            "positions": LAYOUT.dense_positions(np.full(n, LAYOUT.chunk_tokens)),  # dense: derived on read
         },
         tokens=rng.integers(0, 100, (n, LAYOUT.chunk_tokens)).astype(np.int32),
         length=np.full(n, LAYOUT.chunk_tokens, np.int32),
@@ -93,6 +95,15 @@ def test_duplicate_blocks_are_stored_once(tmp_path):
     assert s.tables.counts["blocks"] == 2
 
 
+def test_dense_positions_are_derived_not_stored(tmp_path):
+    """A dense block's positions (1..length, then -1) are rebuilt from its length; a sparse layout stores them."""
+    got = LAYOUT.dense_positions(np.array([4, 2]))
+    assert got.shape == (2, LAYOUT.layers, LAYOUT.kv_heads, 4)
+    assert got[1, 1, 2].tolist() == [1, 2, -1, -1] and got[0, 0, 0].tolist() == [1, 2, 3, 4]
+    assert "positions" not in LAYOUT.stored_columns()
+    assert "positions" in BlockLayout(**{**LAYOUT.__dict__, "keep_tokens": 2}).stored_columns()
+
+
 def test_rollback_and_layout_mismatch(tmp_path):
     rng = np.random.default_rng(3)
     s = ShardStore(tmp_path, LAYOUT)
@@ -143,22 +154,42 @@ def test_per_document_rows_and_close(tmp_path):
         reopened.blocks.put(batch(rng, [h(7)]))
 
 
+def format_1_tables(path) -> Tables:
+    """Empty tables as the version before segment logs laid them out: every fixed-size column a Zarr array (a block
+    one Zarr chunk file per column), deleted documents listed in COMMIT.json (commit with "deleted_docs")."""
+    kv = tuple(f"blocks/{c}" for c in LAYOUT.stored_columns())
+    return Tables(
+        path,
+        {**block_schema(LAYOUT), **CHUNK_SCHEMA},
+        in_ram=(*BLOCKS_IN_RAM, *CHUNK_SCHEMA),
+        one_file_per_row=(*kv, "blocks/latent"),
+        uncompressed=(),
+        meta={"layout": asdict(LAYOUT), "deleted_docs": []},
+    )
+
+
 def test_document_digest_and_time_kept_and_older_stores_open(tmp_path):
     """A document's sha256 and write time survive a reopen; a store written before those columns existed opens
     with them empty ("" and 0) instead of failing."""
     import zarr
 
     rng = np.random.default_rng(3)
-    s = ShardStore(tmp_path, LAYOUT)
+    s = ShardStore(tmp_path / "new", LAYOUT)
     s.chunks.add_document("ns", "a", 8, DocAbout("req", "ab" * 32, 1.8e9), rows(s.blocks.put(batch(rng, [h(1)])), 1))
     s.commit()
     s.close()
-    about = ShardStore(tmp_path, LAYOUT).chunks.about(0)
+    about = ShardStore(tmp_path / "new", LAYOUT).chunks.about(0)
     assert (about.request, about.digest, about.written) == ("req", "ab" * 32, 1.8e9)
-    group = zarr.open_group(tmp_path / "data.zarr", mode="a")
+    old = format_1_tables(tmp_path / "old")
+    ChunkTable(old, []).add_document(
+        "ns", "a", 8, DocAbout("req"), rows(BlockStore(old, LAYOUT).put(batch(rng, [h(1)])), 1)
+    )
+    old.commit({"layout": asdict(LAYOUT), "deleted_docs": []})
+    old.close()
+    group = zarr.open_group(tmp_path / "old/data.zarr", mode="a")
     for col in ("docs/digest", "docs/written"):  # as an older version wrote it
         del group[col]
-    old = ShardStore(tmp_path, LAYOUT)
-    about = old.chunks.about(0)
+    migrated = ShardStore(tmp_path / "old", LAYOUT)
+    about = migrated.chunks.about(0)
     assert (about.request, about.digest, about.written) == ("req", "", 0.0)
-    assert old.chunks.documents() == [("ns", "a")]
+    assert migrated.chunks.documents() == [("ns", "a")]

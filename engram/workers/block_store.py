@@ -39,7 +39,7 @@ class EncodedBlocks:
 
 def block_schema(layout: BlockLayout) -> dict[str, tuple[tuple[int, ...], str]]:
     return {
-        **{f"blocks/{name}": col for name, col in layout.read_columns().items()},
+        **{f"blocks/{name}": col for name, col in layout.stored_columns().items()},
         "blocks/tokens": ((layout.chunk_tokens,), "int32"),
         "blocks/length": ((), "int32"),
         "blocks/hash": ((16,), "uint8"),
@@ -76,15 +76,21 @@ class BlockStore:
             i for i, h in enumerate(blocks.hash) if bytes(h) not in self.index and seen.setdefault(bytes(h), i) == i
         ]
         if fresh:
-            rows = self.tables.append("blocks", blocks.select(fresh).columns())
+            cols = blocks.select(fresh).columns()
+            if self.layout.dense:  # derived from the length on read
+                del cols["positions"]
+            rows = self.tables.append("blocks", cols)
             for i, row in zip(fresh, rows):
                 self.index[bytes(blocks.hash[i])] = int(row)
         return self.rows([bytes(h) for h in blocks.hash])
 
     def get(self, rows) -> dict[str, np.ndarray]:
         """-> the read columns (K/V, positions) of these blocks, [n, ...] each, read from disk."""
-        cols = self.tables.read_many([f"blocks/{c}" for c in self.layout.block_columns], rows)
-        return {name.split("/")[1]: col for name, col in cols.items()}
+        cols = self.tables.read_many([f"blocks/{c}" for c in self.layout.stored_columns()], rows)
+        out = {name.split("/")[1]: col for name, col in cols.items()}
+        if self.layout.dense:
+            out["positions"] = self.layout.dense_positions(self.length(rows))
+        return out
 
     def tokens(self, rows) -> list[list[int]]:
         """The token ids of these blocks' chunks (read from disk)."""

@@ -48,10 +48,12 @@ class SegmentLog:
         return self._fds[k]
 
     def write(self, start: int, data: dict[str, np.ndarray]) -> None:
-        """Write rows start .. start + n (every column of the log given, n rows each)."""
+        """Write rows start .. start + n (n rows of each column given; a column not given is zeros)."""
         n = len(next(iter(data.values())))
-        rows = np.empty((n, self.row_bytes), dtype=np.uint8)
+        rows = np.zeros((n, self.row_bytes), dtype=np.uint8)
         for name, (shape, dtype, at, nbytes) in self.columns.items():
+            if name not in data:
+                continue
             col = np.ascontiguousarray(np.asarray(data[name], dtype=dtype).reshape(n, *shape))
             rows[:, at : at + nbytes] = col.reshape(n, -1).view(np.uint8)
         i = 0

@@ -2,15 +2,16 @@
 actor that owns it).
 
 On disk (<data_dir>/shard-<id>/), format 2:
-  data.zarr/segments/blocks.kv/   K/V columns, positions (BlockLayout) and tokens [T] int32 of each block, side by
-                                  side in append-only segment files of up to 1 GiB (segments.py): one ranged read
-                                  per block, ~0.001 files per block
+  data.zarr/segments/blocks.kv/   K/V columns, positions (sparse blocks only) and tokens [T] int32 of each
+                                  block, side by side in append-only segment files of up to 1 GiB (segments.py):
+                                  one ranged read per block, ~0.001 files per block
   data.zarr/segments/blocks.ram/  hash [16] uint8, length, latent [R, C] float32 of each block (read whole on open)
+  data.zarr/segments/chunks/      block, doc, seq, offset, episode (a document's chunk -> the block holding its KV)
+  data.zarr/segments/docs/        tokens, written (unix s) of each document
+  data.zarr/segments/drops/       chunk: chunk rows moved to another shard (rebalancing)
+  data.zarr/segments/deletes/     doc: deleted documents
   data.zarr/blocks/text           the lexical key text of each block (Zarr, strings)
-  data.zarr/chunks/  block, doc, seq, offset, episode [m]   (a document's chunk -> the block holding its KV)
-  data.zarr/docs/    namespace, name, request, digest (strings), tokens [d], written [d]
-  data.zarr/drops/   chunk [k]: chunk rows moved to another shard (rebalancing)
-  data.zarr/deletes/ doc [j]: deleted documents
+  data.zarr/docs/                 namespace, name, request, digest of each document (Zarr, strings)
   COMMIT.json        format, layout, committed rows per table, rows per segment file (tables.py: the commit protocol)
 Format 1 (before segment logs: every block one Zarr chunk file per column, deleted documents listed in
 COMMIT.json) is migrated on open by a compaction into a format-2 generation.
@@ -60,7 +61,7 @@ class ShardStore:
             self.__init__(path, layout, fsync)
 
     def _open_tables(self, generation: str | None = None, legacy: bool = False) -> Tables:
-        kv = tuple(f"blocks/{c}" for c in self.layout.block_columns)
+        kv = tuple(f"blocks/{c}" for c in self.layout.stored_columns())
         return Tables(
             self.path,
             {**block_schema(self.layout), **CHUNK_SCHEMA},
@@ -70,8 +71,18 @@ class ShardStore:
             meta=self._meta(),
             fsync=self.fsync,
             generation=generation,
-            logs=None if legacy else {"blocks.kv": (*kv, "blocks/tokens"), "blocks.ram": BLOCKS_IN_RAM},
+            logs=None if legacy else self._logs(kv),
         )
+
+    @staticmethod
+    def _logs(kv: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+        """Segment logs of format 2: every fixed-size column (a string column stays a Zarr array). Appending to a
+        log writes only the new rows, where a Zarr array rewrites its last, partial chunk of 4096 rows."""
+        fixed = [n for n, (_, dtype) in CHUNK_SCHEMA.items() if dtype != "str"]
+        by_table = {
+            t: tuple(n for n in fixed if n.startswith(f"{t}/")) for t in dict.fromkeys(n.split("/")[0] for n in fixed)
+        }
+        return {"blocks.kv": (*kv, "blocks/tokens"), "blocks.ram": BLOCKS_IN_RAM, **by_table}
 
     def _meta(self) -> dict:
         return {"format": FORMAT, "layout": asdict(self.layout)}

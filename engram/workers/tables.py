@@ -18,6 +18,7 @@ from ..durable import sync_filesystem, write_atomically
 from .segments import SegmentLog, rows_per_file
 
 ROW_CHUNK = 4096  # Zarr chunk length of the small per-row tables
+GROWTH = 1.25  # a full RAM column grows by this factor: amortised O(1) appends, at most 25% spare (RAM-bound shards)
 COMMIT = "COMMIT.json"
 DATA = "data.zarr"  # the tables' Zarr group; a compacted store names its generation in COMMIT.json
 
@@ -27,8 +28,8 @@ class StoreError(RuntimeError):
 
 
 class Tables:
-    """schema: "table/column" -> (shape of one row, dtype); columns in `in_ram` are mirrored in `ram` (grown by
-    doubling: appends are amortised O(1), not a copy of the column each).
+    """schema: "table/column" -> (shape of one row, dtype); columns in `in_ram` are mirrored in `ram` (grown
+    geometrically: appends are amortised O(1), not a copy of the column each).
     `logs`: log name -> columns stored side by side in append-only segment files (segments.py: KV blocks, many per
     file) instead of Zarr; every other column is a Zarr array of ROW_CHUNK-row chunks.
     `one_file_per_row`: Zarr columns whose rows are stored one Zarr chunk each (stores before segment logs)."""
@@ -113,7 +114,7 @@ class Tables:
         start = self.counts[table] + self.staged[table]
         n = len(next(iter(rows.values())))
         for seg in {id(s): s for s in (self.log_of.get(f"{table}/{c}") for c in rows) if s}.values():
-            seg.write(start, {name: rows[name.split("/")[1]] for name in seg.columns})
+            seg.write(start, {name: rows[c] for name in seg.columns if (c := name.split("/")[1]) in rows})
         for col, data in rows.items():
             name = f"{table}/{col}"
             if name not in self.log_of:
@@ -126,11 +127,11 @@ class Tables:
         return np.arange(start, start + n)
 
     def _extend_ram(self, name: str, start: int, data) -> None:
-        """Write rows at `start` of a RAM column, doubling its buffer when full (amortised O(1) per row)."""
+        """Write rows at `start` of a RAM column, growing its buffer by GROWTH when full (amortised O(1) per row)."""
         buf = self._buffers[name]
         end = start + len(data)
         if end > len(buf):
-            grown = np.empty((max(end, 2 * len(buf), 64), *buf.shape[1:]), dtype=buf.dtype)
+            grown = np.empty((max(end, int(GROWTH * len(buf)), 64), *buf.shape[1:]), dtype=buf.dtype)
             grown[:start] = buf[:start]
             buf = self._buffers[name] = grown
         buf[start:end] = np.asarray(data, dtype=buf.dtype)

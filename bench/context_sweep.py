@@ -1,7 +1,7 @@
 """Left context vs none, needle chunk alone (the oracle stage): does encoding a chunk after the 32 tokens before it
 help or hurt, by where the needle sits? No service: the decoder and encoder in-process, as the service encodes.
 
-    .venv/bin/python bench/context_sweep.py [--trials 20] [--contexts 0 32] [--kv-dtype int4]
+    .venv/bin/python bench/context_sweep.py [--trials 20] [--contexts 0 32] [--kv-dtype int4] [--encoder-dtype bfloat16]
 
 Passkey contexts of random length (8k-9k tokens, so the last chunk's length varies) with the needle at depth 1.0
 (the document's last, short chunk) and at a random depth; each needle's chunks encoded with every context length.
@@ -24,9 +24,10 @@ def main():
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--contexts", type=int, nargs="+", default=[0, 32])
     ap.add_argument("--kv-dtype", default="int4")
+    ap.add_argument("--encoder-dtype", default="float32", help="the encoding pass: float32, bfloat16 or auto")
     args = ap.parse_args()
     rng = random.Random(0)
-    local = LocalDecoder(EngramConfig.load(None, encoder={"kv_dtype": args.kv_dtype}))
+    local = LocalDecoder(EngramConfig.load(None, encoder={"kv_dtype": args.kv_dtype, "dtype": args.encoder_dtype}))
     hay = bench.Haystack("passkey", local.tok, 2048)
     right = {(where, ctx): 0 for where in ("last chunk", "random depth") for ctx in args.contexts}
     for t in range(args.trials):

@@ -263,3 +263,28 @@ def test_a_busy_http_port_is_a_clear_start_error():
         port = taken.getsockname()[1]
         with pytest.raises(ValueError, match=r"server\.http_port"):
             asyncio.run(start_http(None, EngramConfig(), Auth(None), Metrics(), port))
+
+
+@pytest.mark.integration
+def test_a_write_past_the_namespace_quota_is_refused_and_stores_nothing(service, client, tokenizer):
+    """cluster.namespace_max_tokens: a document that would take its namespace past the quota is RESOURCE_EXHAUSTED
+    with a message naming the setting and the figures; nothing of it is stored; other namespaces are not held to
+    this one's usage; after a delete the same document fits."""
+    first = "The lighthouse keeper logs the fog horn's hours in a green ledger. " * 20
+    second = "The ferry to the outer island leaves at dawn and returns at dusk. " * 20
+    n1, n2 = len(tokenizer(first, add_special_tokens=False).input_ids), len(tokenizer(second).input_ids)
+    saved = service.engine.cfg.cluster.namespace_max_tokens
+    service.engine.cfg.cluster.namespace_max_tokens = n1 + n2 // 2
+    try:
+        client.write([("first", first)], namespace="lim-quota")
+        with pytest.raises(grpc.RpcError) as e:
+            client.write([("second", second)], namespace="lim-quota")
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "cluster.namespace_max_tokens" in e.value.details() and f"holds {n1} tokens" in e.value.details()
+        assert [d.document_id for d in client.documents("lim-quota")] == ["first"]
+        client.write([("second", second)], namespace="lim-quota-other")  # its own, empty namespace
+        client.delete("first", namespace="lim-quota")
+        client.write([("second", second)], namespace="lim-quota")
+        assert [d.document_id for d in client.documents("lim-quota")] == ["second"]
+    finally:
+        service.engine.cfg.cluster.namespace_max_tokens = saved

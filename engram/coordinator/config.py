@@ -68,10 +68,17 @@ class ClusterConfig:
     # cluster ("cluster"). Cluster-wide sharing saves encoding and disk when namespaces share text, but then a
     # writer can tell from `new_blocks` or write latency whether another namespace holds a chunk: single tenant only.
     dedup_scope: str = "namespace"
+    # Tokens a namespace may hold (its documents' tokens, summed over shards); a write that would pass it is refused
+    # with RESOURCE_EXHAUSTED and stores nothing. 0 = no limit.
+    namespace_max_tokens: int = 0
 
     def __post_init__(self):
         if self.dedup_scope not in ("namespace", "cluster"):
             raise ValueError(f"cluster.dedup_scope must be 'namespace' or 'cluster', not {self.dedup_scope!r}")
+        if self.namespace_max_tokens < 0:
+            raise ValueError(
+                f"cluster.namespace_max_tokens must be 0 (no limit) or more, not {self.namespace_max_tokens}"
+            )
 
 
 @dataclass

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,7 @@ def identity(request_id: str, text: str) -> str:
 class Writer:
     def __init__(self, cluster: Cluster, tokenizer):
         self.cluster, self.cfg, self.tokenizer = cluster, cluster.cfg, tokenizer
+        self.reserved: Counter[str] = Counter()  # tokens of admitted new documents being written, per namespace
 
     def tokenize(self, text: str) -> np.ndarray:
         """[N] int32, tokenised piece by piece: a 256 MiB document's ~64M ids take 256 MB so, where a list of
@@ -75,6 +77,51 @@ class Writer:
         written = time.time()
         if not len(ids):
             raise EngramError(ErrorCode.INVALID, f"document {name!r} has no tokens")
+        fresh = all(r is None for r in existing)  # never touch a document an earlier request acknowledged
+        admitted = await self._admit(namespace, name, len(ids), shards) if fresh else 0
+        try:
+            return await self._write_tokens(
+                namespace, name, request_id, ids, (digest, written), fresh, shard_ids, shards
+            )
+        finally:
+            self.reserved[namespace] -= admitted
+
+    async def _admit(self, namespace: str, name: str, tokens: int, shards: list) -> int:
+        """A new document's tokens against its namespace's quota (cluster.namespace_max_tokens) -> the tokens
+        reserved (release them when the write ends). Reserved before the shards are asked, so concurrent writes
+        count each other: together they never pass the quota."""
+        quota = self.cfg.cluster.namespace_max_tokens
+        if not quota:
+            return 0
+        self.reserved[namespace] += tokens
+        try:
+            used = sum(await self.cluster.all_shards("namespace_tokens", namespace, shards=shards))
+        except BaseException:
+            self.reserved[namespace] -= tokens
+            raise
+        if used + self.reserved[namespace] > quota:
+            self.reserved[namespace] -= tokens
+            raise EngramError(
+                ErrorCode.EXHAUSTED,
+                f"namespace {namespace!r} holds {used} tokens of its quota of {quota} "
+                f"(cluster.namespace_max_tokens); document {name!r} needs {tokens} more"
+                + (f" and {self.reserved[namespace]} are being written" if self.reserved[namespace] else "")
+                + ": delete documents or raise the quota",
+            )
+        return tokens
+
+    async def _write_tokens(
+        self,
+        namespace: str,
+        name: str,
+        request_id: str,
+        ids: np.ndarray,
+        about: tuple[str, float],
+        fresh: bool,
+        shard_ids: list[int],
+        shards: list,
+    ) -> Written:
+        digest, written = about
         e = self.cfg.encoder
         chunks = routing.split(ids, self.cluster.layout.chunk_tokens, e.context_tokens, e.key_after_tokens)
         hashes = self.addresses(namespace, chunks)
@@ -85,7 +132,6 @@ class Writer:
             await asyncio.gather(*[self.cluster.call(s.stats) for s in shards], return_exceptions=True)
 
         intent = Intent(namespace, name, request_id)
-        fresh = all(r is None for r in existing)  # never touch a document an earlier request acknowledged
         if fresh:
             self.cluster.writing.add((namespace, name))  # reads skip the document until it is whole
         try:

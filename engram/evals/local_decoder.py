@@ -24,6 +24,19 @@ class LocalDecoder:
             self.model, self.tok, cfg.decoder.question_template, cfg.ask.position_scheme, cfg.encoder.kv_dtype
         )
         self.window = int(self.model.config.max_position_embeddings)
+        self._encoding = None  # (dtype, the model in it) for the oracle: chunks encoded as the encoder actors do
+
+    def encoding_model(self):
+        import copy
+
+        from ..decoder.model import encoding_dtype
+
+        dtype = encoding_dtype(self.cfg.encoder.dtype, next(self.model.parameters()).device)
+        if dtype == next(self.model.parameters()).dtype:
+            return self.model
+        if self._encoding is None or self._encoding[0] != dtype:
+            self._encoding = (dtype, copy.deepcopy(self.model).to(dtype))
+        return self._encoding[1]
 
     def needle_chunks(self, documents: list[tuple[str, str]], needles: list[Needle]) -> list[list[tuple]]:
         """Per needle, the chunks its sentence overlaps as (document, seq, token ids, context ids), cut exactly as
@@ -50,7 +63,7 @@ class LocalDecoder:
         enc = self.cfg.encoder
         blocks = blocks_of(
             encode_chunks(
-                self.model,
+                self.encoding_model(),
                 self.decoder.sink_id,
                 [c for c, _ in chunks],
                 self.layout,

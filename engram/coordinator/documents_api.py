@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from fastapi import APIRouter, Request
 
 from .auth import Auth
@@ -36,7 +38,8 @@ def documents_router(engine: Engine, auth: Auth) -> APIRouter:
         async def work(allowed):
             sizes = await engine.namespace_sizes()
             names = auth.readable(allowed, sizes)
-            return {"object": "list", "data": [{"id": n, "object": "namespace", "documents": sizes[n]} for n in names]}
+            data = [{"id": n, "object": "namespace"} | asdict(sizes[n]) for n in names]
+            return {"object": "list", "data": data}
 
         return await guarded(request, None, work)
 

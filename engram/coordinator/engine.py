@@ -32,6 +32,13 @@ class Document:
 
 
 @dataclass
+class NamespaceSize:
+    documents: int
+    chunks: int = 0
+    tokens: int = 0
+
+
+@dataclass
 class ClusterStats:
     shards: list[ShardStats]
     documents: int  # (namespace, document) pairs, each counted once however many shards hold its chunks
@@ -100,9 +107,16 @@ class Engine:
         """Every namespace holding a document on some shard."""
         return await self.reader.namespaces()
 
-    async def namespace_sizes(self) -> dict[str, int]:
-        """namespace -> its documents (each counted once, however many shards hold its chunks)."""
-        return dict(Counter(ns for ns, _ in await self._documents()))
+    async def namespace_sizes(self) -> dict[str, NamespaceSize]:
+        """namespace -> its documents (each counted once, however many shards hold its chunks), chunks, tokens."""
+        docs, usage = await asyncio.gather(self._documents(), self.cluster.all_shards("namespace_usage"))
+        sizes = {ns: NamespaceSize(n) for ns, n in Counter(ns for ns, _ in docs).items()}
+        for shard in usage:
+            for ns, (chunks, tokens) in shard.items():
+                if ns in sizes:  # not a document being written (not listed yet)
+                    sizes[ns].chunks += chunks
+                    sizes[ns].tokens += tokens
+        return sizes
 
     async def documents(self, namespace: str) -> list[Document]:
         """The namespace's documents, by name, as all shards hold them (a document being written is left out)."""

@@ -7,6 +7,7 @@ import codecs
 import logging
 import time
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 
 import grpc
@@ -242,7 +243,7 @@ class EngramService(pb_grpc.EngramServicer):
         async def go():
             sizes = await self.engine.namespace_sizes()
             names = self.auth.readable(self.auth.namespaces(self.auth.header_of(context)), sizes)
-            return pb.ListNamespacesReply(namespaces=[pb.NamespaceInfo(name=n, documents=sizes[n]) for n in names])
+            return pb.ListNamespacesReply(namespaces=[pb.NamespaceInfo(name=n, **asdict(sizes[n])) for n in names])
 
         return await self._run(context, go(), "ListNamespaces")
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x65ngram.proto\x12\tengram.v1\"X\n\x0cWriteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\x0c\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"d\n\nWriteReply\x12\x11\n\tdocuments\x18\x01 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\x04\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x12\n\nnew_blocks\x18\x04 \x01(\x04\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\"f\n\nAskRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08question\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x0c\n\x04mode\x18\x05 \x01(\t\"w\n\x05\x43hunk\x12\x10\n\x08\x63hunk_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\r\n\x05score\x18\x05 \x01(\x02\x12\r\n\x05shard\x18\x06 \x01(\r\x12\x0c\n\x04text\x18\x07 \x01(\t\"r\n\x07Timings\x12\x0f\n\x07\x65mbed_s\x18\x01 \x01(\x01\x12\x12\n\nretrieve_s\x18\x02 \x01(\x01\x12\x0f\n\x07\x66\x65tch_s\x18\x03 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x04 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x05 \x01(\x01\x12\x0f\n\x07total_s\x18\x06 \x01(\x01\"\xa4\x01\n\x08\x41skReply\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12 \n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x10.engram.v1.Chunk\x12#\n\x07timings\x18\x03 \x01(\x0b\x32\x12.engram.v1.Timings\x12\x16\n\x0e\x63ontext_tokens\x18\x04 \x01(\x04\x12\x12\n\nnew_tokens\x18\x05 \x01(\r\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\"t\n\x08\x41skEvent\x12)\n\tretrieval\x18\x01 \x01(\x0b\x32\x14.engram.v1.RetrievalH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12$\n\x05reply\x18\x03 \x01(\x0b\x32\x13.engram.v1.AskReplyH\x00\x42\x07\n\x05\x65vent\"-\n\tRetrieval\x12 \n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x10.engram.v1.Chunk\">\n\x0bReadRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\"c\n\tReadReply\x12 \n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x10.engram.v1.Chunk\x12\x0f\n\x07readout\x18\x02 \x03(\x02\x12#\n\x07timings\x18\x03 \x01(\x0b\x32\x12.engram.v1.Timings\"7\n\rDeleteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\"\x1d\n\x0b\x44\x65leteReply\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\x04\"\x17\n\x15ListNamespacesRequest\"0\n\rNamespaceInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tdocuments\x18\x02 \x01(\x04\"C\n\x13ListNamespacesReply\x12,\n\nnamespaces\x18\x01 \x03(\x0b\x32\x18.engram.v1.NamespaceInfo\")\n\x14ListDocumentsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"g\n\x0c\x44ocumentInfo\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\x04\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x12\n\nwritten_at\x18\x05 \x01(\x01\"@\n\x12ListDocumentsReply\x12*\n\tdocuments\x18\x01 \x03(\x0b\x32\x17.engram.v1.DocumentInfo\"<\n\x12GetDocumentRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\"\x1c\n\x0c\x44ocumentPart\x12\x0c\n\x04text\x18\x01 \x01(\x0c\"+\n\x16\x44\x65leteNamespaceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"9\n\x14\x44\x65leteNamespaceReply\x12\x11\n\tdocuments\x18\x01 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\x04\"\x0e\n\x0cStatsRequest\"\xac\x01\n\nShardStats\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x04 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x05 \x01(\x04\x12\x0e\n\x06tokens\x18\x06 \x01(\x04\x12\x14\n\x0cstored_bytes\x18\x07 \x01(\x04\x12\x16\n\x0eresident_bytes\x18\x08 \x01(\x04\x12\x10\n\x08\x65pisodes\x18\t \x01(\r\"\x94\x02\n\nStatsReply\x12%\n\x06shards\x18\x01 \x03(\x0b\x32\x15.engram.v1.ShardStats\x12\x11\n\tdocuments\x18\x02 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x03 \x01(\x04\x12\x0e\n\x06tokens\x18\x04 \x01(\x04\x12\x14\n\x0cstored_bytes\x18\x05 \x01(\x04\x12\x17\n\x0f\x62ytes_per_token\x18\x06 \x01(\x01\x12$\n\x1c\x66ull_fp16_kv_bytes_per_token\x18\x07 \x01(\x01\x12\x1e\n\x16unique_bytes_per_token\x18\x08 \x01(\x01\x12\x0e\n\x06\x62locks\x18\t \x01(\x04\x12\'\n\trebalance\x18\n \x01(\x0b\x32\x14.engram.v1.Rebalance\"o\n\tRebalance\x12\x0f\n\x07running\x18\x01 \x01(\x08\x12\x14\n\x0cmoved_chunks\x18\x02 \x01(\x04\x12\x16\n\x0escanned_shards\x18\x03 \x01(\r\x12\x14\n\x0ctotal_shards\x18\x04 \x01(\r\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"!\n\x10\x41\x64\x64ShardsRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\r\"/\n\x0e\x41\x64\x64ShardsReply\x12\x0e\n\x06shards\x18\x01 \x03(\r\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x03(\r\"\x10\n\x0e\x43ompactRequest\"x\n\x0fShardCompaction\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x15\n\rblocks_before\x18\x02 \x01(\x04\x12\x14\n\x0c\x62locks_after\x18\x03 \x01(\x04\x12\x14\n\x0c\x62ytes_before\x18\x04 \x01(\x04\x12\x13\n\x0b\x62ytes_after\x18\x05 \x01(\x04\":\n\x0c\x43ompactReply\x12*\n\x06shards\x18\x01 \x03(\x0b\x32\x1a.engram.v1.ShardCompaction2\xa5\x06\n\x06\x45ngram\x12\x39\n\x05Write\x12\x17.engram.v1.WriteRequest\x1a\x15.engram.v1.WriteReply(\x01\x12\x31\n\x03\x41sk\x12\x15.engram.v1.AskRequest\x1a\x13.engram.v1.AskReply\x12\x39\n\tAskStream\x12\x15.engram.v1.AskRequest\x1a\x13.engram.v1.AskEvent0\x01\x12\x34\n\x04Read\x12\x16.engram.v1.ReadRequest\x1a\x14.engram.v1.ReadReply\x12:\n\x06\x44\x65lete\x12\x18.engram.v1.DeleteRequest\x1a\x16.engram.v1.DeleteReply\x12R\n\x0eListNamespaces\x12 .engram.v1.ListNamespacesRequest\x1a\x1e.engram.v1.ListNamespacesReply\x12O\n\rListDocuments\x12\x1f.engram.v1.ListDocumentsRequest\x1a\x1d.engram.v1.ListDocumentsReply\x12G\n\x0bGetDocument\x12\x1d.engram.v1.GetDocumentRequest\x1a\x17.engram.v1.DocumentPart0\x01\x12U\n\x0f\x44\x65leteNamespace\x12!.engram.v1.DeleteNamespaceRequest\x1a\x1f.engram.v1.DeleteNamespaceReply\x12\x37\n\x05Stats\x12\x17.engram.v1.StatsRequest\x1a\x15.engram.v1.StatsReply\x12\x43\n\tAddShards\x12\x1b.engram.v1.AddShardsRequest\x1a\x19.engram.v1.AddShardsReply\x12=\n\x07\x43ompact\x12\x19.engram.v1.CompactRequest\x1a\x17.engram.v1.CompactReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x65ngram.proto\x12\tengram.v1\"X\n\x0cWriteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\x0c\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"d\n\nWriteReply\x12\x11\n\tdocuments\x18\x01 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\x04\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x12\n\nnew_blocks\x18\x04 \x01(\x04\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\"f\n\nAskRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08question\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x0c\n\x04mode\x18\x05 \x01(\t\"w\n\x05\x43hunk\x12\x10\n\x08\x63hunk_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\r\n\x05score\x18\x05 \x01(\x02\x12\r\n\x05shard\x18\x06 \x01(\r\x12\x0c\n\x04text\x18\x07 \x01(\t\"r\n\x07Timings\x12\x0f\n\x07\x65mbed_s\x18\x01 \x01(\x01\x12\x12\n\nretrieve_s\x18\x02 \x01(\x01\x12\x0f\n\x07\x66\x65tch_s\x18\x03 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x04 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x05 \x01(\x01\x12\x0f\n\x07total_s\x18\x06 \x01(\x01\"\xa4\x01\n\x08\x41skReply\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12 \n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x10.engram.v1.Chunk\x12#\n\x07timings\x18\x03 \x01(\x0b\x32\x12.engram.v1.Timings\x12\x16\n\x0e\x63ontext_tokens\x18\x04 \x01(\x04\x12\x12\n\nnew_tokens\x18\x05 \x01(\r\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\"t\n\x08\x41skEvent\x12)\n\tretrieval\x18\x01 \x01(\x0b\x32\x14.engram.v1.RetrievalH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12$\n\x05reply\x18\x03 \x01(\x0b\x32\x13.engram.v1.AskReplyH\x00\x42\x07\n\x05\x65vent\"-\n\tRetrieval\x12 \n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x10.engram.v1.Chunk\">\n\x0bReadRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\"c\n\tReadReply\x12 \n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x10.engram.v1.Chunk\x12\x0f\n\x07readout\x18\x02 \x03(\x02\x12#\n\x07timings\x18\x03 \x01(\x0b\x32\x12.engram.v1.Timings\"7\n\rDeleteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\"\x1d\n\x0b\x44\x65leteReply\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\x04\"\x17\n\x15ListNamespacesRequest\"P\n\rNamespaceInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tdocuments\x18\x02 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x03 \x01(\x04\x12\x0e\n\x06tokens\x18\x04 \x01(\x04\"C\n\x13ListNamespacesReply\x12,\n\nnamespaces\x18\x01 \x03(\x0b\x32\x18.engram.v1.NamespaceInfo\")\n\x14ListDocumentsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"g\n\x0c\x44ocumentInfo\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\x04\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x12\n\nwritten_at\x18\x05 \x01(\x01\"@\n\x12ListDocumentsReply\x12*\n\tdocuments\x18\x01 \x03(\x0b\x32\x17.engram.v1.DocumentInfo\"<\n\x12GetDocumentRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\"\x1c\n\x0c\x44ocumentPart\x12\x0c\n\x04text\x18\x01 \x01(\x0c\"+\n\x16\x44\x65leteNamespaceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"9\n\x14\x44\x65leteNamespaceReply\x12\x11\n\tdocuments\x18\x01 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\x04\"\x0e\n\x0cStatsRequest\"\xac\x01\n\nShardStats\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x04 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x05 \x01(\x04\x12\x0e\n\x06tokens\x18\x06 \x01(\x04\x12\x14\n\x0cstored_bytes\x18\x07 \x01(\x04\x12\x16\n\x0eresident_bytes\x18\x08 \x01(\x04\x12\x10\n\x08\x65pisodes\x18\t \x01(\r\"\x94\x02\n\nStatsReply\x12%\n\x06shards\x18\x01 \x03(\x0b\x32\x15.engram.v1.ShardStats\x12\x11\n\tdocuments\x18\x02 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x03 \x01(\x04\x12\x0e\n\x06tokens\x18\x04 \x01(\x04\x12\x14\n\x0cstored_bytes\x18\x05 \x01(\x04\x12\x17\n\x0f\x62ytes_per_token\x18\x06 \x01(\x01\x12$\n\x1c\x66ull_fp16_kv_bytes_per_token\x18\x07 \x01(\x01\x12\x1e\n\x16unique_bytes_per_token\x18\x08 \x01(\x01\x12\x0e\n\x06\x62locks\x18\t \x01(\x04\x12\'\n\trebalance\x18\n \x01(\x0b\x32\x14.engram.v1.Rebalance\"o\n\tRebalance\x12\x0f\n\x07running\x18\x01 \x01(\x08\x12\x14\n\x0cmoved_chunks\x18\x02 \x01(\x04\x12\x16\n\x0escanned_shards\x18\x03 \x01(\r\x12\x14\n\x0ctotal_shards\x18\x04 \x01(\r\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"!\n\x10\x41\x64\x64ShardsRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\r\"/\n\x0e\x41\x64\x64ShardsReply\x12\x0e\n\x06shards\x18\x01 \x03(\r\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x03(\r\"\x10\n\x0e\x43ompactRequest\"x\n\x0fShardCompaction\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x15\n\rblocks_before\x18\x02 \x01(\x04\x12\x14\n\x0c\x62locks_after\x18\x03 \x01(\x04\x12\x14\n\x0c\x62ytes_before\x18\x04 \x01(\x04\x12\x13\n\x0b\x62ytes_after\x18\x05 \x01(\x04\":\n\x0c\x43ompactReply\x12*\n\x06shards\x18\x01 \x03(\x0b\x32\x1a.engram.v1.ShardCompaction2\xa5\x06\n\x06\x45ngram\x12\x39\n\x05Write\x12\x17.engram.v1.WriteRequest\x1a\x15.engram.v1.WriteReply(\x01\x12\x31\n\x03\x41sk\x12\x15.engram.v1.AskRequest\x1a\x13.engram.v1.AskReply\x12\x39\n\tAskStream\x12\x15.engram.v1.AskRequest\x1a\x13.engram.v1.AskEvent0\x01\x12\x34\n\x04Read\x12\x16.engram.v1.ReadRequest\x1a\x14.engram.v1.ReadReply\x12:\n\x06\x44\x65lete\x12\x18.engram.v1.DeleteRequest\x1a\x16.engram.v1.DeleteReply\x12R\n\x0eListNamespaces\x12 .engram.v1.ListNamespacesRequest\x1a\x1e.engram.v1.ListNamespacesReply\x12O\n\rListDocuments\x12\x1f.engram.v1.ListDocumentsRequest\x1a\x1d.engram.v1.ListDocumentsReply\x12G\n\x0bGetDocument\x12\x1d.engram.v1.GetDocumentRequest\x1a\x17.engram.v1.DocumentPart0\x01\x12U\n\x0f\x44\x65leteNamespace\x12!.engram.v1.DeleteNamespaceRequest\x1a\x1f.engram.v1.DeleteNamespaceReply\x12\x37\n\x05Stats\x12\x17.engram.v1.StatsRequest\x1a\x15.engram.v1.StatsReply\x12\x43\n\tAddShards\x12\x1b.engram.v1.AddShardsRequest\x1a\x19.engram.v1.AddShardsReply\x12=\n\x07\x43ompact\x12\x19.engram.v1.CompactRequest\x1a\x17.engram.v1.CompactReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -58,41 +58,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTNAMESPACESREQUEST']._serialized_start=1145
   _globals['_LISTNAMESPACESREQUEST']._serialized_end=1168
   _globals['_NAMESPACEINFO']._serialized_start=1170
-  _globals['_NAMESPACEINFO']._serialized_end=1218
-  _globals['_LISTNAMESPACESREPLY']._serialized_start=1220
-  _globals['_LISTNAMESPACESREPLY']._serialized_end=1287
-  _globals['_LISTDOCUMENTSREQUEST']._serialized_start=1289
-  _globals['_LISTDOCUMENTSREQUEST']._serialized_end=1330
-  _globals['_DOCUMENTINFO']._serialized_start=1332
-  _globals['_DOCUMENTINFO']._serialized_end=1435
-  _globals['_LISTDOCUMENTSREPLY']._serialized_start=1437
-  _globals['_LISTDOCUMENTSREPLY']._serialized_end=1501
-  _globals['_GETDOCUMENTREQUEST']._serialized_start=1503
-  _globals['_GETDOCUMENTREQUEST']._serialized_end=1563
-  _globals['_DOCUMENTPART']._serialized_start=1565
-  _globals['_DOCUMENTPART']._serialized_end=1593
-  _globals['_DELETENAMESPACEREQUEST']._serialized_start=1595
-  _globals['_DELETENAMESPACEREQUEST']._serialized_end=1638
-  _globals['_DELETENAMESPACEREPLY']._serialized_start=1640
-  _globals['_DELETENAMESPACEREPLY']._serialized_end=1697
-  _globals['_STATSREQUEST']._serialized_start=1699
-  _globals['_STATSREQUEST']._serialized_end=1713
-  _globals['_SHARDSTATS']._serialized_start=1716
-  _globals['_SHARDSTATS']._serialized_end=1888
-  _globals['_STATSREPLY']._serialized_start=1891
-  _globals['_STATSREPLY']._serialized_end=2167
-  _globals['_REBALANCE']._serialized_start=2169
-  _globals['_REBALANCE']._serialized_end=2280
-  _globals['_ADDSHARDSREQUEST']._serialized_start=2282
-  _globals['_ADDSHARDSREQUEST']._serialized_end=2315
-  _globals['_ADDSHARDSREPLY']._serialized_start=2317
-  _globals['_ADDSHARDSREPLY']._serialized_end=2364
-  _globals['_COMPACTREQUEST']._serialized_start=2366
-  _globals['_COMPACTREQUEST']._serialized_end=2382
-  _globals['_SHARDCOMPACTION']._serialized_start=2384
-  _globals['_SHARDCOMPACTION']._serialized_end=2504
-  _globals['_COMPACTREPLY']._serialized_start=2506
-  _globals['_COMPACTREPLY']._serialized_end=2564
-  _globals['_ENGRAM']._serialized_start=2567
-  _globals['_ENGRAM']._serialized_end=3372
+  _globals['_NAMESPACEINFO']._serialized_end=1250
+  _globals['_LISTNAMESPACESREPLY']._serialized_start=1252
+  _globals['_LISTNAMESPACESREPLY']._serialized_end=1319
+  _globals['_LISTDOCUMENTSREQUEST']._serialized_start=1321
+  _globals['_LISTDOCUMENTSREQUEST']._serialized_end=1362
+  _globals['_DOCUMENTINFO']._serialized_start=1364
+  _globals['_DOCUMENTINFO']._serialized_end=1467
+  _globals['_LISTDOCUMENTSREPLY']._serialized_start=1469
+  _globals['_LISTDOCUMENTSREPLY']._serialized_end=1533
+  _globals['_GETDOCUMENTREQUEST']._serialized_start=1535
+  _globals['_GETDOCUMENTREQUEST']._serialized_end=1595
+  _globals['_DOCUMENTPART']._serialized_start=1597
+  _globals['_DOCUMENTPART']._serialized_end=1625
+  _globals['_DELETENAMESPACEREQUEST']._serialized_start=1627
+  _globals['_DELETENAMESPACEREQUEST']._serialized_end=1670
+  _globals['_DELETENAMESPACEREPLY']._serialized_start=1672
+  _globals['_DELETENAMESPACEREPLY']._serialized_end=1729
+  _globals['_STATSREQUEST']._serialized_start=1731
+  _globals['_STATSREQUEST']._serialized_end=1745
+  _globals['_SHARDSTATS']._serialized_start=1748
+  _globals['_SHARDSTATS']._serialized_end=1920
+  _globals['_STATSREPLY']._serialized_start=1923
+  _globals['_STATSREPLY']._serialized_end=2199
+  _globals['_REBALANCE']._serialized_start=2201
+  _globals['_REBALANCE']._serialized_end=2312
+  _globals['_ADDSHARDSREQUEST']._serialized_start=2314
+  _globals['_ADDSHARDSREQUEST']._serialized_end=2347
+  _globals['_ADDSHARDSREPLY']._serialized_start=2349
+  _globals['_ADDSHARDSREPLY']._serialized_end=2396
+  _globals['_COMPACTREQUEST']._serialized_start=2398
+  _globals['_COMPACTREQUEST']._serialized_end=2414
+  _globals['_SHARDCOMPACTION']._serialized_start=2416
+  _globals['_SHARDCOMPACTION']._serialized_end=2536
+  _globals['_COMPACTREPLY']._serialized_start=2538
+  _globals['_COMPACTREPLY']._serialized_end=2596
+  _globals['_ENGRAM']._serialized_start=2599
+  _globals['_ENGRAM']._serialized_end=3404
 # @@protoc_insertion_point(module_scope)

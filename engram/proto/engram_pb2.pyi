@@ -151,12 +151,16 @@ class ListNamespacesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NamespaceInfo(_message.Message):
-    __slots__ = ("name", "documents")
+    __slots__ = ("name", "documents", "chunks", "tokens")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     name: str
     documents: int
-    def __init__(self, name: _Optional[str] = ..., documents: _Optional[int] = ...) -> None: ...
+    chunks: int
+    tokens: int
+    def __init__(self, name: _Optional[str] = ..., documents: _Optional[int] = ..., chunks: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class ListNamespacesReply(_message.Message):
     __slots__ = ("namespaces",)

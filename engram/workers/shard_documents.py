@@ -122,6 +122,15 @@ class ShardDocuments:
         return len(rows)
 
     # --- listing and reading back ------------------------------------------------------------------------------
+    def namespace_usage(self) -> dict[str, tuple[int, int]]:
+        """namespace -> (live chunks, their tokens) on this shard."""
+        live = self.chunks.all_live_rows()
+        names = self.store.tables.ram["docs/namespace"][self.chunks.column("doc", live)].astype(str)
+        tokens = self.blocks.length(self.chunks.column("block", live)).astype(np.int64)
+        found, which = np.unique(names, return_inverse=True)
+        chunks, sums = np.bincount(which, minlength=len(found)), np.bincount(which, tokens, minlength=len(found))
+        return {str(n): (int(c), int(t)) for n, c, t in zip(found, chunks, sums)}
+
     def namespace_tokens(self, namespace: str) -> int:
         """Tokens of the namespace's live chunks on this shard (its share of the namespace's quota)."""
         live = self.chunks.all_live_rows()

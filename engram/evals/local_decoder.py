@@ -24,19 +24,6 @@ class LocalDecoder:
             self.model, self.tok, cfg.decoder.question_template, cfg.ask.position_scheme, cfg.encoder.kv_dtype
         )
         self.window = int(self.model.config.max_position_embeddings)
-        self._encoding = None  # (dtype, the model in it) for the oracle: chunks encoded as the encoder actors do
-
-    def encoding_model(self):
-        import copy
-
-        from ..decoder.model import encoding_dtype
-
-        dtype = encoding_dtype(self.cfg.encoder.dtype, next(self.model.parameters()).device)
-        if dtype == next(self.model.parameters()).dtype:
-            return self.model
-        if self._encoding is None or self._encoding[0] != dtype:
-            self._encoding = (dtype, copy.deepcopy(self.model).to(dtype))
-        return self._encoding[1]
 
     def needle_chunks(self, documents: list[tuple[str, str]], needles: list[Needle]) -> list[list[tuple]]:
         """Per needle, the chunks its sentence overlaps as (document, seq, token ids, context ids), cut exactly as
@@ -59,11 +46,12 @@ class LocalDecoder:
     def oracle(self, question: str, chunks: list[tuple[list[int], list[int]]], max_new: int) -> str:
         """chunks: (tokens, context), encoded as the service encodes them."""
         from ..decoder.blocks import blocks_of, encode_chunks
+        from ..decoder.model import encoding_autocast
 
         enc = self.cfg.encoder
-        blocks = blocks_of(
-            encode_chunks(
-                self.encoding_model(),
+        with encoding_autocast(enc.dtype, self.model):  # as the encoder actors run it
+            batch = encode_chunks(
+                self.model,
                 self.decoder.sink_id,
                 [c for c, _ in chunks],
                 self.layout,
@@ -71,8 +59,7 @@ class LocalDecoder:
                 enc.scorer,
                 [x for _, x in chunks],
             )
-        )
-        return self.decoder.answer(question, blocks, enc.chunk_tokens, max_new).text
+        return self.decoder.answer(question, blocks_of(batch), enc.chunk_tokens, max_new).text
 
     def full(self, question: str, documents: list[tuple[str, str]], max_new: int):
         ids = [t for _, text in documents for t in self.tok(text, add_special_tokens=False).input_ids]

@@ -7,7 +7,7 @@ through one process.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -91,8 +91,7 @@ class EncoderConfig:
 class Encoder:
     def __init__(self, enc: EncoderConfig, dec: decoder_model.DecoderConfig, layout: BlockLayout):
         self.cfg, self.layout = enc, layout
-        dtype = decoder_model.encoding_dtype(enc.dtype, dec.resolved_device())
-        self.model, self.tokenizer = decoder_model.load(replace(dec, dtype=str(dtype).removeprefix("torch.")))
+        self.model, self.tokenizer = decoder_model.load(dec)
         self.sink_id = decoder_model.sink_token_id(self.tokenizer)
         self.embedder = Embedder(enc.embedder)
 
@@ -108,18 +107,8 @@ class Encoder:
         contexts = contexts or [[] for _ in chunks]
         afters = afters or [[] for _ in chunks]
         step = self.cfg.batch_chunks
-        parts = [
-            blocklib.encode_chunks(
-                self.model,
-                self.sink_id,
-                chunks[i : i + step],
-                self.layout,
-                self.cfg.span,
-                self.cfg.scorer,
-                contexts[i : i + step],
-            )
-            for i in range(0, len(chunks), step)
-        ]
+        with decoder_model.encoding_autocast(self.cfg.dtype, self.model):
+            parts = self._encode_batches(chunks, contexts, step)
         tokens = np.full((len(chunks), self.cfg.chunk_tokens), -1, dtype=np.int32)
         for i, c in enumerate(chunks):
             tokens[i, : len(c)] = c
@@ -132,6 +121,21 @@ class Encoder:
             latent=latent,
             text=text,
         )
+
+    def _encode_batches(self, chunks, contexts, step: int) -> list[dict[str, np.ndarray]]:
+        """The blocks of `step` chunks per forward pass."""
+        return [
+            blocklib.encode_chunks(
+                self.model,
+                self.sink_id,
+                chunks[i : i + step],
+                self.layout,
+                self.cfg.span,
+                self.cfg.scorer,
+                contexts[i : i + step],
+            )
+            for i in range(0, len(chunks), step)
+        ]
 
     def retrieval_keys(
         self, chunks: list[list[int]], contexts: list[list[int]], afters: list[list[int]]

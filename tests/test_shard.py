@@ -179,3 +179,16 @@ def test_an_interrupted_compaction_leaves_the_store_as_committed(tmp_path):
     reopened = make(tmp_path)
     assert reopened.documents() == [("ns", "a")]
     assert [p.name for p in reopened.store.path.glob("data*.zarr")] == ["data.zarr"]
+
+
+def test_namespace_usage_counts_live_chunks_and_tokens(tmp_path):
+    """Per namespace: live chunks and their tokens (a quota's measure); a delete takes its document's share away."""
+    rng = np.random.default_rng(9)
+    s = make(tmp_path)
+    write(s, "a", unit_batch(rng, range(3)), list(range(3)))
+    write(s, "b", unit_batch(rng, range(10, 12)), [10, 11], ns="other")
+    write(s, "c", unit_batch(rng, range(20, 24)), list(range(20, 24)))
+    assert s.namespace_usage() == {"ns": (7, 28), "other": (2, 8)}
+    assert (s.namespace_tokens("ns"), s.namespace_tokens("none")) == (28, 0)
+    s.delete_document("ns", "c")
+    assert s.namespace_usage() == {"ns": (3, 12), "other": (2, 8)} and make(tmp_path).namespace_tokens("ns") == 12

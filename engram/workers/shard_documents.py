@@ -125,7 +125,7 @@ class ShardDocuments:
     def namespace_usage(self) -> dict[str, tuple[int, int]]:
         """namespace -> (live chunks, their tokens) on this shard."""
         live = self.chunks.all_live_rows()
-        names = self.store.tables.ram["docs/namespace"][self.chunks.column("doc", live)].astype(str)
+        names = self.store.tables.ram["docs/namespace"][self.chunks.column("doc", live)]
         tokens = self.blocks.length(self.chunks.column("block", live)).astype(np.int64)
         found, which = np.unique(names, return_inverse=True)
         chunks, sums = np.bincount(which, minlength=len(found)), np.bincount(which, tokens, minlength=len(found))

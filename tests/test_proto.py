@@ -15,3 +15,14 @@ def test_stubs_are_fresh(tmp_path):
         assert (tmp_path / name).read_text() == (ROOT / "engram" / "proto" / name).read_text(), (
             f"engram/proto/{name} is stale: run `python engram/proto/generate.py`"
         )
+
+
+def test_stats_table_lists_each_namespace():
+    """`engram stats` prints the shards, the totals and one line per namespace with its documents, chunks, tokens."""
+    from engram.coordinator.client import format_stats
+    from engram.proto import engram_pb2 as pb
+
+    reply = pb.StatsReply(shards=[pb.ShardStats(shard=0, node="n", documents=2, chunks=5, tokens=600)], tokens=600)
+    text = format_stats(reply, [pb.NamespaceInfo(name="alpha", documents=2, chunks=5, tokens=600)])
+    assert text.splitlines()[-1].split() == ["alpha", "2", "5", "600"]
+    assert "namespace" not in format_stats(reply)

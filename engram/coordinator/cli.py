@@ -154,7 +154,7 @@ def cmd_stats(args) -> int:
 
     with _client(args) as c:
         try:
-            print(format_stats(c.stats()))
+            print(format_stats(c.stats(), c.namespaces()))
         except Exception as e:
             return _fail(e)
     return 0

@@ -145,8 +145,8 @@ class EngramClient:
         self.close()
 
 
-def format_stats(s: pb.StatsReply) -> str:
-    """A Stats reply as the table `engram stats` prints."""
+def format_stats(s: pb.StatsReply, namespaces: list[pb.NamespaceInfo] = ()) -> str:
+    """A Stats reply (and the namespaces' usage, when given) as the tables `engram stats` prints."""
     lines = [
         f"{'shard':>5} {'node':<16} {'docs':>6} {'chunks':>8} {'blocks':>7} {'tokens':>10} {'stored MB':>10} "
         f"{'RSS MB':>8} {'episodes':>8}"
@@ -164,6 +164,9 @@ def format_stats(s: pb.StatsReply) -> str:
         f"{s.unique_bytes_per_token:,.1f} per distinct-block token, vs {s.full_fp16_kv_bytes_per_token:,.0f} "
         f"for the decoder's full fp16 KV"
     )
+    if namespaces:
+        lines.append(f"{'namespace':<24} {'docs':>8} {'chunks':>10} {'tokens':>12}")
+        lines += [f"{n.name[:24]:<24} {n.documents:>8} {n.chunks:>10} {n.tokens:>12}" for n in namespaces]
     r = s.rebalance
     if r.running or r.error or r.moved_chunks:
         state = "running" if r.running else ("failed: " + r.error if r.error else "done")

@@ -7,6 +7,7 @@ the first load converts it once to safetensors under `cache_dir`; later loads ta
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
@@ -42,6 +43,7 @@ class DecoderConfig:
         return getattr(torch, self.dtype)
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): there bf16 matmuls run ~3x faster than
     float32 (measured, BENCHMARKS.md "Storage"); elsewhere they are emulated and slower."""
@@ -55,12 +57,16 @@ def cpu_has_bf16() -> bool:
 ENCODING_DTYPES = ("auto", "float32", "bfloat16")
 
 
+def check_encoding_dtype(setting: str) -> str:
+    if setting not in ENCODING_DTYPES:
+        raise ValueError(f"encoder.dtype must be one of {', '.join(ENCODING_DTYPES)}, not {setting!r}")
+    return setting
+
+
 def encoding_dtype(setting: str, device: torch.device) -> torch.dtype:
     """The compute dtype of the encoding pass (the decoder's forward over chunks to make their K/V blocks).
     "auto": bfloat16 on CUDA and on CPUs with native bf16, float32 elsewhere."""
-    if setting not in ENCODING_DTYPES:
-        raise ValueError(f"encoder.dtype must be one of {', '.join(ENCODING_DTYPES)}, not {setting!r}")
-    if setting == "auto":
+    if check_encoding_dtype(setting) == "auto":
         return torch.bfloat16 if device.type == "cuda" or cpu_has_bf16() else torch.float32
     return getattr(torch, setting)
 

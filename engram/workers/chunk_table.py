@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .tables import Tables
+from .tables import Tables, grow
 
 CHUNK_SCHEMA: dict[str, tuple[tuple[int, ...], str]] = {
     "chunks/block": ((), "int64"),
@@ -152,10 +152,7 @@ class ChunkTable:
     def committed(self) -> None:
         """Apply the staged changes to the indexes (the store committed them)."""
         n = len(self.tables.ram["chunks/doc"])
-        if n > len(self._alive):  # doubling, as the tables' RAM columns: amortised O(1) per row
-            grown = np.zeros(max(n, 2 * len(self._alive)), dtype=bool)
-            grown[: len(self._alive)] = self._alive
-            self._alive = grown
+        self._alive = grow(self._alive, n)  # new rows start dead; amortised O(1), as the tables' RAM columns
         self.alive = self._alive[:n]
         for change in self._pending:
             kind = change[0]

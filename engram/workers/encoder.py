@@ -54,10 +54,7 @@ class EncoderConfig:
 
     def __post_init__(self):
         check_kv_dtype(self.kv_dtype)
-        if self.dtype not in decoder_model.ENCODING_DTYPES:
-            raise ValueError(
-                f"encoder.dtype must be one of {', '.join(decoder_model.ENCODING_DTYPES)}, not {self.dtype!r}"
-            )
+        decoder_model.check_encoding_dtype(self.dtype)
         keep = self.chunk_tokens if self.keep_tokens <= 0 else min(self.keep_tokens, self.chunk_tokens)
         if self.chunk_tokens < 1 or self.span < 1 or self.chunk_tokens % self.span or keep % self.span:
             raise ValueError(

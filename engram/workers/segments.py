@@ -25,10 +25,12 @@ def rows_per_file(row_bytes: int) -> int:
 
 
 class SegmentLog:
-    """columns: name -> (shape of one row, dtype); rows of all of them are stored side by side."""
+    """columns: "table/column" -> (shape of one row, dtype), all of one table; rows of all of them are stored side
+    by side. per_file: rows per segment file (None: FILE_BYTES' worth; a store keeps the value it started with)."""
 
-    def __init__(self, path: Path, columns: dict[str, tuple[tuple[int, ...], str]], per_file: int):
-        self.path, self.per_file = path, per_file
+    def __init__(self, path: Path, columns: dict[str, tuple[tuple[int, ...], str]], per_file: int | None = None):
+        self.path = path
+        self.table = next(iter(columns)).split("/")[0]
         self.path.mkdir(parents=True, exist_ok=True)
         self.columns: dict[str, tuple[tuple[int, ...], np.dtype, int, int]] = {}  # name -> shape, dtype, at, bytes
         at = 0
@@ -37,6 +39,7 @@ class SegmentLog:
             self.columns[name] = (tuple(shape), np.dtype(dtype), at, nbytes)
             at += nbytes
         self.row_bytes = at
+        self.per_file = per_file or rows_per_file(at)
         self._fds: dict[int, int] = {}
 
     def _file(self, k: int) -> Path:

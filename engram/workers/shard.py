@@ -127,10 +127,10 @@ class Shard(ShardDocuments):
     def _forget(self, rows: np.ndarray) -> None:
         """Take chunk rows' items out of the episodic memories (exact, α = −1); the rows are already dead."""
         episodes = self.chunks.column("episode", rows)
-        live = self.chunks.all_live_rows()
         for ep in np.unique(episodes):
             mem = self.memories[int(ep)]
             if mem.closed:  # its normal equations are gone: write what the store still holds of it anew
+                live = self.chunks.all_live_rows()
                 mem = self.memories[int(ep)] = new_memory(self.cfg.episodic, self.m0_pinv)
                 mem.write(self._items(self.chunks.column("block", live[self.chunks.column("episode", live) == ep])))
             else:

@@ -133,10 +133,7 @@ class ShardDocuments:
 
     def namespace_tokens(self, namespace: str) -> int:
         """Tokens of the namespace's live chunks on this shard (its share of the namespace's quota)."""
-        live = self.chunks.all_live_rows()
-        docs = self.chunks.column("doc", live)
-        mine = live[self.store.tables.ram["docs/namespace"][docs] == namespace]
-        return int(self.blocks.length(self.chunks.column("block", mine)).sum())
+        return self.namespace_usage().get(namespace, (0, 0))[1]
 
     def document_list(self, namespace: str) -> list[DocInfo]:
         """The namespace's documents with chunks on this shard."""

@@ -15,12 +15,22 @@ import numpy as np
 import zarr
 
 from ..durable import sync_filesystem, write_atomically
-from .segments import SegmentLog, rows_per_file
+from .segments import SegmentLog
 
 ROW_CHUNK = 4096  # Zarr chunk length of the small per-row tables
 GROWTH = 1.25  # a full RAM column grows by this factor: amortised O(1) appends, at most 25% spare (RAM-bound shards)
 COMMIT = "COMMIT.json"
 DATA = "data.zarr"  # the tables' Zarr group; a compacted store names its generation in COMMIT.json
+
+
+def grow(buf: np.ndarray, end: int) -> np.ndarray:
+    """buf if it holds `end` rows, else a buffer GROWTH times larger (at least `end`, spare rows zero) with buf's
+    rows copied: appends through it are amortised O(1)."""
+    if end <= len(buf):
+        return buf
+    grown = np.zeros((max(end, int(GROWTH * len(buf)), 64), *buf.shape[1:]), dtype=buf.dtype)
+    grown[: len(buf)] = buf
+    return grown
 
 
 class StoreError(RuntimeError):
@@ -61,13 +71,11 @@ class Tables:
         self.group = zarr.open_group(self.path / self.data, mode="a")
         self.schema = schema
         logs = logs or {}
-        per_file = record.setdefault("segments", {})  # rows per segment file, fixed when a log is created
+        per_file = record.get("segments", {})  # rows per segment file, fixed when a log was created
         self.logs: dict[str, SegmentLog] = {}
         self.log_of: dict[str, SegmentLog] = {}  # column -> its log
         for log, names in logs.items():
-            cols = {name: schema[name] for name in names}
-            seg = SegmentLog(self.path / self.data / "segments" / log, cols, 1)
-            seg.per_file = per_file.setdefault(log, rows_per_file(seg.row_bytes))
+            seg = SegmentLog(self.path / self.data / "segments" / log, {n: schema[n] for n in names}, per_file.get(log))
             self.logs[log] = seg
             self.log_of.update(dict.fromkeys(names, seg))
         self.arrays: dict[str, zarr.Array] = {}
@@ -93,8 +101,7 @@ class Tables:
         from_logs: dict[str, np.ndarray] = {}
         for seg in self.logs.values():
             if any(name in in_ram for name in seg.columns):
-                table = next(iter(seg.columns)).split("/")[0]
-                from_logs.update(seg.read_all(self.counts[table]))
+                from_logs.update(seg.read_all(self.counts[seg.table]))
         for name in in_ram:
             self._buffers[name] = from_logs[name] if name in from_logs else self.arrays[name][:]
             self.ram[name] = self._buffers[name]
@@ -113,8 +120,8 @@ class Tables:
             raise StoreError("the store is closed")
         start = self.counts[table] + self.staged[table]
         n = len(next(iter(rows.values())))
-        for seg in {id(s): s for s in (self.log_of.get(f"{table}/{c}") for c in rows) if s}.values():
-            seg.write(start, {name: rows[c] for name in seg.columns if (c := name.split("/")[1]) in rows})
+        for seg, names in self._by_log([f"{table}/{c}" for c in rows]).items():
+            seg.write(start, {name: rows[name.split("/")[1]] for name in names})
         for col, data in rows.items():
             name = f"{table}/{col}"
             if name not in self.log_of:
@@ -128,12 +135,8 @@ class Tables:
 
     def _extend_ram(self, name: str, start: int, data) -> None:
         """Write rows at `start` of a RAM column, growing its buffer by GROWTH when full (amortised O(1) per row)."""
-        buf = self._buffers[name]
         end = start + len(data)
-        if end > len(buf):
-            grown = np.empty((max(end, int(GROWTH * len(buf)), 64), *buf.shape[1:]), dtype=buf.dtype)
-            grown[:start] = buf[:start]
-            buf = self._buffers[name] = grown
+        buf = self._buffers[name] = grow(self._buffers[name], end)
         buf[start:end] = np.asarray(data, dtype=buf.dtype)
         self.ram[name] = buf[:end]
 
@@ -163,7 +166,7 @@ class Tables:
             if arr.shape[0] != n:
                 arr.resize((n, *arr.shape[1:]))
         for seg in self.logs.values():
-            seg.truncate(self.counts[next(iter(seg.columns)).split("/")[0]])
+            seg.truncate(self.counts[seg.table])
 
     def read(self, name: str, rows) -> np.ndarray:
         """Rows of an on-disk column (a ranged read per Zarr chunk or segment row they fall in)."""
@@ -173,11 +176,19 @@ class Tables:
         """Rows of on-disk columns; columns of one segment log come in one ranged read per row."""
         rows = np.asarray(rows, dtype=np.int64)
         out: dict[str, np.ndarray] = {}
-        for seg in {id(s): s for s in (self.log_of.get(n) for n in names) if s}.values():
-            out.update(seg.read([n for n in names if self.log_of.get(n) is seg], rows))
+        for seg, in_log in self._by_log(names).items():
+            out.update(seg.read(in_log, rows))
         for name in names:
             if name not in out:
                 out[name] = self.arrays[name].get_orthogonal_selection((rows,))
+        return out
+
+    def _by_log(self, names: list[str]) -> dict[SegmentLog, list[str]]:
+        """The columns among `names` that live in segment logs, grouped by log."""
+        out: dict[SegmentLog, list[str]] = {}
+        for name in names:
+            if name in self.log_of:
+                out.setdefault(self.log_of[name], []).append(name)
         return out
 
     def ram_bytes(self, prefix: str = "") -> int:

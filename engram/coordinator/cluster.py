@@ -131,7 +131,13 @@ class Cluster:
                 max_task_retries=3,
                 max_concurrency=2 * batch + 2 if batch > 1 else 1,
             )
-            .remote(self.cfg.decoder, self.cfg.ask.position_scheme, self.cfg.encoder.kv_dtype, batch)
+            .remote(
+                self.cfg.decoder,
+                self.cfg.ask.position_scheme,
+                self.cfg.encoder.kv_dtype,
+                batch,
+                self.cfg.encoder.kv_codec,
+            )
         )
         self._next_encoder = itertools.cycle(self.encoders)
         ray.get(

@@ -9,6 +9,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..decoder.codec import codec_file, load_codec
 from ..decoder.layout import BlockLayout, check_position_scheme
 from ..decoder.model import DecoderConfig, model_config
 from ..decoder.rope import check_supported
@@ -172,6 +173,11 @@ def block_layout(cfg: EngramConfig) -> BlockLayout:
     e = cfg.encoder
     model = model_config(cfg.decoder)
     check_supported(model)  # an architecture whose keys cannot be moved exactly is refused at start
+    codec = None
+    if e.kv_dtype == "codec":
+        codec = load_codec(str(codec_file(e.kv_codec, cfg.decoder.model)))
+        head_dim = getattr(model, "head_dim", None) or model.hidden_size // model.num_attention_heads
+        codec.check_fits(model.num_hidden_layers, model.num_key_value_heads, head_dim)
     return BlockLayout.of(
         model,
         e.chunk_tokens,
@@ -180,6 +186,7 @@ def block_layout(cfg: EngramConfig) -> BlockLayout:
         cfg.shard.episodic.dim,
         e.windows,
         e.context_tokens,
+        codec,
     )
 
 

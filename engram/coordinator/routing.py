@@ -88,6 +88,7 @@ def fingerprint(
         f"{model}|T{layout.chunk_tokens}|S{layout.keep_tokens}|{span}|{scorer}|{embedder}"
         f"|W{window_tokens}/{window_stride}"
         + (f"|{layout.kv_dtype}" if layout.kv_dtype != "float16" else "")  # fp16 stores predate kv_dtype
+        + (f":{layout.codec}" if layout.codec else "")  # blocks of one codec are not another's
         + (f"|K{key_context_tokens}" if key_context_tokens else "")  # and these, key contexts
         + (f"|A{key_after_tokens}" if key_after_tokens else "")
     )

@@ -80,6 +80,7 @@ def encode_chunks(
     span: int = 8,
     scorer: str = "attention",
     contexts: list[list[int]] | None = None,
+    codec=None,
 ) -> dict[str, np.ndarray]:
     """Encode chunks independently (batched) -> a block batch: keys, values (and their quantisation scales, see
     quant.py) [B, L, H, S, ...], positions [B, L, H, S] int16. `blocks_of` splits it into blocks.
@@ -137,9 +138,23 @@ def encode_chunks(
     keys_t = rerotate_layers(torch.stack(keys, 1), -ctx, layer_rotaries(model), 1)  # from 1+ctx.. back to 1..T
     keys_t = keys_t.masked_fill(pad, 0)
     values_t = torch.stack(values, 1).masked_fill(pad, 0)
-    batch = quant.pack_kv(keys_t, values_t, layout.kv_dtype)
+    if layout.kv_dtype == "codec":
+        batch = {"codes": codec_rows(keys_t, values_t, codec, layer_rotaries(model))}
+    else:
+        batch = quant.pack_kv(keys_t, values_t, layout.kv_dtype)
     batch["positions"] = pos_t.to(torch.int16)
     return {name: t.cpu().numpy() for name, t in batch.items()}
+
+
+def codec_rows(keys: torch.Tensor, values: torch.Tensor, codec, rotaries: list) -> torch.Tensor:
+    """keys (rotated to 1..T), values [B, L, H, T, D] -> codes [B, T, row_bytes] uint8: keys turned back to before
+    RoPE, every token coded by the transform codec (codec.py)."""
+    b, layers, h, t, d = keys.shape
+    back = -torch.arange(1, t + 1, device=keys.device)
+    pre = rerotate_layers(keys.permute(3, 0, 1, 2, 4).float(), back, rotaries, 2)  # [T, B, L, H, D]
+    pre = pre.transpose(0, 1).reshape(b * t, layers, h, d).cpu()
+    vals = values.permute(0, 3, 1, 2, 4).reshape(b * t, layers, h, d).float().cpu()
+    return torch.from_numpy(codec.encode(pre, vals)).view(b, t, -1)
 
 
 def blocks_of(batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:

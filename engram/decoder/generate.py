@@ -14,7 +14,7 @@ from . import quant
 from .batch import generate_batch
 from .layout import check_kv_dtype, check_position_scheme
 from .model import sink_token_id
-from .rope import layer_rotaries, rerotate_layers
+from .rope import layer_rotaries, rerotate_layers, rotate_tokens
 
 
 @dataclass
@@ -111,8 +111,12 @@ class MemoryDecoder:
         question_template: str = "\n{question}",
         position_scheme: str = "consecutive",
         kv_dtype: str = "float16",
+        codec=None,
     ):
         check_kv_dtype(kv_dtype)
+        if (kv_dtype == "codec") != (codec is not None):
+            raise ValueError("kv_dtype 'codec' needs the codec (codec.py) its blocks were written with")
+        self.codec = codec
         self.model, self.tokenizer = model, tokenizer
         self.template, self.scheme, self.kv_dtype = question_template, check_position_scheme(position_scheme), kv_dtype
         self.device = next(model.parameters()).device
@@ -129,25 +133,42 @@ class MemoryDecoder:
         dtype = self.sink_kv[0][0].dtype
         cache = DynamicCache()
         per_layer: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[kv] for kv in self.sink_kv]
-        for j, block in enumerate(blocks):
-            n_valid = int((block["positions"][0, 0] >= 0).sum())  # same count in every layer and head (select_spans)
+        valid = [int((b["positions"][0, 0] >= 0).sum()) for b in blocks]  # the same in every layer and head
+        coded = self._decode_codes(blocks, valid) if self.codec is not None else None
+        for j, (block, n_valid) in enumerate(zip(blocks, valid)):
             delta = j * chunk_tokens if self.scheme == "consecutive" else 0
-            kt, vt = quant.unpack_kv(
-                {
-                    name: torch.from_numpy(np.array(col)).to(self.device)  # Ray: read-only
-                    for name, col in block.items()
-                    if name != "positions"
-                },
-                self.kv_dtype,
-            )
-            kt, vt = kt[:, :, :n_valid].to(dtype), vt[:, :, :n_valid].to(dtype)  # [L, H, S', D]
-            kt = rerotate_layers(kt, delta, rotaries, 0)
+            if coded is not None:  # keys before RoPE: placed token by token at delta + 1..n
+                kt, vt = next(coded)
+                kt = rotate_tokens(kt, delta + torch.arange(1, n_valid + 1, device=self.device), rotaries)
+            else:
+                kt, vt = quant.unpack_kv(
+                    {
+                        name: torch.from_numpy(np.array(col)).to(self.device)  # Ray: read-only
+                        for name, col in block.items()
+                        if name != "positions"
+                    },
+                    self.kv_dtype,
+                )
+                kt, vt = kt[:, :, :n_valid], vt[:, :, :n_valid]  # [L, H, S', D]
+                kt = rerotate_layers(kt, delta, rotaries, 0)
+            kt, vt = kt.to(dtype), vt.to(dtype)
             for layer in range(kt.shape[0]):
                 per_layer[layer].append((kt[layer][None], vt[layer][None]))
         for layer, parts in enumerate(per_layer):
             cache.update(torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2), layer)
         span = len(blocks) if self.scheme == "consecutive" else min(len(blocks), 1)
         return cache, 1 + span * chunk_tokens
+
+    def _decode_codes(self, blocks, valid: list[int]):
+        """The valid tokens of every block decoded at once (codec.py) -> per block keys before RoPE, values
+        [L, H, S', D] on the device."""
+        codes = np.concatenate([np.asarray(b["codes"][:n]) for b, n in zip(blocks, valid)])
+        keys, values = self.codec.decode(codes)  # [sum S', L, H, D]
+        at = 0
+        for n in valid:
+            part = slice(at, at + n)
+            at += n
+            yield (keys[part].permute(1, 2, 0, 3).to(self.device), values[part].permute(1, 2, 0, 3).to(self.device))
 
     def _prompt(self, question: str) -> list[int]:
         return self.tokenizer(self.template.format(question=question), add_special_tokens=False).input_ids

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-KV_DTYPES = {"float16": 16, "int8": 8, "int4": 4, "int2": 2}  # stored K/V -> bits per element
+# stored K/V -> bits per element; "codec": the calibrated transform codec (codec.py), its bits set by the codec file
+KV_DTYPES = {"float16": 16, "int8": 8, "int4": 4, "int2": 2, "codec": 0}
 POSITION_SCHEMES = ("consecutive", "parallel")
 
 
@@ -44,7 +45,9 @@ class BlockLayout:
     chunk_tokens: int  # T
     latent_dim: int = 384  # C (all-MiniLM-L6-v2)
     latents_per_chunk: int = 1  # R retrieval windows per chunk
-    kv_dtype: str = "float16"  # float16, int8, int4 or int2 (quant.py)
+    kv_dtype: str = "float16"  # float16, int8, int4 or int2 (quant.py), or codec (codec.py)
+    codec: str = ""  # kv_dtype "codec": the codec's digest (blocks are read with the codec that wrote them)
+    codec_bytes: int = 0  # kv_dtype "codec": bytes per token of a block's codes
 
     @classmethod
     def of(
@@ -56,12 +59,17 @@ class BlockLayout:
         latent_dim: int = 384,
         latents_per_chunk: int = 1,
         context_tokens: int = 0,
+        codec=None,
     ) -> BlockLayout:
         """From a Hugging Face model config; checks that [sink] + context + chunk fits the model's window."""
         c = model_config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         keep = chunk_tokens if keep_tokens <= 0 else min(keep_tokens, chunk_tokens)
         check_kv_dtype(kv_dtype)
+        if (kv_dtype == "codec") != (codec is not None):
+            raise ValueError("kv_dtype 'codec' needs a codec (codec.py), and a codec needs kv_dtype 'codec'")
+        if codec is not None and keep < chunk_tokens:
+            raise ValueError("encoder.kv_dtype 'codec' stores dense blocks: set encoder.keep_tokens = 0")
         room = getattr(c, "max_position_embeddings", 1 << 30) - 1 - chunk_tokens
         if not 0 <= context_tokens <= room:
             raise ValueError(f"encoder.context_tokens must be between 0 and {room}, not {context_tokens}")
@@ -74,6 +82,8 @@ class BlockLayout:
             latent_dim,
             latents_per_chunk,
             kv_dtype,
+            codec.digest if codec is not None else "",
+            codec.row_bytes if codec is not None else 0,
         )
 
     @property
@@ -83,6 +93,8 @@ class BlockLayout:
     def kv_columns(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """The K/V columns of one stored block: name -> (shape, dtype)."""
         lh = (self.layers, self.kv_heads)
+        if self.kv_dtype == "codec":  # a token's codes, every layer, keys and values: one bit string (codec.py)
+            return {"codes": ((self.keep_tokens, self.codec_bytes), "uint8")}
         kv = (*lh, self.keep_tokens, self.head_dim // codes_per_byte(check_kv_dtype(self.kv_dtype)))
         if self.kv_dtype == "float16":
             return {"keys": (kv, "float16"), "values": (kv, "float16")}

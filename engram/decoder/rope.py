@@ -81,3 +81,10 @@ def rerotate(keys: torch.Tensor, delta: int | torch.Tensor, rotary) -> torch.Ten
     turned, kept = keys[..., :rot], keys[..., rot:]
     moved = turned * cos + rotate_half(turned) * sin
     return torch.cat([moved, kept], -1) if kept.shape[-1] else moved
+
+
+def rotate_tokens(keys: torch.Tensor, positions: torch.Tensor, rotaries: list) -> torch.Tensor:
+    """Rotate keys [L, H, S, D] token by token: token s by positions[s] (negative: back). Keys stored before RoPE
+    (the transform codec) are placed with positions = where they sit; keys at 1..S are un-rotated with -(1..S)."""
+    by_token = keys.permute(2, 0, 1, 3)  # [S, L, H, D]: one shift per row
+    return rerotate_layers(by_token, positions, rotaries, 1).permute(1, 2, 0, 3)

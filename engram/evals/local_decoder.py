@@ -13,6 +13,7 @@ class LocalDecoder:
         import torch
 
         from ..coordinator.config import block_layout
+        from ..decoder.codec import codec_file, load_codec
         from ..decoder.generate import MemoryDecoder
         from ..decoder.model import load
 
@@ -20,8 +21,10 @@ class LocalDecoder:
         self.cfg = cfg
         self.model, self.tok = load(cfg.decoder)
         self.layout = block_layout(cfg)
+        e = cfg.encoder
+        self.codec = load_codec(str(codec_file(e.kv_codec, cfg.decoder.model))) if e.kv_dtype == "codec" else None
         self.decoder = MemoryDecoder(
-            self.model, self.tok, cfg.decoder.question_template, cfg.ask.position_scheme, cfg.encoder.kv_dtype
+            self.model, self.tok, cfg.decoder.question_template, cfg.ask.position_scheme, e.kv_dtype, self.codec
         )
         self.window = int(self.model.config.max_position_embeddings)
 
@@ -58,6 +61,7 @@ class LocalDecoder:
                 enc.span,
                 enc.scorer,
                 [x for _, x in chunks],
+                self.codec,
             )
         return self.decoder.answer(question, blocks_of(batch), enc.chunk_tokens, max_new).text
 

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 
 from ..decoder import model as decoder_model
+from ..decoder.codec import codec_file, load_codec
 from ..decoder.generate import Answer, MemoryDecoder, last
 
 
@@ -58,12 +59,14 @@ class DecoderWorker:
         position_scheme: str = "consecutive",
         kv_dtype: str = "float16",
         max_batch: int = 1,
+        kv_codec: str = "",
     ):
         self.cfg = cfg
         if not cfg.threads:  # Ray caps threads of actors that reserve no CPU; the decoder may use the node's cores
             cfg = dataclasses.replace(cfg, threads=os.cpu_count() or 1)
         model, tokenizer = decoder_model.load(cfg)
-        self.decoder = MemoryDecoder(model, tokenizer, cfg.question_template, position_scheme, kv_dtype)
+        codec = load_codec(str(codec_file(kv_codec, cfg.model))) if kv_dtype == "codec" else None
+        self.decoder = MemoryDecoder(model, tokenizer, cfg.question_template, position_scheme, kv_dtype, codec)
         self.answered = 0  # answers produced since start (a cancelled ask never counts)
         self.batches: collections.deque[int] = collections.deque(maxlen=4096)  # recent batch sizes (tests, benches)
         self.max_batch, self.pending, self.lock = max_batch, queue.Queue(), threading.Lock()

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..decoder import blocks as blocklib
 from ..decoder import model as decoder_model
+from ..decoder.codec import codec_file, load_codec
 from ..decoder.layout import BlockLayout, check_kv_dtype
 from .block_store import EncodedBlocks
 from .embedder import Embedder
@@ -25,6 +26,9 @@ class EncoderConfig:
     # Stored K/V: "float16", "int8", "int4" or "int2" (decoder/quant.py). int4: 3.6x smaller than fp16 at the same
     # accuracy (passkey and NIAH sweeps, BENCHMARKS.md "Stored K/V"); int2 breaks (passkey 1/10).
     kv_dtype: str = "int4"
+    # kv_dtype "codec": the calibrated transform codec's file (decoder/codec.py); "" = the one shipped for the
+    # decoder (SmolLM2). Measured: BENCHMARKS.md "Explicit memory: a transform codec".
+    kv_codec: str = ""
     span: int = 8  # sparse blocks keep whole aligned spans of this many tokens
     scorer: str = "key_norm"  # "key_norm" (low key norm) or "attention" (attention received)
     batch_chunks: int = 8  # chunks per forward pass
@@ -90,6 +94,7 @@ class Encoder:
         self.cfg, self.layout = enc, layout
         self.model, self.tokenizer = decoder_model.load(dec)
         self.sink_id = decoder_model.sink_token_id(self.tokenizer)
+        self.codec = load_codec(str(codec_file(enc.kv_codec, dec.model))) if layout.kv_dtype == "codec" else None
         self.embedder = Embedder(enc.embedder)
 
     def encode(
@@ -130,6 +135,7 @@ class Encoder:
                 self.cfg.span,
                 self.cfg.scorer,
                 contexts[i : i + step],
+                self.codec,
             )
             for i in range(0, len(chunks), step)
         ]

@@ -42,10 +42,11 @@ class ShardStore:
     def __init__(self, path: str | Path, layout: BlockLayout, fsync: bool = True):
         self.path, self.layout = Path(path), layout
         record = Tables.read_record_at(self.path)
-        if record is not None and (have := {"kv_dtype": "float16", **record["layout"]}) != asdict(layout):
+        older = {"kv_dtype": "float16", "codec": "", "codec_bytes": 0}  # what stores from before these settings hold
+        if record is not None and (have := {**older, **record["layout"]}) != asdict(layout):
             diff = ", ".join(
                 f"{k} = {have.get(k)!r} (configured: {v!r})" for k, v in asdict(layout).items() if have.get(k) != v
-            )  # stores from before kv_dtype hold float16
+            )
             raise StoreError(
                 f"store {self.path} was written with {diff}: configure the same values (e.g. "
                 "[encoder] kv_dtype) to open it, or use a new data_dir"

@@ -1,0 +1,253 @@
+"""Stored K/V codecs against accuracy (issue #16): int4 (today's default) vs the calibrated transform codec
+(engram/decoder/codec.py) at several bit budgets, on three grids, the decoder in-process, no service.
+
+    .venv/bin/python bench/kv_codec.py [--bits 3 2 1.5 1.25 1] [--trials 10] [--out bench/results/kv_codec]
+
+Calibration: docstrings of packages the evaluation text never uses (pydantic, fastapi, starlette, ...), chunks of
+128 tokens encoded after their 32-token left context, as the service encodes. Every grid encodes its chunks once in
+float16 and then passes the same blocks through each codec (encode + decode), so cells differ by the codec only.
+  passkey   one needle chunk among 3 or 7 filler chunks (bench/kv_sparsity.py's setup)
+  niah      the essay needle's chunk(s) and 3 other essay chunks, 8k-token essays, random depth
+  distinct  each asked fact of the distinct-text benchmark (engram/evals/distinct.py): its chunks, then the same
+            beside 3 chunks of other documents
+Reported: bytes per token of the K/V columns, relative error of keys (after RoPE) and values on held-out distinct
+text, answers right per grid, and the codec's decode time per 4 blocks.
+"""
+
+import argparse
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+
+from engram.decoder import blocks as kv
+from engram.decoder import codec as kvc
+from engram.decoder import quant
+from engram.decoder.generate import MemoryDecoder
+from engram.decoder.layout import BlockLayout
+from engram.decoder.model import DecoderConfig, load
+from engram.decoder.rope import layer_rotaries, rerotate_layers
+from engram.evals import cases
+from engram.evals import distinct as dt
+from engram.evals.haystack import PASSKEY_FILLER, PASSKEY_QUESTION, passkey_needle
+
+T, CTX = 128, 32
+CALIBRATION = ("pydantic", "fastapi", "starlette", "uvicorn", "tqdm", "pip", "click", "jinja2", "requests")
+
+
+def kv_bytes(layout: BlockLayout) -> int:
+    """A dense block's stored K/V columns (codes and scales; positions are derived)."""
+    return sum(int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in layout.kv_columns().values())
+
+
+def chunked(ids: list[int]) -> list[tuple[list[int], list[int]]]:
+    return [(ids[i : i + T], ids[max(0, i - CTX) : i]) for i in range(0, len(ids) - T + 1, T)]
+
+
+def encode(model, dec, chunks: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    """-> float16 blocks' keys (at 1..T), values [B, L, H, T, D] and positions [B, L, H, T]."""
+    layout = BlockLayout.of(model.config, T, 0, "float16")
+    out = []
+    for i in range(0, len(chunks), 16):
+        part = chunks[i : i + 16]
+        b = kv.encode_chunks(model, dec.sink_id, [c for c, _ in part], layout, contexts=[x for _, x in part])
+        out.append(b)
+    return {k: torch.from_numpy(np.concatenate([b[k] for b in out])) for k in out[0]}
+
+
+def turn(keys: torch.Tensor, sign: int, rotaries) -> torch.Tensor:
+    """keys [B, L, H, T, D] at 1..T -> before RoPE (sign -1), or back (sign +1)."""
+    pos = torch.arange(1, T + 1) * sign
+    k = keys.permute(3, 0, 1, 2, 4).float()  # [T, B, L, H, D]: one shift per row
+    return rerotate_layers(k, pos, rotaries, 2).permute(1, 2, 3, 0, 4)
+
+
+def roundtrip(batch, variant, rotaries) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks' keys, values [B, L, H, T, D] float32 as a reader gets them back from `variant`."""
+    k, v = batch["keys"].float(), batch["values"].float()
+    if variant == "float16":
+        return k, v
+    if isinstance(variant, str):
+        return quant.unpack_kv({n: t for n, t in quant.pack_kv(k, v, variant).items()}, variant)
+    codec = variant
+    b, layers, h, t, d = k.shape
+    pre = turn(k, -1, rotaries).permute(0, 3, 1, 2, 4).reshape(b * t, layers, h, d)
+    vals = v.permute(0, 3, 1, 2, 4).reshape(b * t, layers, h, d)
+    kp, vp = codec.decode(codec.encode(pre, vals))
+    kp = kp.reshape(b, t, layers, h, d).permute(0, 2, 3, 1, 4)
+    vp = vp.reshape(b, t, layers, h, d).permute(0, 2, 3, 1, 4)
+    pad = (batch["positions"] < 0)[..., None]
+    return turn(kp, 1, rotaries).masked_fill(pad, 0), vp.masked_fill(pad, 0)
+
+
+def blocks(batch, variant, rotaries, order) -> list[dict]:
+    k, v = roundtrip(batch, variant, rotaries)
+    return [
+        {"keys": k[i].half().numpy(), "values": v[i].half().numpy(), "positions": batch["positions"][i].numpy()}
+        for i in order
+    ]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bits", type=float, nargs="+", default=[3, 2, 1.5, 1.25, 1], help="bits per K/V value")
+    ap.add_argument("--key-weight", type=float, default=1.0)
+    ap.add_argument("--groups", type=int, nargs="+", default=[1], help="adjacent layers sharing one basis")
+    ap.add_argument(
+        "--modes",
+        nargs="+",
+        default=["plain", "gain"],
+        help="plain: coefficients as they are; gain: each vector's norm stored apart (fp16)",
+    )
+    ap.add_argument("--calib-chunks", type=int, default=160)
+    ap.add_argument("--trials", type=int, default=10)
+    ap.add_argument("--grids", nargs="+", default=["passkey", "niah", "distinct"])
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, tok = load(DecoderConfig())
+    dec = MemoryDecoder(model, tok, kv_dtype="float16")
+    rot = layer_rotaries(model)
+    full = BlockLayout.of(model.config, T, 0).full_fp16_bytes_per_token
+    values_per_token = full // 2
+
+    t0 = time.perf_counter()
+    text = "\n\n".join(dt.docstrings(CALIBRATION))
+    ids = tok(text, add_special_tokens=False).input_ids
+    chunks = chunked(ids)
+    chunks = [chunks[i] for i in np.linspace(0, len(chunks) - 1, args.calib_chunks).astype(int)]
+    cal_batch = encode(model, dec, chunks)
+    pre = turn(cal_batch["keys"].float(), -1, rot).permute(0, 3, 1, 2, 4).flatten(0, 1)  # [B*T, L, H, D]
+    vals = cal_batch["values"].float().permute(0, 3, 1, 2, 4).flatten(0, 1)
+    t1 = time.perf_counter()
+    cals = {
+        (mode, g): kvc.calibrate(pre, vals, gain=mode == "gain", group=g) for mode in args.modes for g in args.groups
+    }
+    print(f"calibration: {len(chunks)} chunks encoded in {t1 - t0:.0f} s, fitted in {time.perf_counter() - t1:.0f} s")
+
+    variants = {"float16": "float16", "int4": "int4"}
+    for (mode, g), cal in cals.items():
+        for b in args.bits:
+            variants[f"codec{'+gain' * (mode == 'gain')}{f'/{g}L' * (g > 1)} {b:g} bits"] = cal.codec(
+                round(b * values_per_token), args.key_weight
+            )
+    int_bytes = {n: kv_bytes(BlockLayout.of(model.config, T, 0, n)) / T for n in ("float16", "int4", "int2")}
+    rows = {
+        n: {"bytes_per_token": (v.row_bytes if isinstance(v, kvc.Codec) else int_bytes[n])} for n, v in variants.items()
+    }
+
+    # held-out error: distinct text the grids use
+    held = chunked(tok(dt.corpus(20_000, tok)[0][1], add_special_tokens=False).input_ids)[:32]
+    hb = encode(model, dec, held)
+    for name, v in variants.items():
+        k2, v2 = roundtrip(hb, v, rot)
+        rows[name]["key_error"] = float((k2 - hb["keys"].float()).norm() / hb["keys"].float().norm())
+        rows[name]["value_error"] = float((v2 - hb["values"].float()).norm() / hb["values"].float().norm())
+        if isinstance(v, kvc.Codec):
+            codes = v.encode(
+                torch.zeros(4 * T, *hb["keys"].shape[1:3], hb["keys"].shape[-1]),
+                torch.zeros(4 * T, *hb["keys"].shape[1:3], hb["keys"].shape[-1]),
+            )
+            s = time.perf_counter()
+            for _ in range(5):
+                v.decode(codes)
+            rows[name]["decode_4_blocks_s"] = (time.perf_counter() - s) / 5
+        print(name, rows[name], flush=True)
+
+    def ask(question, batch, order, max_new=12):
+        return {n: dec.answer(question, blocks(batch, v, rot, order), T, max_new).text for n, v in variants.items()}
+
+    rng = random.Random(0)
+    if "passkey" in args.grids:
+        filler = tok(PASSKEY_FILLER * 60, add_special_tokens=False).input_ids
+        for n_blocks in (4, 8):
+            right = dict.fromkeys(variants, 0)
+            for _ in range(args.trials):
+                key = rng.randint(10000, 99999)
+                needle = tok(" " + passkey_needle(key), add_special_tokens=False).input_ids
+                at = rng.randrange(n_blocks)
+                cs = []
+                for c in range(n_blocks):
+                    base = filler[c * 37 : c * 37 + T]
+                    if c == at:
+                        p = rng.randint(0, T - len(needle) - 1)
+                        base = (base[:p] + needle + base[p:])[:T]
+                    cs.append((base, []))
+                for n, a in ask(PASSKEY_QUESTION, encode(model, dec, cs), range(n_blocks)).items():
+                    right[n] += cases.first_integer(a) == key
+            for n in variants:
+                rows[n][f"passkey_{n_blocks}"] = f"{right[n]}/{args.trials}"
+            print(f"passkey {n_blocks} blocks", right, flush=True)
+    if "niah" in args.grids:
+        hay = cases.Haystack("niah", tok, 2048)
+        right = dict.fromkeys(variants, 0)
+        for t in range(args.trials):
+            case = cases.make_case("niah", "", 8000, rng.random(), t, rng)
+            docs = hay.documents(8000, case.needles)
+            all_ids = [i for _, d in docs for i in tok(d, add_special_tokens=False).input_ids]
+            cs = chunked(all_ids)
+            text_of = [tok.decode(c) for c, _ in cs]
+            hit = [i for i, s in enumerate(text_of) if "Dolores" in s or "sandwich" in s][:2] or [0]
+            others = rng.sample([i for i in range(len(cs)) if i not in hit], 4 - len(hit))
+            picked = sorted(hit + others)
+            for n, a in ask(case.question, encode(model, dec, [cs[i] for i in picked]), range(4), 16).items():
+                right[n] += cases.score(case, a) == 1.0
+        for n in variants:
+            rows[n]["niah_4"] = f"{right[n]}/{args.trials}"
+        print("niah", right, flush=True)
+    if "distinct" in args.grids:
+        docs = dt.corpus(30 * 1500, tok, 1500)
+        facts = dt.make_facts(random.Random(0))
+        dt.plant(docs, facts, tok, T, random.Random(0))
+        texts = dict(docs)
+        alone, beside = dict.fromkeys(variants, 0), dict.fromkeys(variants, 0)
+        asked = [f for f in facts if f.question]
+        for f in asked:
+            ids = tok(texts[f.document], add_special_tokens=False).input_ids
+            fact_chunks, _ = dt.chunk_of_answer(texts[f.document], f, tok, T)
+            own = [(ids[q * T : (q + 1) * T], ids[max(0, q * T - CTX) : q * T]) for q in fact_chunks]
+            other_doc = texts[docs[(docs.index((f.document, texts[f.document])) + 5) % len(docs)][0]]
+            other = chunked(tok(other_doc, add_special_tokens=False).input_ids)
+            extra = rng.sample(other, max(0, 4 - len(own)))
+            batch = encode(model, dec, own + extra)
+            for n, a in ask(f.question, batch, range(len(own)), 16).items():
+                alone[n] += dt.right(f.kind, f.answer, a)
+            order = list(range(len(own), len(own) + len(extra)))
+            order[rng.randrange(len(order) + 1) : 0] = list(range(len(own)))
+            for n, a in ask(f.question, batch, order, 16).items():
+                beside[n] += dt.right(f.kind, f.answer, a)
+        for n in variants:
+            rows[n]["distinct_alone"] = f"{alone[n]:g}/{len(asked)}"
+            rows[n]["distinct_4"] = f"{beside[n]:g}/{len(asked)}"
+        print("distinct", alone, beside, flush=True)
+
+    cols = [
+        "bytes_per_token",
+        "key_error",
+        "value_error",
+        "passkey_4",
+        "passkey_8",
+        "niah_4",
+        "distinct_alone",
+        "distinct_4",
+        "decode_4_blocks_s",
+    ]
+    print("| K/V | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
+    for n, r in rows.items():
+        cells = [f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
+        print(f"| {n} | " + " | ".join(cells) + " |")
+    if args.out:
+        Path(args.out).with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+        for n, v in variants.items():
+            if isinstance(v, kvc.Codec):
+                v.save(f"{args.out}-{n.split()[0].replace('/', '')}-{n.split()[1]}bits.npz")
+
+
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from engram.decoder import blocks as kv
+from engram.decoder import calibrate as calib
 from engram.decoder import codec as kvc
 from engram.decoder import quant
 from engram.decoder.generate import MemoryDecoder
@@ -38,7 +38,6 @@ from engram.evals import distinct as dt
 from engram.evals.haystack import PASSKEY_FILLER, PASSKEY_QUESTION, passkey_needle
 
 T, CTX = 128, 32
-CALIBRATION = ("pydantic", "fastapi", "starlette", "uvicorn", "tqdm", "pip", "click", "jinja2", "requests")
 
 
 def kv_bytes(layout: BlockLayout) -> int:
@@ -47,18 +46,12 @@ def kv_bytes(layout: BlockLayout) -> int:
 
 
 def chunked(ids: list[int]) -> list[tuple[list[int], list[int]]]:
-    return [(ids[i : i + T], ids[max(0, i - CTX) : i]) for i in range(0, len(ids) - T + 1, T)]
+    return calib.chunks_of(ids, T, CTX)
 
 
-def encode(model, dec, chunks: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
-    """-> float16 blocks' keys (at 1..T), values [B, L, H, T, D] and positions [B, L, H, T]."""
-    layout = BlockLayout.of(model.config, T, 0, "float16")
-    out = []
-    for i in range(0, len(chunks), 16):
-        part = chunks[i : i + 16]
-        b = kv.encode_chunks(model, dec.sink_id, [c for c, _ in part], layout, contexts=[x for _, x in part])
-        out.append(b)
-    return {k: torch.from_numpy(np.concatenate([b[k] for b in out])) for k in out[0]}
+def encode(model, dec, chunks) -> dict[str, torch.Tensor]:
+    """-> float16 blocks as the service's encoders compute them (bf16 autocast where the CPU has it)."""
+    return calib.encode_float(model, dec.sink_id, chunks, T, "auto")
 
 
 def turn(keys: torch.Tensor, sign: int, rotaries) -> torch.Tensor:
@@ -97,7 +90,7 @@ def blocks(batch, variant, rotaries, order) -> list[dict]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bits", type=float, nargs="+", default=[3, 2, 1.5, 1.25, 1], help="bits per K/V value")
-    ap.add_argument("--key-weight", type=float, default=1.0)
+    ap.add_argument("--key-weights", type=float, nargs="+", default=[1.0], help="keys' errors weigh this much more")
     ap.add_argument("--groups", type=int, nargs="+", default=[1], help="adjacent layers sharing one basis")
     ap.add_argument(
         "--modes",
@@ -107,6 +100,7 @@ def main():
     )
     ap.add_argument("--calib-chunks", type=int, default=160)
     ap.add_argument("--trials", type=int, default=10)
+    ap.add_argument("--passkey-blocks", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--grids", nargs="+", default=["passkey", "niah", "distinct"])
     ap.add_argument("--out", default="")
     args = ap.parse_args()
@@ -118,25 +112,21 @@ def main():
     values_per_token = full // 2
 
     t0 = time.perf_counter()
-    text = "\n\n".join(dt.docstrings(CALIBRATION))
-    ids = tok(text, add_special_tokens=False).input_ids
-    chunks = chunked(ids)
-    chunks = [chunks[i] for i in np.linspace(0, len(chunks) - 1, args.calib_chunks).astype(int)]
-    cal_batch = encode(model, dec, chunks)
-    pre = turn(cal_batch["keys"].float(), -1, rot).permute(0, 3, 1, 2, 4).flatten(0, 1)  # [B*T, L, H, D]
-    vals = cal_batch["values"].float().permute(0, 3, 1, 2, 4).flatten(0, 1)
+    cal_batch = encode(model, dec, calib.calibration_chunks(tok, args.calib_chunks, T, CTX))
+    pre, vals = calib.tokens_of(cal_batch, rot)
     t1 = time.perf_counter()
     cals = {
         (mode, g): kvc.calibrate(pre, vals, gain=mode == "gain", group=g) for mode in args.modes for g in args.groups
     }
-    print(f"calibration: {len(chunks)} chunks encoded in {t1 - t0:.0f} s, fitted in {time.perf_counter() - t1:.0f} s")
+    fitted = time.perf_counter() - t1
+    print(f"calibration: {args.calib_chunks} chunks encoded in {t1 - t0:.0f} s, {len(cals)} fitted in {fitted:.0f} s")
 
     variants = {"float16": "float16", "int4": "int4"}
     for (mode, g), cal in cals.items():
-        for b in args.bits:
-            variants[f"codec{'+gain' * (mode == 'gain')}{f'/{g}L' * (g > 1)} {b:g} bits"] = cal.codec(
-                round(b * values_per_token), args.key_weight
-            )
+        for w in args.key_weights:
+            for b in args.bits:
+                name = f"codec{'+gain' * (mode == 'gain')}{f'/{g}L' * (g > 1)}{f'/kw{w:g}' * (w != 1)} {b:g} bits"
+                variants[name] = cal.codec(round(b * values_per_token), w)
     int_bytes = {n: kv_bytes(BlockLayout.of(model.config, T, 0, n)) / T for n in ("float16", "int4", "int2")}
     rows = {
         n: {"bytes_per_token": (v.row_bytes if isinstance(v, kvc.Codec) else int_bytes[n])} for n, v in variants.items()
@@ -166,7 +156,7 @@ def main():
     rng = random.Random(0)
     if "passkey" in args.grids:
         filler = tok(PASSKEY_FILLER * 60, add_special_tokens=False).input_ids
-        for n_blocks in (4, 8):
+        for n_blocks in args.passkey_blocks:
             right = dict.fromkeys(variants, 0)
             for _ in range(args.trials):
                 key = rng.randint(10000, 99999)

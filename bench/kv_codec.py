@@ -15,6 +15,7 @@ text, answers right per grid, and the codec's decode time per 4 blocks.
 """
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -100,6 +101,7 @@ def main():
     )
     ap.add_argument("--calib-chunks", type=int, default=160)
     ap.add_argument("--trials", type=int, default=10)
+    ap.add_argument("--restore", nargs="+", default=["none"], help="none, keys, both (Calibration.codec)")
     ap.add_argument("--passkey-blocks", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--grids", nargs="+", default=["passkey", "niah", "distinct"])
     ap.add_argument("--out", default="")
@@ -123,10 +125,10 @@ def main():
 
     variants = {"float16": "float16", "int4": "int4"}
     for (mode, g), cal in cals.items():
-        for w in args.key_weights:
-            for b in args.bits:
-                name = f"codec{'+gain' * (mode == 'gain')}{f'/{g}L' * (g > 1)}{f'/kw{w:g}' * (w != 1)} {b:g} bits"
-                variants[name] = cal.codec(round(b * values_per_token), w)
+        for w, r, b in itertools.product(args.key_weights, args.restore, args.bits):
+            name = f"codec{'+gain' * (mode == 'gain')}{f'/{g}L' * (g > 1)}{f'/kw{w:g}' * (w != 1)}"
+            name += {"none": "", "keys": "/rk", "both": "/rkv"}[r] + f" {b:g} bits"
+            variants[name] = cal.codec(round(b * values_per_token), w, r)
     int_bytes = {n: kv_bytes(BlockLayout.of(model.config, T, 0, n)) / T for n in ("float16", "int4", "int2")}
     rows = {
         n: {"bytes_per_token": (v.row_bytes if isinstance(v, kvc.Codec) else int_bytes[n])} for n, v in variants.items()

@@ -1,7 +1,9 @@
 """One phase of the coordinator-restart test (tests/test_restart.py): each phase is a whole process with its
 own Ray, like `engram serve` started, stopped and started again on one data_dir.
 
-    python tests/restart_scenario.py write|ask|wrong-shards|resume|health DATA_DIR
+    python tests/restart_scenario.py write|ask|wrong-shards|resume|health|refused DATA_DIR
+
+A phase named codec-PHASE runs PHASE with the transform codec for stored K/V ([encoder] kv_dtype = "codec").
 """
 
 import json
@@ -25,6 +27,16 @@ def main(phase: str, data_dir: str) -> int:
     cfg.cluster.num_cpus = 2
     cfg.shard.data_dir = data_dir
     cfg.server.metrics_port = -1  # off, as TOML writes it
+    if phase.startswith("codec-"):
+        cfg.encoder.kv_dtype = "codec"
+        phase = phase.removeprefix("codec-")
+    if phase == "refused":  # a data_dir written with other settings
+        try:
+            BackgroundServer(cfg).start()
+        except Exception as e:  # the test reads what a user would see
+            print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+            return 0
+        return 1
     if phase == "wrong-shards":
         cfg.cluster.shards = 3
         try:

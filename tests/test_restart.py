@@ -38,3 +38,16 @@ def test_coordinator_restart(tmp_path):
     assert json.loads(path.read_text())["rebalancing"] is False
     # a start repairs what a crash left mid-write; health goes NOT_SERVING when no shard answers
     assert phase("health", tmp_path) == {"intents_left": 0, "before": "SERVING", "after": "NOT_SERVING"}
+
+
+def test_codec_blocks_through_the_service(tmp_path):
+    """Blocks stored by the transform codec answer through the service, survive a restart, and a start with other
+    K/V settings on that data_dir is refused with what to configure."""
+    first = phase("codec-write", tmp_path)
+    assert first["answer"].startswith("42424"), first
+    int4_bytes_per_token = 6_300  # K/V codes and scales of an int4 block, per token (BENCHMARKS.md)
+    *_, blocks, _, stored = first["counts"]
+    assert stored / (blocks * 128) < int4_bytes_per_token, first  # every table on disk, per stored block token
+    assert phase("codec-ask", tmp_path) == first
+    err = phase("refused", tmp_path)["error"]
+    assert "kv_dtype" in err and "codec" in err, err

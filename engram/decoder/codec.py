@@ -210,9 +210,11 @@ class Calibration:
     head_dim: int
     gain: bool = False
 
-    def codec(self, bits_per_token: int, key_weight: float = 1.0) -> Codec:
+    def codec(self, bits_per_token: int, key_weight: float = 1.0, restore: str = "none") -> Codec:
         """Spend bits_per_token bits; key_weight scales the keys' errors against the values' (1 = relative errors
-        of both weigh alike)."""
+        of both weigh alike). restore ("none", "keys", "both"): Lloyd-Max levels are conditional means, so coded
+        components come back with less variance than they have (var - error); scale their levels back up to the
+        component's variance, for keys (attention logits keep their spread) or keys and values."""
         two, layers, f = self.var.shape
         weight = (torch.tensor([key_weight, 1.0])[:, None] / self.var.sum(-1)).reshape(-1)  # [2*L]
         budget = bits_per_token - (16 * two * layers if self.gain else 0)  # the norms' fp16 come first
@@ -221,6 +223,13 @@ class Calibration:
         for b, lv in self.levels.items():
             sel = torch.from_numpy(bits == b)
             levels[sel, : 2**b] = lv[sel]
+        if restore != "none":
+            kinds = {"keys": 1, "both": 2}[restore]
+            coded = torch.from_numpy(bits).long()
+            kept = self.err[:, 0] - self.err.gather(1, coded[:, None])[:, 0]  # the variance the levels keep
+            scale = torch.where(coded > 0, (self.err[:, 0] / kept.clamp(min=1e-12)).sqrt(), torch.ones(()))
+            scale[kinds * layers * f :] = 1.0
+            levels = levels * scale[:, None]
         return Codec(  # basis and levels rounded to float16 (what a codec file keeps: half the bytes)
             self.mean.float().numpy(),
             self.basis.half().float().numpy(),

@@ -27,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
+from engram.decoder import blocks as kv
 from engram.decoder import calibrate as calib
 from engram.decoder import codec as kvc
 from engram.decoder import quant
@@ -80,12 +81,16 @@ def roundtrip(batch, variant, rotaries) -> tuple[torch.Tensor, torch.Tensor]:
     return turn(kp, 1, rotaries).masked_fill(pad, 0), vp.masked_fill(pad, 0)
 
 
-def blocks(batch, variant, rotaries, order) -> list[dict]:
-    k, v = roundtrip(batch, variant, rotaries)
-    return [
-        {"keys": k[i].half().numpy(), "values": v[i].half().numpy(), "positions": batch["positions"][i].numpy()}
-        for i in order
-    ]
+def stored(batch, variant, rotaries, order) -> list[dict]:
+    """The blocks as a store holds them for `variant` (float16 / integer codes and scales / codec rows)."""
+    k, v = batch["keys"].float(), batch["values"].float()
+    if variant == "float16":
+        cols = {"keys": k.half(), "values": v.half()}
+    elif isinstance(variant, str):
+        cols = quant.pack_kv(k, v, variant)
+    else:
+        cols = {"codes": kv.codec_rows(k, v, variant, rotaries)}
+    return [{**{n: c[i].numpy() for n, c in cols.items()}, "positions": batch["positions"][i].numpy()} for i in order]
 
 
 def main():
@@ -152,8 +157,21 @@ def main():
             rows[name]["decode_4_blocks_s"] = (time.perf_counter() - s) / 5
         print(name, rows[name], flush=True)
 
+    readers = {
+        n: MemoryDecoder(model, tok, kv_dtype="codec", codec=v)
+        if isinstance(v, kvc.Codec)
+        else MemoryDecoder(model, tok, kv_dtype=v)
+        for n, v in variants.items()
+    }
+    ttft = {n: [] for n in variants}
+
     def ask(question, batch, order, max_new=12):
-        return {n: dec.answer(question, blocks(batch, v, rot, order), T, max_new).text for n, v in variants.items()}
+        out = {}
+        for n, v in variants.items():
+            a = readers[n].answer(question, stored(batch, v, rot, order), T, max_new)
+            ttft[n].append(a.prefill_s)
+            out[n] = a.text
+        return out
 
     rng = random.Random(0)
     if "passkey" in args.grids:
@@ -229,7 +247,10 @@ def main():
         "distinct_alone",
         "distinct_4",
         "decode_4_blocks_s",
+        "ttft_s_median",
     ]
+    for n in variants:
+        rows[n]["ttft_s_median"] = float(np.median(ttft[n])) if ttft[n] else None
     print("| K/V | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
     for n, r in rows.items():
         cells = [f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]

@@ -52,7 +52,7 @@ def load_codec(path: str) -> Codec:
     return Codec.load(path)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by digest; hashed by identity (its readers are cached per codec)
 class Codec:
     mean: np.ndarray  # [2, L, F] float32; 0 = keys before RoPE, 1 = values
     basis: np.ndarray  # [2, L, F, F] float32; columns = components, by falling variance
@@ -112,13 +112,13 @@ class Codec:
         flat = self.bits.reshape(-1)
         return [(int(b), np.nonzero(flat == b)[0]) for b in np.unique(flat) if b > 0]
 
-    @functools.cached_property
-    def _reader(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+    @functools.cache  # noqa: B019 - one per codec and dtype, for the codec's life (codecs are few and long-lived)
+    def _reader(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The basis cut to the components any (kind, layer) codes: [2L, r, F], mean [2L, 1, F], r."""
         used = np.nonzero(self.bits.reshape(-1, self.bits.shape[-1]).any(0))[0]
         r = int(used.max()) + 1 if len(used) else 0
         basis = torch.from_numpy(np.ascontiguousarray(self.basis[..., :r].swapaxes(-1, -2)))  # [2, L, r, F]
-        return basis.flatten(0, 1), torch.from_numpy(self.mean).flatten(0, 1)[:, None], r
+        return basis.flatten(0, 1).to(dtype), torch.from_numpy(self.mean).flatten(0, 1)[:, None].to(dtype), r
 
     @functools.cached_property
     def _levels_flat(self) -> torch.Tensor:
@@ -145,10 +145,12 @@ class Codec:
             planes += [np.packbits((codes >> j) & 1, axis=1) for j in range(b)]
         return np.concatenate(planes, 1) if planes else np.zeros((n, 0), np.uint8)
 
-    def decode(self, codes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """codes [N, row_bytes] uint8 -> keys_pre, values [N, L, H, D] float32."""
+    def decode(self, codes: np.ndarray, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """codes [N, row_bytes] uint8 -> keys_pre, values [N, L, H, D] in `dtype`: the basis product runs in it
+        (bfloat16 where the hardware has it: ~5x faster on a CPU with AVX512-BF16, its rounding far under the
+        codec's)."""
         n = codes.shape[0]
-        basis, mean, r = self._reader
+        basis, mean, r = self._reader(dtype)
         two_l, f = mean.shape[0], mean.shape[-1]
         levels = self._levels_flat
         coef = torch.zeros((n, two_l * f))
@@ -162,9 +164,9 @@ class Codec:
             tc = torch.from_numpy(comps)
             coef.index_copy_(1, tc, levels[tc * 2**MAX_BITS + torch.from_numpy(idx).long()])
         coef = coef.view(n, two_l, f)
-        c = coef[:, :, :r].transpose(0, 1)  # [2L, N, r]
+        c = coef[:, :, :r].transpose(0, 1).to(dtype)  # [2L, N, r]
         if self.gain:  # [2L, N, 1]
-            c = c * torch.from_numpy(codes[:, : 2 * two_l].copy().view(np.float16)).float().T[..., None]
+            c = c * torch.from_numpy(codes[:, : 2 * two_l].copy().view(np.float16)).to(dtype).T[..., None]
         x = torch.baddbmm(mean, c, basis)  # [2L, N, F]
         keys, values = x[: two_l // 2].transpose(0, 1), x[two_l // 2 :].transpose(0, 1)  # [N, L/g, g * H * D]
         return keys.reshape(n, -1, self.heads, self.head_dim), values.reshape(n, -1, self.heads, self.head_dim)

@@ -13,7 +13,7 @@ import torch
 from . import quant
 from .batch import generate_batch
 from .layout import check_kv_dtype, check_position_scheme
-from .model import sink_token_id
+from .model import encoding_dtype, sink_token_id
 from .rope import layer_rotaries, rerotate_layers, rotate_tokens
 
 
@@ -163,7 +163,7 @@ class MemoryDecoder:
         """The valid tokens of every block decoded at once (codec.py) -> per block keys before RoPE, values
         [L, H, S', D] on the device."""
         codes = np.concatenate([np.asarray(b["codes"][:n]) for b, n in zip(blocks, valid)])
-        keys, values = self.codec.decode(codes)  # [sum S', L, H, D]
+        keys, values = self.codec.decode(codes, encoding_dtype("auto", self.device))  # [sum S', L, H, D]
         at = 0
         for n in valid:
             part = slice(at, at + n)

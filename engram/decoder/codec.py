@@ -2,16 +2,19 @@
 variance is, no per-block scales.
 
 Per layer, a token's keys *before RoPE* (all KV heads: F = H * D values) are one vector and its values another.
-Calibrated once per model on shipped text (`fit`): each (keys|values, layer) gets a mean and an orthonormal PCA
-basis (components by falling variance), each component its own number of bits b in 0..8 and its own 2^b Lloyd-Max
+Calibrated once per model on shipped text (`calibrate`; calibrate.py): each (keys|values, layer) gets a mean and an
+orthonormal PCA basis (components by falling variance; `group` adjacent layers may share one, xKV), each component its
+own number of bits b in 0..6 and its own 2^b Lloyd-Max
 levels (the levels that minimise the squared error on the calibration coefficients). The bits are handed out one at
 a time to whichever component's measured error falls most per bit, errors weighed relative to the total variance of
 their (keys|values, layer), until the budget (bits per token) is spent: low-variance components get 0 bits (their
 mean). Keys before RoPE are decorrelated across tokens far better than rotated ones (KVQuant); the reader applies
 RoPE at the block's place when it assembles the cache, which it had to do anyway (re-rotation).
 
-A token's codes, every layer, keys and values, are one bit string of `row_bytes` bytes: a block's `codes` column is
-[T, row_bytes] uint8, fixed size, so a block stays one fixed-size segment row.
+A token's codes, every layer, keys and values, are one row of `row_bytes` bytes: per bit width, its components' codes
+packed like int4/int2 codes (8 / w codes of w bits per byte, w in 1, 2, 4; 3 bits = 2 + 1, 5 = 4 + 1, 6 = 4 + 2), so
+unpacking is a few shifts per byte. A block's `codes` column is [T, row_bytes] uint8, fixed size: a block stays one
+fixed-size segment row.
 
 Shapes: keys_pre, values [N, L, H, D] float32 (N tokens) <-> codes [N, row_bytes] uint8.
 """
@@ -69,7 +72,7 @@ class Codec:
     @property
     def row_bytes(self) -> int:
         gains = 2 * self.bits.shape[0] * self.bits.shape[1] if self.gain else 0  # fp16 per (keys|values, layer)
-        return gains + sum(b * -(-len(comps) // 8) for b, comps in self._groups)
+        return gains + sum(_packed_bytes(len(comps), b) for b, comps in self._groups)
 
     @property
     def digest(self) -> str:
@@ -105,7 +108,7 @@ class Codec:
         basis, levels = z["basis"].astype(np.float32), z["levels"].astype(np.float32)
         return cls(z["mean"], basis, z["bits"], levels, heads, head_dim, bool(gain))
 
-    # --- the bit string: per bit width b, the codes of its components as b bit planes (np.packbits) ----------
+    # --- the row: per bit width b, the codes of its components packed in aligned parts (PARTS) ------------------
     @functools.cached_property
     def _groups(self) -> list[tuple[int, np.ndarray]]:
         """(b, flat indices of the components coded with b bits), b ascending."""
@@ -137,13 +140,13 @@ class Codec:
         coef = torch.einsum("nklf,klfg->nklg", xc, torch.from_numpy(self.basis))
         coef = coef.reshape(n, -1)
         levels = self.levels.reshape(-1, self.levels.shape[-1])
-        planes = gains
+        parts = gains
         for b, comps in self._groups:
             lv = torch.from_numpy(levels[comps, : 2**b])
             edges = ((lv[:, 1:] + lv[:, :-1]) / 2).contiguous()  # [m, 2^b - 1] decision thresholds
-            codes = torch.searchsorted(edges, coef[:, comps].T.contiguous()).T.numpy().astype(np.uint8)  # [N, m]
-            planes += [np.packbits((codes >> j) & 1, axis=1) for j in range(b)]
-        return np.concatenate(planes, 1) if planes else np.zeros((n, 0), np.uint8)
+            codes = torch.searchsorted(edges, coef[:, comps].T.contiguous()).T  # [N, m]
+            parts.append(_pack(codes, b).numpy())
+        return np.concatenate(parts, 1) if parts else np.zeros((n, 0), np.uint8)
 
     def decode(self, codes: np.ndarray, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """codes [N, row_bytes] uint8 -> keys_pre, values [N, L, H, D] in `dtype`: the basis product runs in it
@@ -154,15 +157,14 @@ class Codec:
         two_l, f = mean.shape[0], mean.shape[-1]
         levels = self._levels_flat
         coef = torch.zeros((n, two_l * f))
+        data = torch.from_numpy(np.ascontiguousarray(codes))
         at = 2 * two_l if self.gain else 0
         for b, comps in self._groups:
-            width = -(-len(comps) // 8)
-            idx = np.zeros((n, len(comps)), np.uint8)
-            for j in range(b):
-                idx |= np.unpackbits(codes[:, at : at + width], axis=1, count=len(comps)) << j
-                at += width
+            size = _packed_bytes(len(comps), b)
+            idx = _unpack(data[:, at : at + size], len(comps), b)  # [N, m]
+            at += size
             tc = torch.from_numpy(comps)
-            coef.index_copy_(1, tc, levels[tc * 2**MAX_BITS + torch.from_numpy(idx).long()])
+            coef.index_copy_(1, tc, levels[tc * 2**MAX_BITS + idx])
         coef = coef.view(n, two_l, f)
         c = coef[:, :, :r].transpose(0, 1).to(dtype)  # [2L, N, r]
         if self.gain:  # [2L, N, 1]
@@ -170,6 +172,39 @@ class Codec:
         x = torch.baddbmm(mean, c, basis)  # [2L, N, F]
         keys, values = x[: two_l // 2].transpose(0, 1), x[two_l // 2 :].transpose(0, 1)  # [N, L/g, g * H * D]
         return keys.reshape(n, -1, self.heads, self.head_dim), values.reshape(n, -1, self.heads, self.head_dim)
+
+
+PARTS = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2)}  # a width's aligned parts, low bits first
+
+
+def _packed_bytes(m: int, b: int) -> int:
+    return sum(-(-m * w // 8) for w in PARTS[b])
+
+
+def _pack(codes: torch.Tensor, b: int) -> torch.Tensor:
+    """codes [N, m] (values < 2^b) -> [N, _packed_bytes(m, b)] uint8; code i of a byte at bits [i*w, (i+1)*w)."""
+    n, m = codes.shape
+    out, shift = [], 0
+    for w in PARTS[b]:
+        per = 8 // w
+        part = torch.nn.functional.pad((codes >> shift) & (2**w - 1), (0, -m % per)).view(n, -1, per)
+        out.append((part << (torch.arange(per) * w)).sum(-1).to(torch.uint8))
+        shift += w
+    return torch.cat(out, 1)
+
+
+def _unpack(data: torch.Tensor, m: int, b: int) -> torch.Tensor:
+    """Inverse of _pack: [N, bytes] uint8 -> codes [N, m] int64."""
+    n = data.shape[0]
+    codes, at, shift = None, 0, 0
+    for w in PARTS[b]:
+        per = 8 // w
+        size = -(-m * w // 8)
+        part = (data[:, at : at + size, None] >> (torch.arange(per, dtype=torch.uint8) * w)) & (2**w - 1)
+        part = part.reshape(n, -1)[:, :m].long() << shift
+        codes = part if codes is None else codes | part
+        at, shift = at + size, shift + w
+    return codes
 
 
 # --- calibration -------------------------------------------------------------------------------------------------

@@ -107,6 +107,7 @@ def main():
     ap.add_argument("--calib-chunks", type=int, default=160)
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--restore", nargs="+", default=["none"], help="none, keys, both (Calibration.codec)")
+    ap.add_argument("--niah-blocks", type=int, nargs="+", default=[4])
     ap.add_argument("--passkey-blocks", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--grids", nargs="+", default=["passkey", "niah", "distinct"])
     ap.add_argument("--out", default="")
@@ -196,21 +197,22 @@ def main():
             print(f"passkey {n_blocks} blocks", right, flush=True)
     if "niah" in args.grids:
         hay = cases.Haystack("niah", tok, 2048)
-        right = dict.fromkeys(variants, 0)
-        for t in range(args.trials):
-            case = cases.make_case("niah", "", 8000, rng.random(), t, rng)
-            docs = hay.documents(8000, case.needles)
-            all_ids = [i for _, d in docs for i in tok(d, add_special_tokens=False).input_ids]
-            cs = chunked(all_ids)
-            text_of = [tok.decode(c) for c, _ in cs]
-            hit = [i for i, s in enumerate(text_of) if "Dolores" in s or "sandwich" in s][:2] or [0]
-            others = rng.sample([i for i in range(len(cs)) if i not in hit], 4 - len(hit))
-            picked = sorted(hit + others)
-            for n, a in ask(case.question, encode(model, dec, [cs[i] for i in picked]), range(4), 16).items():
-                right[n] += cases.score(case, a) == 1.0
-        for n in variants:
-            rows[n]["niah_4"] = f"{right[n]}/{args.trials}"
-        print("niah", right, flush=True)
+        for n_blocks in args.niah_blocks:
+            right = dict.fromkeys(variants, 0)
+            for t in range(args.trials):
+                case = cases.make_case("niah", "", 8000, rng.random(), t, rng)
+                docs = hay.documents(8000, case.needles)
+                cs = chunked([i for _, d in docs for i in tok(d, add_special_tokens=False).input_ids])
+                text_of = [tok.decode(c) for c, _ in cs]
+                hit = [i for i, s in enumerate(text_of) if "Dolores" in s or "sandwich" in s][:2] or [0]
+                others = rng.sample([i for i in range(len(cs)) if i not in hit], n_blocks - len(hit))
+                picked = sorted(hit + others)
+                batch = encode(model, dec, [cs[i] for i in picked])
+                for n, a in ask(case.question, batch, range(n_blocks), 16).items():
+                    right[n] += cases.score(case, a) == 1.0
+            for n in variants:
+                rows[n][f"niah_{n_blocks}"] = f"{right[n]}/{args.trials}"
+            print(f"niah {n_blocks} blocks", right, flush=True)
     if "distinct" in args.grids:
         docs = dt.corpus(30 * 1500, tok, 1500)
         facts = dt.make_facts(random.Random(0))
@@ -244,6 +246,7 @@ def main():
         "passkey_4",
         "passkey_8",
         "niah_4",
+        "niah_8",
         "distinct_alone",
         "distinct_4",
         "decode_4_blocks_s",

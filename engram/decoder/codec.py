@@ -91,8 +91,8 @@ class Codec:
             )
 
     def save(self, path) -> None:
-        """Basis and levels as float16 (a codec from `Calibration.codec` holds float16-exact values)."""
-        np.savez(
+        """Basis and levels as float16 (a codec from `Calibration.codec` holds float16-exact values), compressed."""
+        np.savez_compressed(
             path,
             mean=self.mean,
             basis=self.basis.astype(np.float16),

@@ -184,14 +184,14 @@ def test_codec_blocks_assemble_like_float_blocks(smol):
 @pytest.mark.model
 def test_shipped_codec_answers_the_passkey(smol):
     from engram.decoder import blocks as kv
-    from engram.decoder.codec import codec_file, load_codec
+    from engram.decoder.codec import load_codec
     from engram.decoder.generate import MemoryDecoder
     from engram.decoder.layout import BlockLayout
     from engram.decoder.model import sink_token_id
     from engram.evals.haystack import PASSKEY_FILLER, PASSKEY_QUESTION, passkey_needle
 
     model, tok = smol
-    codec = load_codec(str(codec_file("", "smollm2")))
+    codec = load_codec("", "smollm2")
     codec.check_fits(model.config.num_hidden_layers, model.config.num_key_value_heads, 64)
     layout = BlockLayout.of(model.config, 128, 0, "codec", codec=codec)
     filler = tok(PASSKEY_FILLER * 20, add_special_tokens=False).input_ids
@@ -221,3 +221,8 @@ def test_codec_settings_are_checked(tmp_path):
         BlockLayout.of(Config(), 16, 8, "codec", codec=kvc.calibrate(k, v).codec(40))
     with pytest.raises(ValueError, match="another decoder"):
         kvc.calibrate(k, v).codec(40).check_fits(30, 3, 64)
+    kvc.calibrate(k, v).codec(40).save(tmp_path / "c.npz")
+    written_with = kvc.load_codec(str(tmp_path / "c.npz"), "smollm2").digest
+    assert kvc.load_codec(str(tmp_path / "c.npz"), "smollm2", written_with).digest == written_with
+    with pytest.raises(ValueError, match="not the one this data was written with"):
+        kvc.load_codec(str(tmp_path / "c.npz"), "smollm2", "0123456789abcdef")

@@ -137,6 +137,7 @@ class Cluster:
                 self.cfg.encoder.kv_dtype,
                 batch,
                 self.cfg.encoder.kv_codec,
+                self.layout.codec,
             )
         )
         self._next_encoder = itertools.cycle(self.encoders)

@@ -9,7 +9,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..decoder.codec import codec_file, load_codec
+from ..decoder.codec import load_codec
 from ..decoder.layout import BlockLayout, check_position_scheme
 from ..decoder.model import DecoderConfig, model_config
 from ..decoder.rope import check_supported
@@ -175,7 +175,7 @@ def block_layout(cfg: EngramConfig) -> BlockLayout:
     check_supported(model)  # an architecture whose keys cannot be moved exactly is refused at start
     codec = None
     if e.kv_dtype == "codec":
-        codec = load_codec(str(codec_file(e.kv_codec, cfg.decoder.model)))
+        codec = load_codec(e.kv_codec, cfg.decoder.model)
         head_dim = getattr(model, "head_dim", None) or model.hidden_size // model.num_attention_heads
         codec.check_fits(model.num_hidden_layers, model.num_key_value_heads, head_dim)
     return BlockLayout.of(

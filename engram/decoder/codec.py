@@ -51,8 +51,21 @@ def codec_file(setting: str, model: str) -> Path:
 
 
 @functools.cache
-def load_codec(path: str) -> Codec:
+def _load(path: str) -> Codec:
     return Codec.load(path)
+
+
+def load_codec(setting: str, model: str, digest: str = "") -> Codec:
+    """The codec [encoder] kv_codec names (read once per process); `digest`: the one the store was written with
+    (BlockLayout.codec): a codec file changed since is refused, never read with."""
+    path = codec_file(setting, model)
+    codec = _load(str(path))
+    if digest and codec.digest != digest:
+        raise ValueError(
+            f"the K/V codec at {path} (digest {codec.digest}) is not the one this data was written with ({digest}): "
+            "restore that file, or use a new data_dir"
+        )
+    return codec
 
 
 @dataclass(eq=False)  # compared by digest; hashed by identity (its readers are cached per codec)

@@ -13,7 +13,7 @@ class LocalDecoder:
         import torch
 
         from ..coordinator.config import block_layout
-        from ..decoder.codec import codec_file, load_codec
+        from ..decoder.codec import load_codec
         from ..decoder.generate import MemoryDecoder
         from ..decoder.model import load
 
@@ -22,7 +22,7 @@ class LocalDecoder:
         self.model, self.tok = load(cfg.decoder)
         self.layout = block_layout(cfg)
         e = cfg.encoder
-        self.codec = load_codec(str(codec_file(e.kv_codec, cfg.decoder.model))) if e.kv_dtype == "codec" else None
+        self.codec = load_codec(e.kv_codec, cfg.decoder.model, self.layout.codec) if e.kv_dtype == "codec" else None
         self.decoder = MemoryDecoder(
             self.model, self.tok, cfg.decoder.question_template, cfg.ask.position_scheme, e.kv_dtype, self.codec
         )

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 
 from ..decoder import model as decoder_model
-from ..decoder.codec import codec_file, load_codec
+from ..decoder.codec import load_codec
 from ..decoder.generate import Answer, MemoryDecoder, last
 
 
@@ -60,12 +60,13 @@ class DecoderWorker:
         kv_dtype: str = "float16",
         max_batch: int = 1,
         kv_codec: str = "",
+        codec_digest: str = "",
     ):
         self.cfg = cfg
         if not cfg.threads:  # Ray caps threads of actors that reserve no CPU; the decoder may use the node's cores
             cfg = dataclasses.replace(cfg, threads=os.cpu_count() or 1)
         model, tokenizer = decoder_model.load(cfg)
-        codec = load_codec(str(codec_file(kv_codec, cfg.model))) if kv_dtype == "codec" else None
+        codec = load_codec(kv_codec, cfg.model, codec_digest) if kv_dtype == "codec" else None
         self.decoder = MemoryDecoder(model, tokenizer, cfg.question_template, position_scheme, kv_dtype, codec)
         self.answered = 0  # answers produced since start (a cancelled ask never counts)
         self.batches: collections.deque[int] = collections.deque(maxlen=4096)  # recent batch sizes (tests, benches)

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..decoder import blocks as blocklib
 from ..decoder import model as decoder_model
-from ..decoder.codec import codec_file, load_codec
+from ..decoder.codec import load_codec
 from ..decoder.layout import BlockLayout, check_kv_dtype
 from .block_store import EncodedBlocks
 from .embedder import Embedder
@@ -94,7 +94,7 @@ class Encoder:
         self.cfg, self.layout = enc, layout
         self.model, self.tokenizer = decoder_model.load(dec)
         self.sink_id = decoder_model.sink_token_id(self.tokenizer)
-        self.codec = load_codec(str(codec_file(enc.kv_codec, dec.model))) if layout.kv_dtype == "codec" else None
+        self.codec = load_codec(enc.kv_codec, dec.model, layout.codec) if layout.kv_dtype == "codec" else None
         self.embedder = Embedder(enc.embedder)
 
     def encode(

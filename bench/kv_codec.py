@@ -123,8 +123,13 @@ def main():
     cal_batch = encode(model, dec, calib.calibration_chunks(tok, args.calib_chunks, T, CTX))
     pre, vals = calib.tokens_of(cal_batch, rot)
     t1 = time.perf_counter()
+    chunks = calib.calibration_chunks(tok, args.calib_chunks, T, CTX)
+    c = model.config
+    qs = calib.query_scale(model, dec.sink_id, chunks, c.num_hidden_layers, c.num_key_value_heads, 64)
     cals = {
-        (mode, g): kvc.calibrate(pre, vals, gain=mode == "gain", group=g) for mode in args.modes for g in args.groups
+        (mode, g): kvc.calibrate(pre, vals, gain=mode == "gain", group=g, key_scale=qs if mode == "qs" else None)
+        for mode in args.modes
+        for g in args.groups
     }
     fitted = time.perf_counter() - t1
     print(f"calibration: {args.calib_chunks} chunks encoded in {t1 - t0:.0f} s, {len(cals)} fitted in {fitted:.0f} s")
@@ -132,7 +137,7 @@ def main():
     variants = {"float16": "float16", "int4": "int4"}
     for (mode, g), cal in cals.items():
         for w, r, b in itertools.product(args.key_weights, args.restore, args.bits):
-            name = f"codec{'+gain' * (mode == 'gain')}{f'/{g}L' * (g > 1)}{f'/kw{w:g}' * (w != 1)}"
+            name = f"codec{'+' + mode if mode != 'plain' else ''}{f'/{g}L' * (g > 1)}{f'/kw{w:g}' * (w != 1)}"
             name += {"none": "", "keys": "/rk", "both": "/rkv"}[r] + f" {b:g} bits"
             variants[name] = cal.codec(round(b * values_per_token), w, r)
     int_bytes = {n: kv_bytes(BlockLayout.of(model.config, T, 0, n)) / T for n in ("float16", "int4", "int2")}

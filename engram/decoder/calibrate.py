@@ -52,6 +52,42 @@ def encode_float(model, sink: int, chunks, chunk_tokens: int = 128, encoding: st
     return {k: torch.from_numpy(np.concatenate([b[k] for b in out])) for k in out[0]}
 
 
+@torch.inference_mode()
+def query_scale(model, sink: int, chunks, layers: int, kv_heads: int, head_dim: int) -> np.ndarray:
+    """[L, H, D]: per layer, KV head and channel, the RMS of the queries that read those keys (every query head of
+    the group, before RoPE), averaged over each rotate_half pair (RoPE turns the pair together, so a key error in
+    either channel of a pair meets the same query energy at some distance). Coding keys scaled by it makes the
+    codec's squared error the error of the attention logits q.k."""
+    energy = torch.zeros(layers, kv_heads, head_dim, dtype=torch.float64)
+
+    def hook(layer):
+        def pre(module, args, kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            q = module.q_proj(hidden).view(*hidden.shape[:2], -1, module.head_dim)  # [B, T, Hq, D]
+            if getattr(module, "q_norm", None) is not None:  # Qwen3, Gemma-3: normed before RoPE
+                q = module.q_norm(q)
+            q = q.float().pow(2).mean((0, 1)).view(kv_heads, -1, head_dim).mean(1)  # [H, D]
+            energy[layer] += q.double()
+
+        return pre
+
+    attention = [a.self_attn for a in model.model.layers]
+    handles = [a.register_forward_pre_hook(hook(i), with_kwargs=True) for i, a in enumerate(attention)]
+    rows: dict[int, list[list[int]]] = {}
+    for c, x in chunks:  # equal lengths batch together: no padding among the queries counted
+        rows.setdefault(1 + len(x) + len(c), []).append([sink, *x, *c])
+    try:
+        for same in rows.values():
+            for i in range(0, len(same), 16):
+                model.model(input_ids=torch.tensor(same[i : i + 16]))
+    finally:
+        for h in handles:
+            h.remove()
+    half = head_dim // 2
+    paired = (energy[..., :half] + energy[..., half:]) / 2
+    return torch.cat([paired, paired], -1).sqrt().float().numpy()
+
+
 def tokens_of(batch: dict[str, torch.Tensor], rotaries) -> tuple[torch.Tensor, torch.Tensor]:
     """Float blocks -> keys before RoPE, values [B * T, L, H, D] (every token, padding included)."""
     k, v = batch["keys"].float(), batch["values"].float()

@@ -77,6 +77,9 @@ class Codec:
     heads: int
     head_dim: int
     gain: bool = False  # each token's (keys|values, layer) vector's norm stored apart (fp16), its direction coded
+    # [L, H, D] keys are coded as keys * key_scale (and divided back): an error along a channel the queries barely
+    # read costs little, so the scale is the queries' RMS per channel (calibrate.query_scale)
+    key_scale: np.ndarray | None = None
 
     @property
     def bits_per_token(self) -> int:
@@ -91,7 +94,13 @@ class Codec:
     def digest(self) -> str:
         """Names this exact codec (stores record it: blocks coded with one are read with the same)."""
         h = hashlib.sha256()
-        for a in (self.mean, self.basis, self.bits, self.levels):
+        for a in (
+            self.mean,
+            self.basis,
+            self.bits,
+            self.levels,
+            *(() if self.key_scale is None else (self.key_scale,)),
+        ):
             h.update(np.ascontiguousarray(a).tobytes())
         return h.hexdigest()[:16]
 
@@ -112,6 +121,7 @@ class Codec:
             bits=self.bits,
             levels=self.levels.astype(np.float16),
             shape=np.array([self.heads, self.head_dim, int(self.gain)]),
+            **({} if self.key_scale is None else {"key_scale": self.key_scale}),
         )
 
     @classmethod
@@ -119,7 +129,8 @@ class Codec:
         z = np.load(path)
         heads, head_dim, gain = (int(x) for x in z["shape"])
         basis, levels = z["basis"].astype(np.float32), z["levels"].astype(np.float32)
-        return cls(z["mean"], basis, z["bits"], levels, heads, head_dim, bool(gain))
+        key_scale = z["key_scale"] if "key_scale" in z.files else None
+        return cls(z["mean"], basis, z["bits"], levels, heads, head_dim, bool(gain), key_scale)
 
     # --- the row: per bit width b, the codes of its components packed in aligned parts (PARTS) ------------------
     @functools.cached_property
@@ -144,6 +155,8 @@ class Codec:
         """keys_pre, values [N, L, H, D] -> codes [N, row_bytes] uint8."""
         n = keys_pre.shape[0]
         x = torch.stack([keys_pre.reshape(n, *self.mean.shape[1:]), values.reshape(n, *self.mean.shape[1:])], 1)
+        if self.key_scale is not None:
+            x[:, 0] *= torch.from_numpy(self.key_scale).reshape(self.mean.shape[1:])
         xc = x.float() - torch.from_numpy(self.mean)
         gains = []
         if self.gain:
@@ -184,6 +197,8 @@ class Codec:
             c = c * torch.from_numpy(codes[:, : 2 * two_l].copy().view(np.float16)).to(dtype).T[..., None]
         x = torch.baddbmm(mean, c, basis)  # [2L, N, F]
         keys, values = x[: two_l // 2].transpose(0, 1), x[two_l // 2 :].transpose(0, 1)  # [N, L/g, g * H * D]
+        if self.key_scale is not None:
+            keys = keys / torch.from_numpy(self.key_scale).reshape(keys.shape[1:]).to(dtype)
         return keys.reshape(n, -1, self.heads, self.head_dim), values.reshape(n, -1, self.heads, self.head_dim)
 
 
@@ -259,6 +274,7 @@ class Calibration:
     heads: int
     head_dim: int
     gain: bool = False
+    key_scale: np.ndarray | None = None
 
     def codec(self, bits_per_token: int, key_weight: float = 1.0, restore: str = "none") -> Codec:
         """Spend bits_per_token bits; key_weight scales the keys' errors against the values' (1 = relative errors
@@ -288,12 +304,21 @@ class Calibration:
             self.heads,
             self.head_dim,
             self.gain,
+            self.key_scale,
         )
 
 
-def calibrate(keys_pre: torch.Tensor, values: torch.Tensor, gain: bool = False, group: int = 1) -> Calibration:
+def calibrate(
+    keys_pre: torch.Tensor,
+    values: torch.Tensor,
+    gain: bool = False,
+    group: int = 1,
+    key_scale: np.ndarray | None = None,
+) -> Calibration:
     """keys_pre, values [N, L, H, D] (calibration tokens) -> a Calibration (then `.codec(bits_per_token)`)."""
     n, layers, heads, head_dim = keys_pre.shape
+    if key_scale is not None:
+        keys_pre = keys_pre * torch.from_numpy(key_scale).float()
     if layers % group:
         raise ValueError(f"a group of {group} layers does not divide the decoder's {layers} layers")
     layers, f = layers // group, group * heads * head_dim  # g adjacent layers share one basis (xKV)
@@ -313,7 +338,7 @@ def calibrate(keys_pre: torch.Tensor, values: torch.Tensor, gain: bool = False, 
         parts = [lloyd_max(coef[lo : lo + 1024], 2**b) for lo in range(0, coef.shape[0], 1024)]
         by_bits[b] = torch.cat([lv for lv, _ in parts])
         err[:, b] = torch.cat([e for _, e in parts])
-    return Calibration(mean.float(), basis.float(), var.float(), err, by_bits, heads, head_dim, gain)
+    return Calibration(mean.float(), basis.float(), var.float(), err, by_bits, heads, head_dim, gain, key_scale)
 
 
 def allocate(err: torch.Tensor, budget: int) -> np.ndarray:

@@ -28,13 +28,13 @@ import numpy as np
 import torch
 
 from engram.decoder import blocks as kv
-from engram.decoder import calibrate as calib
 from engram.decoder import codec as kvc
 from engram.decoder import quant
 from engram.decoder.generate import MemoryDecoder
 from engram.decoder.layout import BlockLayout
 from engram.decoder.model import DecoderConfig, load
 from engram.decoder.rope import layer_rotaries, rerotate_layers
+from engram.evals import calibrate as calib
 from engram.evals import cases
 from engram.evals import distinct as dt
 from engram.evals.haystack import PASSKEY_FILLER, PASSKEY_QUESTION, passkey_needle

@@ -135,7 +135,7 @@ def smol():
 
 
 def _text_chunks(tok, t: int):
-    from engram.decoder.calibrate import chunks_of
+    from engram.evals.calibrate import chunks_of
     from engram.evals.haystack import PASSKEY_FILLER
 
     text = "Alice keeps the spare key under the blue flower pot by the door. " + PASSKEY_FILLER * 30
@@ -147,11 +147,11 @@ def test_codec_blocks_assemble_like_float_blocks(smol):
     """Blocks written through a generous codec give the reader the cache float16 blocks give it: keys before
     RoPE are placed token by token at their block's place (a wrong position would be far off)."""
     from engram.decoder import blocks as kv
-    from engram.decoder.calibrate import encode_float, tokens_of
     from engram.decoder.generate import MemoryDecoder
     from engram.decoder.layout import BlockLayout
     from engram.decoder.model import sink_token_id
     from engram.decoder.rope import layer_rotaries
+    from engram.evals.calibrate import encode_float, tokens_of
 
     model, tok = smol
     t, sink = 32, sink_token_id(tok)

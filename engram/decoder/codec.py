@@ -2,14 +2,15 @@
 variance is, no per-block scales.
 
 Per layer, a token's keys *before RoPE* (all KV heads: F = H * D values) are one vector and its values another.
-Calibrated once per model on shipped text (`calibrate`; calibrate.py): each (keys|values, layer) gets a mean and an
-orthonormal PCA basis (components by falling variance; `group` adjacent layers may share one, xKV), each component its
-own number of bits b in 0..6 and its own 2^b Lloyd-Max
+Calibrated once per model on shipped text (`calibrate`; the command: evals/calibrate.py): each (keys|values,
+layer) gets a mean and an orthonormal PCA basis (components by falling variance; `group` adjacent layers may share
+one, xKV), each component its own number of bits b in 0..6 and its own 2^b Lloyd-Max
 levels (the levels that minimise the squared error on the calibration coefficients). The bits are handed out one at
 a time to whichever component's measured error falls most per bit, errors weighed relative to the total variance of
 their (keys|values, layer), until the budget (bits per token) is spent: low-variance components get 0 bits (their
-mean). Keys before RoPE are decorrelated across tokens far better than rotated ones (KVQuant); the reader applies
-RoPE at the block's place when it assembles the cache, which it had to do anyway (re-rotation).
+mean). Keys are coded before RoPE: their channel statistics are the same at every position (KVQuant), so one basis
+fits every position; the reader applies RoPE at the block's place when it assembles the cache, as it re-rotated
+keys before.
 
 A token's codes, every layer, keys and values, are one row of `row_bytes` bytes: per bit width, its components' codes
 packed like int4/int2 codes (8 / w codes of w bits per byte, w in 1, 2, 4; 3 bits = 2 + 1, 5 = 4 + 1, 6 = 4 + 2), so
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 MAX_BITS = 6
-CODECS = Path(__file__).parent / "codecs"  # codecs calibrated for the shipped decoders (python -m ...calibrate)
+CODECS = Path(__file__).parent / "codecs"  # codecs calibrated for the shipped decoders (evals/calibrate.py)
 SHIPPED = {"smollm2": "smollm2.npz"}
 
 
@@ -45,7 +46,7 @@ def codec_file(setting: str, model: str) -> Path:
     if model in SHIPPED:
         return CODECS / SHIPPED[model]
     raise ValueError(
-        f"no K/V codec is shipped for the decoder {model!r}: make one with `python -m engram.decoder.calibrate "
+        f"no K/V codec is shipped for the decoder {model!r}: make one with `python -m engram.evals.calibrate "
         f"--model {model} --out FILE` and set [encoder] kv_codec = FILE (or use kv_dtype int4)"
     )
 
@@ -78,7 +79,7 @@ class Codec:
     head_dim: int
     gain: bool = False  # each token's (keys|values, layer) vector's norm stored apart (fp16), its direction coded
     # [L, H, D] keys are coded as keys * key_scale (and divided back): an error along a channel the queries barely
-    # read costs little, so the scale is the queries' RMS per channel (calibrate.query_scale)
+    # read costs little, so the scale is the queries' RMS per channel (evals/calibrate.py query_scale)
     key_scale: np.ndarray | None = None
 
     @property
@@ -109,7 +110,7 @@ class Codec:
             raise ValueError(
                 f"the K/V codec was calibrated for another decoder ({self.mean[0].size // (self.heads * self.head_dim)}"
                 f" layers x {self.heads} KV heads x {self.head_dim}, not {layers} x {heads} x {head_dim}): calibrate "
-                "one for this decoder (python -m engram.decoder.calibrate)"
+                "one for this decoder (python -m engram.evals.calibrate)"
             )
 
     def save(self, path) -> None:

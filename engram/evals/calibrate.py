@@ -1,10 +1,11 @@
-"""Calibrate the K/V transform codec (codec.py) for a decoder, once per decoder and budget:
+"""Calibrate the K/V transform codec (decoder/codec.py) for a decoder, once per decoder and budget:
 
-    python -m engram.decoder.calibrate [--model smollm2] [--bits 2] [--gain] [--group 1] [--out FILE]
+    python -m engram.evals.calibrate [--model smollm2] [--bits 2] [--gain] [--group 1] [--out FILE]
 
 The text: docstrings of installed packages that no benchmark haystack uses (pydantic, fastapi, starlette, ...),
 cut into chunks of 128 tokens, each encoded after its 32-token left context, as the service encodes them. The
-codec shipped for SmolLM2 (codecs/smollm2.npz) was made by this command with the settings in codecs/README.md.
+codec shipped for SmolLM2 (decoder/codecs/smollm2.npz) was made by this command with the settings in
+decoder/codecs/README.md.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import time
 import numpy as np
 import torch
 
-from . import blocks as kv
-from .codec import CODECS, SHIPPED, calibrate
-from .layout import BlockLayout
-from .model import DecoderConfig, encoding_autocast, load, sink_token_id
-from .rope import layer_rotaries, rerotate_layers
+from ..decoder import blocks as kv
+from ..decoder.codec import CODECS, SHIPPED, calibrate
+from ..decoder.layout import BlockLayout
+from ..decoder.model import DecoderConfig, encoding_autocast, load, sink_token_id
+from ..decoder.rope import layer_rotaries, rerotate_layers
+from .distinct import docstrings
 
 PACKAGES = ("pydantic", "fastapi", "starlette", "uvicorn", "tqdm", "pip", "click", "jinja2", "requests")
 
@@ -33,8 +35,6 @@ def chunks_of(ids: list[int], chunk_tokens: int = 128, context: int = 32) -> lis
 
 def calibration_chunks(tokenizer, n: int, chunk_tokens: int = 128, context: int = 32):
     """n chunks spread evenly over the calibration text."""
-    from ..evals.distinct import docstrings
-
     ids = tokenizer("\n\n".join(docstrings(PACKAGES)), add_special_tokens=False).input_ids
     chunks = chunks_of(ids, chunk_tokens, context)
     return [chunks[i] for i in np.linspace(0, len(chunks) - 1, min(n, len(chunks))).astype(int)]

@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
+from kv_sparsity import chunks_for  # bench/: the same passkey chunks as the dtype sweep
 
 from engram.decoder import blocks as kv
 from engram.decoder import codec as kvc
@@ -37,7 +38,7 @@ from engram.decoder.rope import layer_rotaries, rerotate_layers
 from engram.evals import calibrate as calib
 from engram.evals import cases
 from engram.evals import distinct as dt
-from engram.evals.haystack import PASSKEY_FILLER, PASSKEY_QUESTION, passkey_needle
+from engram.evals.haystack import PASSKEY_QUESTION
 
 T, CTX = 128, 32
 
@@ -56,11 +57,10 @@ def encode(model, dec, chunks) -> dict[str, torch.Tensor]:
     return calib.encode_float(model, dec.sink_id, chunks, T, "auto")
 
 
-def turn(keys: torch.Tensor, sign: int, rotaries) -> torch.Tensor:
-    """keys [B, L, H, T, D] at 1..T -> before RoPE (sign -1), or back (sign +1)."""
-    pos = torch.arange(1, T + 1) * sign
+def turn(keys: torch.Tensor, rotaries) -> torch.Tensor:
+    """keys before RoPE [B, L, H, T, D] -> rotated to 1..T."""
     k = keys.permute(3, 0, 1, 2, 4).float()  # [T, B, L, H, D]: one shift per row
-    return rerotate_layers(k, pos, rotaries, 2).permute(1, 2, 3, 0, 4)
+    return rerotate_layers(k, torch.arange(1, T + 1), rotaries, 2).permute(1, 2, 3, 0, 4)
 
 
 def roundtrip(batch, variant, rotaries) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,16 +69,13 @@ def roundtrip(batch, variant, rotaries) -> tuple[torch.Tensor, torch.Tensor]:
     if variant == "float16":
         return k, v
     if isinstance(variant, str):
-        return quant.unpack_kv({n: t for n, t in quant.pack_kv(k, v, variant).items()}, variant)
-    codec = variant
+        return quant.unpack_kv(quant.pack_kv(k, v, variant), variant)
     b, layers, h, t, d = k.shape
-    pre = turn(k, -1, rotaries).permute(0, 3, 1, 2, 4).reshape(b * t, layers, h, d)
-    vals = v.permute(0, 3, 1, 2, 4).reshape(b * t, layers, h, d)
-    kp, vp = codec.decode(codec.encode(pre, vals))
+    kp, vp = variant.decode(kv.codec_rows(k, v, variant, rotaries).flatten(0, 1).numpy())
     kp = kp.reshape(b, t, layers, h, d).permute(0, 2, 3, 1, 4)
     vp = vp.reshape(b, t, layers, h, d).permute(0, 2, 3, 1, 4)
     pad = (batch["positions"] < 0)[..., None]
-    return turn(kp, 1, rotaries).masked_fill(pad, 0), vp.masked_fill(pad, 0)
+    return turn(kp, rotaries).masked_fill(pad, 0), vp.masked_fill(pad, 0)
 
 
 def stored(batch, variant, rotaries, order) -> list[dict]:
@@ -181,20 +178,11 @@ def main():
 
     rng = random.Random(0)
     if "passkey" in args.grids:
-        filler = tok(PASSKEY_FILLER * 60, add_special_tokens=False).input_ids
         for n_blocks in args.passkey_blocks:
             right = dict.fromkeys(variants, 0)
             for _ in range(args.trials):
                 key = rng.randint(10000, 99999)
-                needle = tok(" " + passkey_needle(key), add_special_tokens=False).input_ids
-                at = rng.randrange(n_blocks)
-                cs = []
-                for c in range(n_blocks):
-                    base = filler[c * 37 : c * 37 + T]
-                    if c == at:
-                        p = rng.randint(0, T - len(needle) - 1)
-                        base = (base[:p] + needle + base[p:])[:T]
-                    cs.append((base, []))
+                cs = [(c, []) for c in chunks_for(tok, key, rng.randrange(n_blocks), n_blocks, rng)]
                 for n, a in ask(PASSKEY_QUESTION, encode(model, dec, cs), range(n_blocks)).items():
                     right[n] += cases.first_integer(a) == key
             for n in variants:

@@ -146,15 +146,20 @@ def encode_chunks(
     return {name: t.cpu().numpy() for name, t in batch.items()}
 
 
-def codec_rows(keys: torch.Tensor, values: torch.Tensor, codec, rotaries: list) -> torch.Tensor:
-    """keys (rotated to 1..T), values [B, L, H, T, D] -> codes [B, T, row_bytes] uint8: keys turned back to before
-    RoPE, every token coded by the transform codec (codec.py)."""
+def tokens_before_rope(keys: torch.Tensor, values: torch.Tensor, rotaries: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks' keys (rotated to 1..T), values [B, L, H, T, D] -> per token, keys turned back to before RoPE and
+    values [B * T, L, H, D] float32 on the CPU (what the transform codec codes, codec.py)."""
     b, layers, h, t, d = keys.shape
     back = -torch.arange(1, t + 1, device=keys.device)
     pre = rerotate_layers(keys.permute(3, 0, 1, 2, 4).float(), back, rotaries, 2)  # [T, B, L, H, D]
     pre = pre.transpose(0, 1).reshape(b * t, layers, h, d).cpu()
-    vals = values.permute(0, 3, 1, 2, 4).reshape(b * t, layers, h, d).float().cpu()
-    return torch.from_numpy(codec.encode(pre, vals)).view(b, t, -1)
+    return pre, values.permute(0, 3, 1, 2, 4).reshape(b * t, layers, h, d).float().cpu()
+
+
+def codec_rows(keys: torch.Tensor, values: torch.Tensor, codec, rotaries: list) -> torch.Tensor:
+    """keys (rotated to 1..T), values [B, L, H, T, D] -> codes [B, T, row_bytes] uint8 (codec.py)."""
+    b, t = keys.shape[0], keys.shape[3]
+    return torch.from_numpy(codec.encode(*tokens_before_rope(keys, values, rotaries))).view(b, t, -1)
 
 
 def blocks_of(batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:

@@ -21,7 +21,7 @@ from ..decoder import blocks as kv
 from ..decoder.codec import CODECS, SHIPPED, calibrate
 from ..decoder.layout import BlockLayout
 from ..decoder.model import DecoderConfig, encoding_autocast, load, sink_token_id
-from ..decoder.rope import layer_rotaries, rerotate_layers
+from ..decoder.rope import layer_rotaries
 from .distinct import docstrings
 
 PACKAGES = ("pydantic", "fastapi", "starlette", "uvicorn", "tqdm", "pip", "click", "jinja2", "requests")
@@ -90,10 +90,7 @@ def query_scale(model, sink: int, chunks, layers: int, kv_heads: int, head_dim: 
 
 def tokens_of(batch: dict[str, torch.Tensor], rotaries) -> tuple[torch.Tensor, torch.Tensor]:
     """Float blocks -> keys before RoPE, values [B * T, L, H, D] (every token, padding included)."""
-    k, v = batch["keys"].float(), batch["values"].float()
-    t = k.shape[3]
-    pre = rerotate_layers(k.permute(3, 0, 1, 2, 4), -torch.arange(1, t + 1), rotaries, 2).transpose(0, 1)
-    return pre.flatten(0, 1), v.permute(0, 3, 1, 2, 4).flatten(0, 1)
+    return kv.tokens_before_rope(batch["keys"], batch["values"], rotaries)
 
 
 def main() -> None:

@@ -41,6 +41,15 @@ def main():
     p.add_argument("--batch", type=int, default=256, help="chunks per embedding batch")
     p.add_argument("--out", default="")
     p.add_argument("--save-latents", default="", help="write every window latent here (.npy, float16)")
+    p.add_argument(
+        "--compare-float32",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also rank every fact's question and N more (a random chunk's opening words each) with the windows "
+        "scored on their float32 latents read from disk instead of the vector index's float16 copy; report how "
+        "often the merged top k and top 64 differ",
+    )
     a = p.parse_args()
 
     import torch
@@ -156,6 +165,8 @@ def main():
                         "search_s": search_s,
                     }
                 )
+            if a.compare_float32:
+                summary_cmp = compare_float32(shards, facts, encoder, tok, docs, a, cfg, merge)
             stats = [s.stats() for s in shards]
             if a.save_latents:  # real MiniLM window vectors, for bench/vector_scaling.py --vectors
                 held = [s.blocks.latents(np.arange(len(s.blocks))).reshape(-1, real.latent_dim) for s in shards]
@@ -179,6 +190,8 @@ def main():
             "chunks_per_shard": [st.chunks for st in stats],
             "facts": rows,
         }
+        if a.compare_float32:
+            summary["float16_vs_float32"] = summary_cmp
         print(json.dumps({k: v for k, v in summary.items() if k != "facts"}), flush=True)
         for r in rows:
             if not r["in_top_k"]:
@@ -188,6 +201,42 @@ def main():
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         out = {"task": "distinct-retrieval", "machine": machine(), "args": vars(a), "lengths": results}
         Path(a.out + ".json").write_text(json.dumps(out, indent=1))
+
+
+def compare_float32(shards, facts, encoder, tok, docs, a, cfg, merge) -> dict:
+    """The merged top k and top 64 of each query, windows scored on the index's float16 vectors (the shard's
+    default) and on the float32 latents from disk: how many lists differ, and the largest score difference."""
+    from engram.workers.shard import Shard
+
+    rng = random.Random(a.seed + 1)
+    questions = [f.question for f in facts if f.question]
+    for _ in range(a.compare_float32):  # a random chunk's opening ~24 tokens, as a question
+        ids = tok(rng.choice(docs)[1], add_special_tokens=False).input_ids
+        start = rng.randrange(0, max(1, len(ids) - 24))
+        questions.append(tok.decode(ids[start : start + 24]))
+    z = encoder.embed(questions)
+
+    def ranked(q, text, k):
+        found = merge(list(range(a.shards)), [s.search("ns", q, k, text=text) for s in shards], k, cfg.ask)
+        return [(h.document_id, h.seq) for h in found], [h.score for h in found]
+
+    from_index = [(ranked(q, t, a.top_k), ranked(q, t, DEEP)) for q, t in zip(z, questions)]
+    default = Shard._window_vectors
+    Shard._window_vectors = lambda self, ns, rows, blocks: self.blocks.latents(blocks).astype(np.float64)
+    try:
+        from_disk = [(ranked(q, t, a.top_k), ranked(q, t, DEEP)) for q, t in zip(z, questions)]
+    finally:
+        Shard._window_vectors = default
+    return {
+        "queries": len(questions),
+        "top_k_lists_differ": sum(x[0][0] != y[0][0] for x, y in zip(from_index, from_disk)),
+        "top_k_sets_differ": sum(set(x[0][0]) != set(y[0][0]) for x, y in zip(from_index, from_disk)),
+        "top_64_lists_differ": sum(x[1][0] != y[1][0] for x, y in zip(from_index, from_disk)),
+        "max_score_difference_top_k": max(
+            (abs(u - v) for x, y in zip(from_index, from_disk) if x[0][0] == y[0][0] for u, v in zip(x[0][1], y[0][1])),
+            default=0.0,
+        ),
+    }
 
 
 if __name__ == "__main__":

@@ -159,11 +159,12 @@ def test_hopfield_hierarchical_readout():
     assert np.dot(out, readouts[7]) / np.linalg.norm(out) > 0.9
 
 
-@pytest.mark.parametrize("n", [5, 32, 60])
+@pytest.mark.parametrize("n", [5, 20, 32, 60])
 def test_a_closed_memory_reads_as_before_in_a_fraction_of_the_ram(n):
-    """close() keeps an orthonormal float32 basis of the memory's row space instead of the normal equations and the
-    C×C projection: reads equal the open memory's (float32 rounding), the RAM is smaller, and updates are refused
-    (the shard rebuilds a closed episode from its items instead)."""
+    """close() keeps an orthonormal float32 basis of the memory's row space, or of its complement when that is
+    smaller (n > C/2), instead of the normal equations and the C×C projection: reads equal the open memory's
+    (float32 rounding), the RAM is the smaller basis', and updates are refused (the shard rebuilds a closed episode
+    from its items instead)."""
     rng = np.random.default_rng(n)
     z, q = unit(rng, n, CFG.dim), unit(rng, 7, CFG.dim)
     mem = write_one_shot(z, reference_pinv(CFG), CFG.ridge)
@@ -172,5 +173,7 @@ def test_a_closed_memory_reads_as_before_in_a_fraction_of_the_ram(n):
     mem.close()
     np.testing.assert_allclose(mem.read(q), open_read, atol=1e-5)
     assert mem.closed and mem.count == n and mem.nbytes < open_bytes / 3
+    rank = min(n, CFG.rows, CFG.dim)
+    assert mem.complement == (2 * rank > CFG.dim) and mem.nbytes == 4 * CFG.dim * min(rank, CFG.dim - rank)
     with pytest.raises(RuntimeError, match="closed"):
         mem.forget(z[:1])

@@ -40,7 +40,9 @@ def test_search_finds_the_matching_window(tmp_path, read_mode):
     # 5 chunks x 2 windows, K = 4 items: 2 chunks per episode -> 3 episodes
     assert len(s.memories) == 3
     r = s.search("ns", b.latent[3, 1], top_k=2, readout=True)
-    assert r.block[0] == 3 and r.score[0] == pytest.approx(1.0, abs=1e-6 if read_mode == "least_squares" else 0.05)
+    # the windows are scored as the vector index holds them, in float16: a unit vector's cosine with itself
+    # within float16 rounding (|error| <= 2^-11 per element) of 1
+    assert r.block[0] == 3 and r.score[0] == pytest.approx(1.0, abs=1e-3 if read_mode == "least_squares" else 0.05)
     assert r.doc == ["a", "a"] and r.seq[0] == 3 and len(r.readout) == 6
     assert s.search("ns", b.latent[3, 1], top_k=2).readout is None  # Ask does not pay for the readout
     assert s.search("other", b.latent[0, 0], 2).episodes == 0
@@ -110,7 +112,7 @@ def test_chunks_move_between_shards_exactly_once(tmp_path):
         assert sorted(c.seq for c in shard.chunks_at("ns", "a", list(range(5)))) == seqs
         for q in seqs:  # each chunk is found on its shard, scored through that shard's memory
             r = shard.search("ns", b.latent[q, 0], top_k=1)
-            assert r.seq[0] == q and r.score[0] == pytest.approx(1.0, abs=1e-6)
+            assert r.seq[0] == q and r.score[0] == pytest.approx(1.0, abs=1e-3)  # float16 vectors
         assert sum(m.count for m in shard.memories.values()) == 2 * len(seqs)  # R = 2 windows per chunk
     assert src.stats().tokens == 8 and dst.stats().tokens == 12
     # durable: both reopen with the same rows

@@ -62,6 +62,31 @@ def test_ann_past_its_threshold_keeps_the_exact_top_k(factory, params):
     assert np.mean(found) >= 0.99
 
 
+@pytest.mark.parametrize("factory", ["", "IVF{cells},SQfp16", "HNSW32_SQfp16"])
+def test_latents_come_back_by_chunk_row_as_float16(factory):
+    """The index is the shard's in-RAM copy of the latents: a chunk row's windows come back as their float16
+    rounding, flat or ANN; a row it does not hold gives None (the shard reads the disk)."""
+    rng = np.random.default_rng(4)
+    latents = unit(rng, 300, 3, 16)
+    params = {"": "nprobe=64", "IVF{cells},SQfp16": "nprobe=4", "HNSW32_SQfp16": "efSearch=64"}[factory]
+    cfg = VectorConfig(
+        ann_min_vectors=600 if factory else 0, ann_factory=factory or "IVF{cells},SQfp16", ann_params=params
+    )
+    v = NamespaceVectors(16, cfg)
+    rows = np.arange(0, 600, 2)  # the namespace's chunk rows: every other row of the shard
+    v.add(rows[:150], latents[:150])
+    v.add(rows[150:], latents[150:])
+    assert v.ann == bool(factory)
+    pick = np.array([7, 299, 0, 150])
+    want = latents[pick].astype(np.float16).astype(np.float32)
+    if factory.startswith("IVF"):  # IVF codes each vector's residual to its cell's centroid in float16
+        np.testing.assert_allclose(v.latents(rows[pick]), latents[pick], atol=1e-3)
+    else:
+        np.testing.assert_array_equal(v.latents(rows[pick]), want)
+    assert v.latents(np.array([1])) is None and v.latents(np.array([600])) is None
+    assert v.latents(np.array([], dtype=np.int64)).shape == (0, 3, 16)
+
+
 def test_a_wrong_ann_setting_fails_at_start():
     with pytest.raises(ValueError, match="not a FAISS index"):
         VectorConfig(ann_factory="IVF{cells},Nonsense")

@@ -48,7 +48,12 @@ def block_schema(layout: BlockLayout) -> dict[str, tuple[tuple[int, ...], str]]:
     }
 
 
-BLOCKS_IN_RAM = ("blocks/length", "blocks/hash", "blocks/latent")
+# The block columns a shard keeps in RAM: what dedup and a block's read need. The retrieval latents stay on disk
+# beside them (the "blocks.ram" segment log, named when it held all three): a shard's vector index keeps each
+# chunk's windows in float16, which is what search scores; the float32 latents are read back for the episodic
+# memories' writes and forgets (exact least squares) and for exports.
+BLOCKS_IN_RAM = ("blocks/length", "blocks/hash")
+BLOCKS_RAM_LOG = (*BLOCKS_IN_RAM, "blocks/latent")
 
 
 class BlockStore:
@@ -106,7 +111,7 @@ class BlockStore:
             self.tables.read("blocks/tokens", rows),
             ram["blocks/length"][rows],
             ram["blocks/hash"][rows],
-            ram["blocks/latent"][rows],
+            self.latents(rows),
             self.text(rows),
         )
 
@@ -115,7 +120,13 @@ class BlockStore:
         return np.asarray(self.tables.read("blocks/text", np.asarray(rows, dtype=np.int64)), dtype=object)
 
     def latents(self, rows) -> np.ndarray:
-        return self.tables.ram["blocks/latent"][rows]  # [n, R, C]
+        """[n, R, C] float32 the blocks' window latents, read from disk (one small ranged read per distinct block)."""
+        distinct, back = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
+        return self.tables.read("blocks/latent", distinct)[back.reshape(-1)]
+
+    def latents_range(self, start: int, stop: int) -> np.ndarray:
+        """[stop - start, R, C] the latents of blocks start .. stop, in one sequential read."""
+        return self.tables.read_range("blocks/latent", start, stop)
 
     def length(self, rows) -> np.ndarray:
         return self.tables.ram["blocks/length"][np.asarray(rows, dtype=np.int64)]

@@ -14,6 +14,8 @@ from .lexical import LexicalIndex
 from .store import ShardStore
 from .vectors import VectorConfig, VectorIndex
 
+FOLLOW_BATCH = 8192  # chunk rows indexed per step: bounds what an open reads into RAM at once
+
 
 class DerivedIndexes:
     def __init__(self, store: ShardStore, latent_dim: int, vectors: VectorConfig):
@@ -42,10 +44,17 @@ class DerivedIndexes:
             new = list(dict.fromkeys(p for p in pairs if p not in self.lexical.pairs))
             texts = self.store.blocks.text([b for b, _ in new]).tolist() if new else []
             self.lexical.add(upto, new, texts)
-        if self.vectors.rows < upto:
-            rows = np.arange(self.vectors.rows, upto)
+        for start in range(self.vectors.rows, upto, FOLLOW_BATCH):  # on open: the whole store, a batch at a time
+            rows = np.arange(start, min(upto, start + FOLLOW_BATCH))
             blocks = self.store.chunks.column("block", rows)
-            self.vectors.add(upto, self._namespaces(rows), rows, self.store.blocks.latents(blocks))
+            self.vectors.add(int(rows[-1]) + 1, self._namespaces(rows), rows, self._latents(blocks))
+
+    def _latents(self, blocks: np.ndarray) -> np.ndarray:
+        """[n, R, C] the blocks' latents from disk: one sequential read where they are consecutive (a shard's
+        open, distinct text), a ranged read per distinct block otherwise."""
+        if len(blocks) and np.array_equal(blocks, np.arange(blocks[0], blocks[0] + len(blocks))):
+            return self.store.blocks.latents_range(int(blocks[0]), int(blocks[-1]) + 1)
+        return self.store.blocks.latents(blocks)
 
     def _namespaces(self, rows: np.ndarray) -> np.ndarray:
         return self.store.tables.ram["docs/namespace"][self.store.chunks.column("doc", rows)]

@@ -59,21 +59,29 @@ class EpisodicMemory:
         self.memory = np.zeros((k, m0_pinv.shape[0]))  # M   [K, C]
         self.count = 0
         self._projection: np.ndarray | None = None
-        self.basis: np.ndarray | None = None  # closed: U [C, r] float32, U·Uᵀ = M†M; cov and memory dropped
+        # closed: B [C, r'] float32, orthonormal: U of M's row space (U·Uᵀ = M†M) or, when that is the smaller one,
+        # V of its complement (M†M = I − V·Vᵀ); cov and memory dropped
+        self.basis: np.ndarray | None = None
+        self.complement = False
 
     @property
     def closed(self) -> bool:
         return self.basis is not None
 
     def close(self) -> None:
-        """A full episode takes no more writes: keep only what reads need, an orthonormal basis U [C, r] of the
-        memory's row space in float32 (read(z) = z·U·Uᵀ = z·M†M, the same cut as pinv's rcond), and drop the
-        normal equations [K, K], M [K, C] and the projection [C, C]: ~6x less RAM at K = 256, C = 384 (float64
-        buys nothing for a read: scores are cosines, float32 holds them to ~1e-7). A forget in a closed episode
-        rebuilds it from the items the store still holds (Shard._forget): the same least-squares memory."""
-        _, sv, vt = np.linalg.svd(self.memory, full_matrices=False)
-        keep = sv > 1e-8 * sv.max() if sv.size and sv.max() > 0 else np.zeros(len(sv), dtype=bool)
-        self.basis = np.ascontiguousarray(vt[keep].T, dtype=np.float32)
+        """A full episode takes no more writes: keep only what reads need, an orthonormal basis in float32 of the
+        memory's row space, U [C, r] (read(z) = z·U·Uᵀ = z·M†M, the same cut as pinv's rcond), or of its orthogonal
+        complement, V [C, C − r] (read(z) = z − z·V·Vᵀ), whichever is smaller, and drop the normal equations
+        [K, K], M [K, C] and the projection [C, C]. A full episode holds r ≈ K − 1 = 255 of C = 384 directions, so
+        V is half U's size: ~12x less RAM than the open episode's float64 state (float64 buys nothing for a read:
+        scores are cosines, float32 holds them to ~1e-7). A forget in a closed episode rebuilds it from the items
+        the store still holds (Shard._forget): the same least-squares memory."""
+        _, sv, vt = np.linalg.svd(self.memory, full_matrices=True)  # vt [C, C]: the row space first, then the rest
+        keep = np.zeros(len(vt), dtype=bool)
+        if sv.size and sv.max() > 0:
+            keep[: len(sv)] = sv > 1e-8 * sv.max()
+        self.complement = 2 * int(keep.sum()) > len(vt)
+        self.basis = np.ascontiguousarray(vt[~keep if self.complement else keep].T, dtype=np.float32)
         self.cov = self.memory = self._projection = None
 
     @property
@@ -113,7 +121,8 @@ class EpisodicMemory:
         """z [..., C] -> readout z_r = (z·M†)·M [..., C]."""
         z = np.asarray(z, dtype=np.float64)
         if self.closed:
-            return (z @ self.basis) @ self.basis.T
+            inside = (z @ self.basis) @ self.basis.T
+            return z - inside if self.complement else inside
         return z @ self.projection
 
     def prepare(self) -> None:

@@ -81,14 +81,32 @@ class SegmentLog:
             raw[j] = np.frombuffer(got, dtype=np.uint8)
         return {name: self._column(raw, name, lo) for name in names}
 
-    def read_all(self, n: int) -> dict[str, np.ndarray]:
-        """Every column of rows 0 .. n, read file by file (a shard's open: the columns it keeps in RAM)."""
+    def read_all(self, n: int, names: list[str] | None = None, batch: int = 4096) -> dict[str, np.ndarray]:
+        """These columns (default: all) of rows 0 .. n, read `batch` rows at a time (a shard's open: the columns it
+        keeps in RAM; the others are not held whole, even for a moment)."""
+        names = list(self.columns) if names is None else names
+        out = {name: np.empty((n, *self.columns[name][0]), dtype=self.columns[name][1]) for name in names}
+        for start in range(0, n, batch):
+            for name, col in self.read_range(names, start, min(n, start + batch)).items():
+                out[name][start : start + len(col)] = col
+        return out
+
+    def read_range(self, names: list[str], start: int, stop: int) -> dict[str, np.ndarray]:
+        """These columns of the contiguous rows start .. stop: one sequential read per segment file they span."""
         parts = []
-        for k in range(-(-n // self.per_file)):
-            count = min(self.per_file, n - k * self.per_file)
-            parts.append(np.fromfile(self._file(k), dtype=np.uint8, count=count * self.row_bytes))
-        raw = np.concatenate(parts).reshape(n, self.row_bytes) if parts else np.empty((0, self.row_bytes), np.uint8)
-        return {name: self._column(raw, name, 0) for name in self.columns}
+        row = start
+        while row < stop:
+            k, first = divmod(row, self.per_file)
+            take = min(stop - row, self.per_file - first)
+            with open(self._file(k), "rb") as f:
+                f.seek(first * self.row_bytes)
+                got = np.fromfile(f, dtype=np.uint8, count=take * self.row_bytes)
+            if len(got) != take * self.row_bytes:
+                raise OSError(f"segment {self._file(k).name}: rows {row}..{row + take} are cut short")
+            parts.append(got.reshape(take, self.row_bytes))
+            row += take
+        raw = np.concatenate(parts) if parts else np.empty((0, self.row_bytes), np.uint8)
+        return {name: self._column(raw, name, 0) for name in names}
 
     def _column(self, raw: np.ndarray, name: str, lo: int) -> np.ndarray:
         shape, dtype, at, nbytes = self.columns[name]

@@ -225,7 +225,7 @@ class Shard(ShardDocuments):
         for i, ep in enumerate(scored.tolist()):
             scorers[i] = self.memories[ep].scorer(q, self.memories[ep].read(q))
         lookup = np.searchsorted(scored, row_eps)
-        scores = np.einsum("nrc,nc->nr", self.blocks.latents(blocks).astype(np.float64), scorers[lookup]).max(1)
+        scores = np.einsum("nrc,nc->nr", self._window_vectors(namespace, rows, blocks), scorers[lookup]).max(1)
         lexical = lexical_scores(blocks, *found)
         # a chunk outside the dense top k with no lexical match cannot make the fused top k: k dense hits here
         # score at least as much, so k dense candidates suffice; lexical ones go deeper (2k), for their dense part
@@ -251,6 +251,12 @@ class Shard(ShardDocuments):
             length,
             stats,
         )
+
+    def _window_vectors(self, namespace: str, rows: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+        """[n, R, C] float64 the chunk rows' window latents as the vector index holds them (float16 values: the
+        shard's one copy in RAM); from disk (float32) only if the index has not taken those rows in yet."""
+        held = self.vectors.latents(namespace, rows)
+        return (held if held is not None else self.blocks.latents(blocks)).astype(np.float64)
 
     def _readout(self, eps: list[int], q: np.ndarray) -> np.ndarray:
         """[C] the hierarchical readout of these episodes' memories (every memory of the namespace: Read only)."""
@@ -304,7 +310,7 @@ class Shard(ShardDocuments):
 
     def ram_parts(self) -> dict[str, int]:
         """Bytes of RAM by part (BENCHMARKS.md "Storage"): episodic memories, the blocks' RAM columns (hash,
-        length, latents), the chunk table, the vector index. Python objects' overhead not counted."""
+        length), the chunk table, the vector index (the latents' one in-RAM copy). Python objects not counted."""
         return {
             "episodic": sum(m.nbytes for m in self.memories.values()),
             "block_columns": self.store.tables.ram_bytes("blocks/"),

@@ -5,7 +5,7 @@ On disk (<data_dir>/shard-<id>/), format 2:
   data.zarr/segments/blocks.kv/   K/V columns, positions (sparse blocks only) and tokens [T] int32 of each
                                   block, side by side in append-only segment files of up to 1 GiB (segments.py):
                                   one ranged read per block, ~0.001 files per block
-  data.zarr/segments/blocks.ram/  hash [16] uint8, length, latent [R, C] float32 of each block (read whole on open)
+  data.zarr/segments/blocks.ram/  hash [16] uint8, length, latent [R, C] float32 of each block (hash, length in RAM)
   data.zarr/segments/chunks/      block, doc, seq, offset, episode (a document's chunk -> the block holding its KV)
   data.zarr/segments/docs/        tokens, written (unix s) of each document
   data.zarr/segments/drops/       chunk: chunk rows moved to another shard (rebalancing)
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..decoder.layout import BlockLayout
-from .block_store import BLOCKS_IN_RAM, BlockStore, block_schema
+from .block_store import BLOCKS_IN_RAM, BLOCKS_RAM_LOG, BlockStore, block_schema
 from .chunk_table import CHUNK_SCHEMA, ChunkTable
 from .tables import StoreError, Tables
 
@@ -83,7 +83,7 @@ class ShardStore:
         by_table = {
             t: tuple(n for n in fixed if n.startswith(f"{t}/")) for t in dict.fromkeys(n.split("/")[0] for n in fixed)
         }
-        return {"blocks.kv": (*kv, "blocks/tokens"), "blocks.ram": BLOCKS_IN_RAM, **by_table}
+        return {"blocks.kv": (*kv, "blocks/tokens"), "blocks.ram": BLOCKS_RAM_LOG, **by_table}
 
     def _meta(self) -> dict:
         return {"format": FORMAT, "layout": asdict(self.layout)}

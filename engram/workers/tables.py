@@ -101,7 +101,7 @@ class Tables:
         from_logs: dict[str, np.ndarray] = {}
         for seg in self.logs.values():
             if any(name in in_ram for name in seg.columns):
-                from_logs.update(seg.read_all(self.counts[seg.table]))
+                from_logs.update(seg.read_all(self.counts[seg.table], [n for n in seg.columns if n in in_ram]))
         for name in in_ram:
             self._buffers[name] = from_logs[name] if name in from_logs else self.arrays[name][:]
             self.ram[name] = self._buffers[name]
@@ -182,6 +182,12 @@ class Tables:
             if name not in out:
                 out[name] = self.arrays[name].get_orthogonal_selection((rows,))
         return out
+
+    def read_range(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows start .. stop of an on-disk column, read in one pass (sequential, not a read per row)."""
+        if name in self.log_of:
+            return self.log_of[name].read_range([name], start, stop)[name]
+        return self.arrays[name][start:stop]
 
     def _by_log(self, names: list[str]) -> dict[SegmentLog, list[str]]:
         """The columns among `names` that live in segment logs, grouped by log."""

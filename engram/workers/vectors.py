@@ -8,9 +8,13 @@ memory, which reweights, still sees the best matches by cosine).
 
 One index per namespace, in RAM, derived from the store's latents: built on open, it follows the committed chunk
 rows (like the lexical index), a compaction rebuilds it. Deleted and moved chunks are filtered at search time by
-the chunk table (what is live). Exact ("Flat", inner product over float16 vectors: half the bytes of the latents,
-candidates only — the scores that rank come from the float32 latents) unless a namespace holds `ann_min_vectors`
-windows on the shard; then an ANN index of FAISS's factory (IVF, HNSW), built once from the vectors it holds.
+the chunk table (what is live). Exact ("Flat", inner product over float16 vectors: half the bytes of the float32
+latents) unless a namespace holds `ann_min_vectors` windows on the shard; then an ANN index of FAISS's factory
+(IVF, HNSW), built once from the vectors it holds.
+
+It is also the shard's only in-RAM copy of the latents: the scores that rank (each chunk's windows against its
+episode's readout) are taken on the float16 vectors it gives back (`latents`), so a shard does not hold the
+float32 latents as well (BENCHMARKS.md "RAM per million tokens": the ranking they give is compared there).
 """
 
 from __future__ import annotations
@@ -60,11 +64,13 @@ class NamespaceVectors:
         self.rows = np.zeros(1024, dtype=np.int64)  # [capacity] chunk row of each vector (doubling: O(1) appends)
         self.count = 0  # vectors
         self.chunks = 0  # chunk rows (live or not)
+        self.windows = 1  # R vectors per chunk row: vectors chunk*R .. chunk*R + R - 1 are its windows
         self.ann = False
 
     def add(self, rows: np.ndarray, latents: np.ndarray) -> None:
-        """rows [n] chunk rows, latents [n, R, C] their window latents."""
+        """rows [n] chunk rows (ascending, past every row held), latents [n, R, C] their window latents."""
         n, windows, _ = latents.shape
+        self.windows = windows
         if self.count + n * windows > len(self.rows):
             grown = np.zeros(max(2 * len(self.rows), self.count + n * windows), dtype=np.int64)
             grown[: self.count] = self.rows[: self.count]
@@ -92,7 +98,20 @@ class NamespaceVectors:
             ann.train(vectors[np.sort(sample)])
         ann.add(vectors)
         faiss.ParameterSpace().set_index_parameters(ann, self.cfg.ann_params)
+        ivf = faiss.try_extract_index_ivf(ann)
+        if ivf is not None:  # an IVF index gives vectors back by id only with a direct map
+            ivf.make_direct_map()
         self.index, self.ann = ann, True
+
+    def latents(self, rows: np.ndarray) -> np.ndarray | None:
+        """[n, R, C] float32 the window vectors of these chunk rows, as the index holds them (float16 values);
+        None if a row is not in it."""
+        held = self.rows[: self.count : self.windows]  # [chunks] ascending: one entry per chunk row
+        at = np.searchsorted(held, rows)
+        if len(rows) and (at.max() >= len(held) or not np.array_equal(held[at], rows)):
+            return None
+        ids = (at[:, None] * self.windows + np.arange(self.windows)).reshape(-1)
+        return self.index.reconstruct_batch(ids).reshape(len(rows), self.windows, self.dim)
 
     def search(self, query: np.ndarray, chunks: int, alive: np.ndarray) -> np.ndarray:
         """-> up to `chunks` distinct live chunk rows whose windows best match the query, best first. Asks FAISS for
@@ -134,6 +153,11 @@ class VectorIndex:
         if vectors is None or vectors.chunks < self.cfg.exact_below_chunks:
             return None
         return vectors.search(query, chunks, alive)
+
+    def latents(self, namespace: str, rows: np.ndarray) -> np.ndarray | None:
+        """[n, R, C] the namespace's chunk rows' window vectors (float16 values), or None where the index lacks one."""
+        vectors = self.namespaces.get(namespace)
+        return None if vectors is None else vectors.latents(np.asarray(rows, dtype=np.int64))
 
     def vectors(self) -> int:
         return sum(v.count for v in self.namespaces.values())

@@ -11,6 +11,7 @@ import pytest
 
 from engram.coordinator.client import EngramClient
 from engram.coordinator.ingest import sync_folder
+from tests.test_pdf import MANUAL, tiny_pdf
 
 pytestmark = pytest.mark.integration
 
@@ -30,6 +31,8 @@ def make_folder(root):
     (root / "image.bin").write_bytes(b"\x00\x01")
     (root / "bad.md").write_bytes(b"caf\xe9 latin-1")
     (root / "empty.txt").write_text("  \n")
+    (root / "sub" / "manual.pdf").write_bytes(tiny_pdf(MANUAL))  # stored as its text layer
+    (root / "scan.pdf").write_bytes(tiny_pdf(["", ""]))  # no text layer: skipped, with the reason
 
 
 def engram_cli(*args: str) -> subprocess.CompletedProcess:
@@ -45,28 +48,33 @@ def test_folder_sync_and_documents(service, tmp_path):
     c = EngramClient(service.address, timeout=300)
     t0 = time.time()
     first = sync_folder(c, root, ns)
-    assert sorted(first.written) == ["a.md", "sub/b.txt"] and not first.replaced
-    assert sorted(f for f, _ in first.skipped) == ["bad.md", "empty.txt"]
+    assert sorted(first.written) == ["a.md", "sub/b.txt", "sub/manual.pdf"] and not first.replaced
+    assert sorted(f for f, _ in first.skipped) == ["bad.md", "empty.txt", "scan.pdf"]
+    assert "without a text layer" in dict(first.skipped)["scan.pdf"]
 
     docs = {d.document_id: d for d in c.documents(ns)}
-    assert set(docs) == {"a.md", "sub/b.txt"}
+    assert set(docs) == {"a.md", "sub/b.txt", "sub/manual.pdf"}
+    assert c.get_document("sub/manual.pdf", namespace=ns) == "\n\n".join(MANUAL)
+    assert docs["sub/manual.pdf"].sha256 == hashlib.sha256("\n\n".join(MANUAL).encode()).hexdigest()
     b = docs["sub/b.txt"]
     assert b.sha256 == hashlib.sha256(LONG.encode()).hexdigest() and b.chunks > 4 and b.tokens > 4 * 128
     assert t0 - 1 <= b.written_at <= time.time() + 1
     assert c.get_document("sub/b.txt", namespace=ns) == LONG  # decoded from the stored tokens, exactly
     info = {n.name: n for n in c.namespaces()}[ns]  # per namespace: the listing's sums over documents
     assert (info.documents, info.chunks, info.tokens) == (
-        2,
+        3,
         sum(d.chunks for d in docs.values()),
         sum(d.tokens for d in docs.values()),
     )
 
     again = sync_folder(c, root, ns)
-    assert sorted(again.unchanged) == ["a.md", "sub/b.txt"] and not again.written and again.tokens == 0
+    assert sorted(again.unchanged) == ["a.md", "sub/b.txt", "sub/manual.pdf"] and not again.written
+    assert again.tokens == 0
     (root / "a.md").write_text("# Alpha\n\nThe alpha gate now opens at noon.\n")
     (root / "sub" / "b.txt").unlink()
+    (root / "sub" / "manual.pdf").unlink()
     third = sync_folder(c, root, ns, prune=True)
-    assert third.replaced == ["a.md"] and third.pruned == ["sub/b.txt"]
+    assert third.replaced == ["a.md"] and third.pruned == ["sub/b.txt", "sub/manual.pdf"]
     assert [d.document_id for d in c.documents(ns)] == ["a.md"]
     assert "noon" in c.get_document("a.md", namespace=ns)
 
@@ -74,6 +82,8 @@ def test_folder_sync_and_documents(service, tmp_path):
     cat = engram_cli("cat", "a.md", "-n", ns, "--server", service.address)
     assert cat.returncode == 0 and cat.stdout == (root / "a.md").read_text()
     assert engram_cli("delete-namespace", ns, "--server", service.address).returncode == 2  # no --yes: nothing
+    scan = engram_cli("write", str(root / "scan.pdf"), "-n", ns, "--server", service.address)
+    assert scan.returncode == 2 and "scan.pdf was not written: a PDF without a text layer" in scan.stderr
     assert [d.document_id for d in c.documents(ns)] == ["a.md"]
 
 

@@ -49,7 +49,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_write(args) -> int:
-    from .ingest import sync_folder, write_one
+    from .ingest import Unreadable, document_bytes, sync_folder, write_one
 
     path = Path(args.file)
     with _client(args) as c:
@@ -62,6 +62,11 @@ def cmd_write(args) -> int:
             else:
                 data = sys.stdin.buffer.read() if args.file == "-" else path.read_bytes()
                 doc_id = args.doc_id or ("stdin" if args.file == "-" else path.name)
+                try:
+                    data = document_bytes(data, "" if args.file == "-" else path.name)
+                except Unreadable as e:
+                    print(f"engram: {doc_id} was not written: {e}", file=sys.stderr)
+                    return 2
                 print(write_one(c, data, doc_id, args.namespace))
         except Exception as e:
             return _fail(e)
@@ -264,11 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP API port (default 8000; -1 = off)")
     sp.set_defaults(fn=cmd_serve)
 
-    sp = sub.add_parser("write", help="write a text file (or - for stdin) as one document, or sync a folder")
+    sp = sub.add_parser("write", help="write a text or PDF file (or - for stdin) as one document, or sync a folder")
     client_args(sp)
     sp.add_argument("file", help="a file, - for stdin, or a folder (each file one document, id = relative path)")
     sp.add_argument("--doc-id", help="document id of a file (default: the file name)")
-    sp.add_argument("--glob", help="folder: which files, e.g. '**/*.md' (default: Markdown and plain text)")
+    sp.add_argument("--glob", help="folder: which files, e.g. '**/*.md' (default: Markdown, plain text and PDF)")
     sp.add_argument("--prune", action="store_true", help="folder: delete documents whose file is gone")
     sp.set_defaults(fn=cmd_write)
 

@@ -5,6 +5,10 @@ its path relative to the folder. A file whose text is already stored under its i
 reports it) is skipped, so running the command again is a sync: new files are written, changed ones replaced
 (deleted, then written: absent from answers for that moment), unchanged ones left alone, and with `prune`
 documents whose file is gone are deleted. Files that are not UTF-8 text are reported and skipped.
+
+PDF files (`.pdf`) are read by pypdf: the text layer of every page, pages apart by a blank line, is the document
+(what is stored, listed by its sha256 and read back); a PDF without a text layer (a scan) or one pypdf cannot
+read is reported and skipped, never sent.
 """
 
 from __future__ import annotations
@@ -14,7 +18,50 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TEXT_SUFFIXES = (".md", ".markdown", ".txt", ".text", ".rst")  # what a folder gives by default (no --glob)
+TEXT_SUFFIXES = (".md", ".markdown", ".txt", ".text", ".rst", ".pdf")  # what a folder gives by default (no --glob)
+
+
+class Unreadable(ValueError):
+    """A file that gives no text to store; the message says why (it is shown to the user as is)."""
+
+
+def document_bytes(data: bytes, name: str = "") -> bytes:
+    """The UTF-8 text a file's bytes are stored as: themselves, or a PDF's text layer (by the name's suffix or
+    the PDF signature). Unreadable if there is none."""
+    if name.lower().endswith(".pdf") or data.startswith(b"%PDF-"):
+        data = pdf_text(data).encode("utf-8")
+    else:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Unreadable("not UTF-8 text") from None
+    if not data.strip():
+        raise Unreadable("empty")
+    return data
+
+
+def pdf_text(data: bytes) -> str:
+    """Every page's text layer (pypdf), pages apart by a blank line."""
+    import io
+    import logging
+
+    from pypdf import PdfReader
+    from pypdf.errors import PyPdfError
+
+    logging.getLogger("pypdf").setLevel(logging.ERROR)  # its warnings about sloppy files are not the user's concern
+    try:
+        reader = PdfReader(io.BytesIO(data))
+        if reader.is_encrypted and not reader.decrypt(""):
+            raise Unreadable("an encrypted PDF (decrypt it first)")
+        pages = [page.extract_text() or "" for page in reader.pages]
+    except Unreadable:
+        raise
+    except (PyPdfError, ValueError, KeyError, TypeError, OSError) as e:
+        raise Unreadable(f"not a PDF pypdf can read ({type(e).__name__})") from None
+    text = "\n\n".join(p.strip() for p in pages if p.strip())
+    if not text:
+        raise Unreadable(f"a PDF without a text layer ({len(pages)} page(s): a scan? run OCR on it first)")
+    return text
 
 
 @dataclass
@@ -58,28 +105,27 @@ def sync_folder(client, root: Path, namespace: str, pattern: str | None = None, 
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"sync {root.name or root}") as bar:
         for i, (doc_id, path) in enumerate(files):
             bar.set_postfix_str(f"file {i + 1}/{len(files)}")
-            data = path.read_bytes()
+            size = path.stat().st_size
             try:
-                data.decode("utf-8")
-            except UnicodeDecodeError:
-                out.skipped.append((doc_id, "not UTF-8 text"))
-                bar.update(len(data))
-                continue
-            if not data.strip():
-                out.skipped.append((doc_id, "empty"))
-                bar.update(len(data))
+                data = document_bytes(path.read_bytes(), path.name)
+            except Unreadable as e:
+                out.skipped.append((doc_id, str(e)))
+                bar.update(size)
                 continue
             digest = hashlib.sha256(data).hexdigest()
             if stored.get(doc_id) == digest:
                 out.unchanged.append(doc_id)
-                bar.update(len(data))
+                bar.update(size)
                 continue
             if doc_id in stored:
                 client.delete(doc_id, namespace=namespace)
                 out.replaced.append(doc_id)
             else:
                 out.written.append(doc_id)
-            out.tokens += client.write([(doc_id, data)], namespace=namespace, progress=bar.update).tokens
+            sent = size / len(data)  # the bar counts the file's bytes; a PDF's text is fewer
+            out.tokens += client.write(
+                [(doc_id, data)], namespace=namespace, progress=lambda n, per=sent: bar.update(n * per)
+            ).tokens
     if prune:
         kept = {doc_id for doc_id, _ in files}
         for doc_id in sorted(set(stored) - kept):

@@ -112,8 +112,15 @@ class MemoryDecoder:
         position_scheme: str = "consecutive",
         kv_dtype: str = "float16",
         codec=None,
+        block_key_scale: float = 1.0,
     ):
+        """block_key_scale: the retrieved blocks' keys are multiplied by it, i.e. the question's attention logits
+        to block tokens (not to the sink, not to itself) are; > 1 sharpens the attention over many blocks
+        (an inverse attention temperature for memory, APE-style; bench/composition.py measures it)."""
         check_kv_dtype(kv_dtype)
+        if not block_key_scale > 0:
+            raise ValueError(f"block_key_scale must be > 0, not {block_key_scale}")
+        self.block_key_scale = block_key_scale
         if (kv_dtype == "codec") != (codec is not None):
             raise ValueError("kv_dtype 'codec' needs the codec (codec.py) its blocks were written with")
         self.codec = codec
@@ -151,6 +158,8 @@ class MemoryDecoder:
                 )
                 kt, vt = kt[:, :, :n_valid], vt[:, :, :n_valid]  # [L, H, S', D]
                 kt = rerotate_layers(kt, delta, rotaries, 0)
+            if self.block_key_scale != 1.0:
+                kt = kt * self.block_key_scale
             kt, vt = kt.to(dtype), vt.to(dtype)
             for layer in range(kt.shape[0]):
                 per_layer[layer].append((kt[layer][None], vt[layer][None]))

@@ -53,13 +53,18 @@ class ShardStore:
             )
         self.fsync = fsync
         legacy = record is not None and record.get("format", 1) < FORMAT
-        self.tables = self._open_tables(legacy=legacy)
-        self.blocks = BlockStore(self.tables, layout)
-        self.chunks = ChunkTable(self.tables, self.tables.record.get("deleted_docs", []))
-        self._bytes_at: tuple[int, int] | None = None  # (store version, bytes on disk) of the last walk
+        self._open(legacy)
         if legacy:  # rewrite it in today's format (crash-safe: an interrupted migration runs again on next open)
             self.compact()
-            self.__init__(path, layout, fsync)
+            self.tables.close()
+            self._open(legacy=False)
+
+    def _open(self, legacy: bool) -> None:
+        """The committed tables and the block store and chunk table over them."""
+        self.tables = self._open_tables(legacy=legacy)
+        self.blocks = BlockStore(self.tables, self.layout)
+        self.chunks = ChunkTable(self.tables, self.tables.record.get("deleted_docs", []))
+        self._bytes_at: tuple[int, int] | None = None  # (store version, bytes on disk) of the last walk
 
     def _open_tables(self, generation: str | None = None, legacy: bool = False) -> Tables:
         kv = tuple(f"blocks/{c}" for c in self.layout.stored_columns())

@@ -13,3 +13,7 @@ def test_short_load(service):
     assert rep.errors == [], rep.errors[:3]
     assert s["ask"]["count"] > 0 and s["write"]["count"] > 0
     assert s["ask"]["p99_s"] >= s["ask"]["p50_s"] > 0
+    stages = s["ask_stages_p50_s"]  # the server's own timings of each ask: parts of the whole, none missing
+    assert len(rep.stages["total_s"]) == s["ask"]["count"]
+    assert 0 < stages["ttft_s"] <= stages["total_s"] <= s["ask"]["p99_s"]
+    assert min(stages["embed_s"], stages["retrieve_s"], stages["fetch_s"]) > 0

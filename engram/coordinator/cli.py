@@ -380,6 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     sp.set_defaults(fn=cmd_demo)
 
     args = p.parse_args(argv)
+    config = getattr(args, "config", None)
+    if config and not Path(config).is_file():  # before any service starts: a path to fix, not a traceback
+        print(
+            f"engram: the config file {config} does not exist (--config takes a TOML file; see README)", file=sys.stderr
+        )
+        return 2
     return args.fn(args)
 
 

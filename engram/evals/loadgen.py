@@ -18,6 +18,7 @@ class LoadReport:
     seconds: float
     latencies: dict[str, list[float]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    stages: dict[str, list[float]] = field(default_factory=dict)  # each ask's server-side timings, by stage
 
     def summary(self) -> dict:
         out = {"seconds": round(self.seconds, 1), "errors": len(self.errors)}
@@ -28,6 +29,8 @@ class LoadReport:
                 "p50_s": float(np.percentile(a, 50)) if len(a) else None,
                 "p99_s": float(np.percentile(a, 99)) if len(a) else None,
             }
+        if self.stages:  # where an ask's time went, as the server measured it (medians): queueing shows here
+            out["ask_stages_p50_s"] = {k: round(float(np.median(v)), 3) for k, v in self.stages.items()}
         return out
 
 
@@ -70,7 +73,10 @@ def run_load(
                             request_id=doc,
                         )
                     else:
-                        c.ask(PASSKEY_QUESTION, namespace=namespace, max_new_tokens=6)
+                        t = c.ask(PASSKEY_QUESTION, namespace=namespace, max_new_tokens=6).timings
+                        with lock:
+                            for stage in ("embed_s", "retrieve_s", "fetch_s", "ttft_s", "decode_s", "total_s"):
+                                report.stages.setdefault(stage, []).append(getattr(t, stage))
                 except Exception as e:
                     with lock:
                         report.errors.append(f"{op}: {e!r}"[:300])

@@ -78,6 +78,8 @@ def test_config_overrides_and_unknown_keys(tmp_path):
         ({"min_score_ratio": 1.5}, "ask.min_score_ratio must be between 0 and 1"),
         ({"block_order": "random"}, "ask.block_order must be"),
         ({"position_scheme": "alibi"}, "ask.position_scheme must be"),
+        ({"block_key_scale": 0.0}, "ask.block_key_scale must be between 0.5 and 4"),
+        ({"block_key_scale": 10}, "ask.block_key_scale must be between 0.5 and 4"),
     ],
 )
 def test_ask_settings_are_checked_on_load(ask, error):

@@ -228,3 +228,23 @@ def test_bfloat16_encoding_stays_within_int4_rounding(smol):
     assert bf16_raw[0] < 0.01 and bf16_raw[1] < 0.02, bf16_raw
     for ours, base, raw in zip(bf16_int4, fp32_int4, bf16_raw):
         assert base > 3 * raw and ours < 1.1 * base, (bf16_raw, fp32_int4, bf16_int4)
+
+
+def test_block_key_scale_scales_the_memory_logits_only(smol):
+    """block_key_scale = s multiplies the blocks' keys (the question's attention logits to memory tokens) and
+    nothing else: the sink's keys and every value are the plain cache's; s = 1 is the plain cache exactly."""
+    model, tok = smol
+    layout = BlockLayout.of(model.config, 32, 0, "int4")
+    ids = tok("The pass key is 71432. Remember it. The grass is green. " * 4, add_special_tokens=False).input_ids
+    blocks = kv.blocks_of(kv.encode_chunks(model, sink_token_id(tok), [ids[:32], ids[32:64]], layout))
+    plain, _ = MemoryDecoder(model, tok, kv_dtype="int4").build_cache(blocks, 32)
+    scaled, _ = MemoryDecoder(model, tok, kv_dtype="int4", block_key_scale=1.3).build_cache(blocks, 32)
+    same, _ = MemoryDecoder(model, tok, kv_dtype="int4", block_key_scale=1.0).build_cache(blocks, 32)
+    for layer in (0, 29):
+        p, s = plain.layers[layer], scaled.layers[layer]
+        torch.testing.assert_close(s.keys[:, :, :1], p.keys[:, :, :1], atol=0, rtol=0)  # the sink
+        torch.testing.assert_close(s.keys[:, :, 1:], 1.3 * p.keys[:, :, 1:], atol=1e-2, rtol=1e-2)  # bf16/fp32 keys
+        torch.testing.assert_close(s.values, p.values, atol=0, rtol=0)
+        torch.testing.assert_close(same.layers[layer].keys, p.keys, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="block_key_scale"):
+        MemoryDecoder(model, tok, block_key_scale=0.0)

@@ -138,6 +138,7 @@ class Cluster:
                 batch,
                 self.cfg.encoder.kv_codec,
                 self.layout.codec,
+                self.cfg.ask.block_key_scale,
             )
         )
         self._next_encoder = itertools.cycle(self.encoders)

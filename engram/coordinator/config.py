@@ -105,6 +105,11 @@ class AskConfig:
     max_new_tokens: int = 32
     max_max_new_tokens: int = 512
     position_scheme: str = "consecutive"  # "consecutive" (keys re-rotated) or "parallel" (Memory^3)
+    # The retrieved blocks' keys times this: the question's attention logits to memory tokens (not to the sink,
+    # not to itself) scaled, an inverse attention temperature over memory (APE-style composition). > 1 sharpens
+    # the attention when many independently encoded blocks sit side by side (bench/composition.py; BENCHMARKS.md
+    # "Reading many blocks"). 1 = the blocks as encoded.
+    block_key_scale: float = 1.0
     # Asks waiting for or in the decoder at once; past it an Ask is refused with RESOURCE_EXHAUSTED at once
     # instead of queueing without bound (the decoder answers one at a time). 0 = no limit.
     max_queued_asks: int = 64
@@ -129,6 +134,8 @@ class AskConfig:
                 f"({self.max_max_new_tokens}), not {self.max_new_tokens}"
             )
         check_position_scheme(self.position_scheme)
+        if not 0.5 <= self.block_key_scale <= 4.0:
+            raise ValueError(f"ask.block_key_scale must be between 0.5 and 4, not {self.block_key_scale}")
         if not 1 <= self.max_batch <= 256:
             raise ValueError(f"ask.max_batch must be between 1 and 256, not {self.max_batch}")
 

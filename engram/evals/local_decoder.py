@@ -24,7 +24,13 @@ class LocalDecoder:
         e = cfg.encoder
         self.codec = load_codec(e.kv_codec, cfg.decoder.model, self.layout.codec) if e.kv_dtype == "codec" else None
         self.decoder = MemoryDecoder(
-            self.model, self.tok, cfg.decoder.question_template, cfg.ask.position_scheme, e.kv_dtype, self.codec
+            self.model,
+            self.tok,
+            cfg.decoder.question_template,
+            cfg.ask.position_scheme,
+            e.kv_dtype,
+            self.codec,
+            cfg.ask.block_key_scale,
         )
         self.window = int(self.model.config.max_position_embeddings)
 

@@ -61,13 +61,16 @@ class DecoderWorker:
         max_batch: int = 1,
         kv_codec: str = "",
         codec_digest: str = "",
+        block_key_scale: float = 1.0,
     ):
         self.cfg = cfg
         if not cfg.threads:  # Ray caps threads of actors that reserve no CPU; the decoder may use the node's cores
             cfg = dataclasses.replace(cfg, threads=os.cpu_count() or 1)
         model, tokenizer = decoder_model.load(cfg)
         codec = load_codec(kv_codec, cfg.model, codec_digest) if kv_dtype == "codec" else None
-        self.decoder = MemoryDecoder(model, tokenizer, cfg.question_template, position_scheme, kv_dtype, codec)
+        self.decoder = MemoryDecoder(
+            model, tokenizer, cfg.question_template, position_scheme, kv_dtype, codec, block_key_scale
+        )
         self.answered = 0  # answers produced since start (a cancelled ask never counts)
         self.batches: collections.deque[int] = collections.deque(maxlen=4096)  # recent batch sizes (tests, benches)
         self.max_batch, self.pending, self.lock = max_batch, queue.Queue(), threading.Lock()

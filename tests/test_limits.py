@@ -288,22 +288,3 @@ def test_a_write_past_the_namespace_quota_is_refused_and_stores_nothing(service,
         assert [d.document_id for d in client.documents("lim-quota")] == ["second"]
     finally:
         service.engine.cfg.cluster.namespace_max_tokens = saved
-
-
-def test_encoders_yield_the_cpu_to_asks(service):
-    """Ingest runs below the priority of everything an ask needs (cluster.encoder_niceness, default 4): on shared
-    cores a burst of writes cannot starve the decoder (BENCHMARKS.md, "Batched answers under load")."""
-    from engram.coordinator.config import ClusterConfig
-
-    worker = ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote())  # any other Ray worker: Ray's niceness
-    step = ClusterConfig().encoder_niceness
-    assert step > 0
-    for encoder in service.engine.cluster.encoders:
-        assert ray.get(encoder.niceness.remote()) == min(19, worker + step)
-
-
-def test_encoder_niceness_is_checked():
-    from engram.coordinator.config import ClusterConfig
-
-    with pytest.raises(ValueError, match="encoder_niceness"):
-        ClusterConfig(encoder_niceness=-1)

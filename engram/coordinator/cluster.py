@@ -109,7 +109,7 @@ class Cluster:
         self.encoders = [
             ray.remote(Encoder)
             .options(num_cpus=c.encoder_cpus, num_gpus=c.encoder_gpus, max_restarts=-1, max_task_retries=3)
-            .remote(self.cfg.encoder, enc_dec, self.layout, c.encoder_niceness)
+            .remote(self.cfg.encoder, enc_dec, self.layout)
             for _ in range(n_enc)
         ]
         # Queries are embedded apart from the encoder pool: an Ask never waits behind an ingest batch.

@@ -58,10 +58,6 @@ class ClusterConfig:
     encoders: int = 0  # encoder actors; 0 = one per CPU of the cluster (at least 1)
     encoder_cpus: float = 1.0  # each encoder uses this many cores (torch threads)
     encoder_gpus: float = 0.0  # > 0: each encoder asks Ray for this share of a GPU and encodes with CUDA
-    # Encoders lower their CPU priority by this much (os.nice, on top of Ray's worker niceness): where ingest and
-    # asks share cores, asks (embedder, shards, decoder) get the CPU first and writes take what is left. 0 = equal.
-    # `engram load` with 30% writes on 2 cores: BENCHMARKS.md "Batched answers under load".
-    encoder_niceness: int = 4
     # Custom Ray resource shard actors require (e.g. "engram_shard": give CPU nodes `--resources
     # '{"engram_shard": 4}'`); None places shards anywhere.
     shard_resource: str | None = None
@@ -80,8 +76,6 @@ class ClusterConfig:
     def __post_init__(self):
         if self.dedup_scope not in ("namespace", "cluster"):
             raise ValueError(f"cluster.dedup_scope must be 'namespace' or 'cluster', not {self.dedup_scope!r}")
-        if not 0 <= self.encoder_niceness <= 19:
-            raise ValueError(f"cluster.encoder_niceness must be 0 to 19, not {self.encoder_niceness}")
         if self.namespace_max_tokens < 0:
             raise ValueError(
                 f"cluster.namespace_max_tokens must be 0 (no limit) or more, not {self.namespace_max_tokens}"

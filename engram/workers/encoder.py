@@ -7,7 +7,6 @@ through one process.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,18 +90,12 @@ class EncoderConfig:
 
 
 class Encoder:
-    def __init__(self, enc: EncoderConfig, dec: decoder_model.DecoderConfig, layout: BlockLayout, niceness: int = 0):
-        """niceness: added to this process's (os.nice) so that, on cores shared with asks, encoding yields."""
-        if niceness:
-            os.nice(niceness)
+    def __init__(self, enc: EncoderConfig, dec: decoder_model.DecoderConfig, layout: BlockLayout):
         self.cfg, self.layout = enc, layout
         self.model, self.tokenizer = decoder_model.load(dec)
         self.sink_id = decoder_model.sink_token_id(self.tokenizer)
         self.codec = load_codec(enc.kv_codec, dec.model, layout.codec) if layout.kv_dtype == "codec" else None
         self.embedder = Embedder(enc.embedder)
-
-    def niceness(self) -> int:
-        return os.nice(0)
 
     def encode(
         self,

@@ -58,6 +58,25 @@ def test_context_is_encoded_but_not_stored(smol):
     assert len(chunks[1]) < 16
 
 
+@pytest.mark.parametrize("scorer", ["attention", "key_norm"])
+def test_a_short_chunk_encodes_alike_alone_and_beside_a_full_one(smol, scorer):
+    """Rows are padded to the batch's longest, not to a full chunk: a short chunk encoded alone (its own width)
+    gives the block it gets in a batch padded to a full chunk, sparse (tokens picked by score) too."""
+    model, tok = smol
+    ids = tok("Bob parks the red van behind the bakery on Elm Street. " * 4, add_special_tokens=False).input_ids
+    layout = BlockLayout.of(model.config, 32, 8, "float16")
+    sink = sink_token_id(tok)
+    short, full = ids[:11], ids[11:43]
+    alone = kv.encode_chunks(model, sink, [short], layout, scorer=scorer)
+    batch = kv.encode_chunks(model, sink, [short, full], layout, scorer=scorer)
+    assert alone["positions"].tolist() == batch["positions"][:1].tolist()
+    assert (alone["positions"] >= 0).sum(-1).max() == 8 and alone["positions"].max() <= len(short)
+    for name, col in alone.items():
+        torch.testing.assert_close(
+            torch.from_numpy(col).float(), torch.from_numpy(batch[name][:1]).float(), atol=2e-3, rtol=2e-3
+        )
+
+
 @pytest.mark.parametrize("kv_dtype", ["float16", "int8", "int4"])
 def test_blocks_answer_a_passkey(smol, kv_dtype):
     model, tok = smol

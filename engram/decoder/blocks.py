@@ -92,7 +92,11 @@ def encode_chunks(
     t = layout.chunk_tokens
     contexts = contexts or [[] for _ in chunks]
     ctx = torch.tensor([len(c) for c in contexts], device=device)  # [B]
-    ids = torch.zeros((len(chunks), 1 + int(ctx.max()) + t), dtype=torch.long, device=device)
+    # Rows right-padded to the longest [sink] + context + chunk of this batch, not to a full chunk: a short chunk
+    # (a small document, a document's last) costs its own tokens only. Causal attention keeps the real tokens from
+    # seeing the padding, and `view` below clamps the slots past a row's end (masked out as pads).
+    width = 1 + max(len(x) + len(c) for c, x in zip(chunks, contexts))
+    ids = torch.zeros((len(chunks), width), dtype=torch.long, device=device)
     ids[:, 0] = sink_id
     for i, (c, x) in enumerate(zip(chunks, contexts)):
         ids[i, 1 : 1 + len(x) + len(c)] = torch.tensor(x + c, dtype=torch.long)

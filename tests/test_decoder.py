@@ -173,30 +173,56 @@ def test_asks_decoded_together_answer_as_each_alone(smol):
     assert "71432" in alone[0].text and "20581" in alone[1].text
     assert len(alone[3].token_ids) <= 3
 
+    # Continuous batching: asks 1 and 3 join a batch already decoding asks 0 and 2, after its 2nd and 4th steps,
+    # at most 3 rows at once; each still answers as alone, and admit is never offered more than the free rows.
+    calls, offered = [0], []
 
-def test_a_batched_ask_counts_its_wait_in_its_time_to_first_token(smol):
-    """An ask that waits behind a running batch reports that wait in its time to first token: from the call's start
-    to its reply = time to first token + decode time (it once reported only the time from its own batch's start)."""
+    def admit(free):
+        calls[0] += 1
+        offered.append(free)
+        ready = {2: [1], 4: [3]}.get(calls[0], [])
+        return [(*asks[i], lambda: False) for i in ready][:free]
+
+    got = {}
+    for row, part in dec.answer_batch([asks[0], asks[2]], [lambda: False] * 2, admit, max_rows=3):
+        got.setdefault(row, []).append(part)
+    rows = {0: 0, 1: 2, 2: 1, 3: 3}  # row number -> ask: rows are numbered in the order given, then admitted
+    assert sorted(got) == [0, 1, 2, 3]
+    for row, i in rows.items():
+        *pieces, answer = got[row]
+        assert answer.token_ids == alone[i].token_ids, (i, answer.text, alone[i].text)
+        assert "".join(pieces) == alone[i].text and answer.context_tokens == alone[i].context_tokens
+    assert offered[:2] == [1, 1] and max(offered) <= 3  # 2 running of 3, then 3 running: nothing offered
+
+
+def test_an_ask_arriving_mid_batch_joins_it_and_counts_its_wait(smol):
+    """An ask that arrives while a batch decodes joins it between steps (continuous batching) instead of waiting
+    for the whole batch; it once waited. Its reported time to first token covers its wait: from the call's start to
+    its reply = time to first token + decode time."""
     import threading
     import time
 
     from engram.workers.decoder_worker import DecoderWorker
 
     worker = DecoderWorker(DecoderConfig(threads=2), "consecutive", "float16", max_batch=4)
-    out = {}
+    out, ended = {}, {}
 
     def ask(name, max_new):
         out[name] = worker.answer("Count: one, two, three,", 64, max_new, [])
+        ended[name] = time.perf_counter()
 
-    first = threading.Thread(target=ask, args=("long", 40))
+    first = threading.Thread(target=ask, args=("long", 60))
     first.start()
     while not worker.batch_sizes():  # the first batch is under way
         time.sleep(0.005)
-    ask("behind", 4)
+    time.sleep(0.3)
+    ask("joined", 4)
     first.join()
     for d in out.values():
         assert abs(d.busy_s - (d.prefill_s + d.decode_s)) < 0.15, d
-    assert out["behind"].prefill_s > out["long"].decode_s / 2  # it waited for most of the long answer
+    assert ended["joined"] < ended["long"] and out["long"].new_tokens == 60
+    assert out["joined"].prefill_s < out["long"].decode_s / 4  # it did not wait for the long answer
+    assert worker.batch_sizes() == [2]  # one batch, the second ask joined it
 
 
 def test_encoding_dtype_setting(monkeypatch):

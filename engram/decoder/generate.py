@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import quant
-from .batch import generate_batch
+from .batch import Row, generate_batch
 from .layout import check_kv_dtype, check_position_scheme
 from .model import encoding_dtype, sink_token_id
 from .rope import layer_rotaries, rerotate_layers, rotate_tokens
@@ -214,21 +214,38 @@ class MemoryDecoder:
         yield from self._stream(ids, t0, len(context), len(prompt) - len(context))
 
     @torch.inference_mode()
-    def answer_batch(self, asks: list[tuple[str, list, int, int]], stops: list) -> Iterator[tuple[int, str | Answer]]:
+    def answer_batch(
+        self, asks: list[tuple[str, list, int, int]], stops: list, admit=None, max_rows: int = 0
+    ) -> Iterator[tuple[int, str | Answer]]:
         """answer_stream for several asks (question, blocks, chunk_tokens, max_new_tokens) decoded together
-        (batch.generate_batch): (row, text piece) as generated, (row, Answer) when the row ends."""
-        t0 = time.perf_counter()
-        caches, starts, prompts, contexts = [], [], [], []
-        for question, blocks, chunk_tokens, _ in asks:
-            cache, start = self.build_cache(blocks, chunk_tokens)
-            caches.append(cache)
-            starts.append(start)
-            contexts.append(cache.get_seq_length())
-            prompts.append(self._prompt(question))
-        texts = [TextStream(self.tokenizer) for _ in asks]
-        first: list[float | None] = [None] * len(asks)
-        limits = [a[3] for a in asks]
-        for r, tid in generate_batch(self.model, caches, prompts, starts, limits, self.tokenizer.eos_token_id, stops):
+        (batch.generate_batch): (row, text piece) as generated, (row, Answer) when the row ends. admit(free), if
+        given, is asked after each step for up to `free` more asks (the same tuples with their stop() last), which
+        join the batch as rows len(asks), len(asks) + 1, ...; at most max_rows decode at once (0: no limit)."""
+        started: list[float] = []  # when each row's cache assembly began: its time to first token counts from there
+        contexts: list[int] = []  # cache entries before the question
+        prompt_tokens: list[int] = []
+        texts: list[TextStream] = []
+        first: list[float | None] = []
+
+        def rows(work: list[tuple], row_stops: list) -> list[Row]:
+            out = []
+            for (question, blocks, chunk_tokens, max_new), stop in zip(work, row_stops):
+                started.append(time.perf_counter())
+                cache, start = self.build_cache(blocks, chunk_tokens)
+                prompt = self._prompt(question)
+                contexts.append(cache.get_seq_length())
+                prompt_tokens.append(len(prompt))
+                texts.append(TextStream(self.tokenizer))
+                first.append(None)
+                out.append(Row(cache, prompt, start, max_new, stop))
+            return out
+
+        def more(free: int) -> list[Row]:
+            new = admit(free)
+            return rows([a[:4] for a in new], [a[4] for a in new])
+
+        eos = self.tokenizer.eos_token_id
+        for r, tid in generate_batch(self.model, rows(asks, stops), eos, more if admit else None, max_rows):
             first[r] = first[r] or time.perf_counter()
             if tid is not None:
                 if piece := texts[r].push(tid):
@@ -238,7 +255,7 @@ class MemoryDecoder:
             if piece:
                 yield r, piece
             done = time.perf_counter()
-            yield r, Answer(whole, texts[r].ids, first[r] - t0, done - first[r], contexts[r], len(prompts[r]))
+            yield r, Answer(whole, texts[r].ids, first[r] - started[r], done - first[r], contexts[r], prompt_tokens[r])
 
     def _stream(self, ids: Iterator[int], t0: float, context_tokens: int, prompt_tokens: int):
         text, first = TextStream(self.tokenizer), None

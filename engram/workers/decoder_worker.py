@@ -41,6 +41,7 @@ class _Pending:
     out: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)  # the caller gave up
     queued_at: float = dataclasses.field(default_factory=time.perf_counter)
+    admitted_at: float = 0.0  # when the batch thread took it (its wait before is part of its time to first token)
 
     def alone(self, decoder: MemoryDecoder, stop) -> Iterator[str | Answer]:
         """This ask decoded by itself: text pieces, then the Answer."""
@@ -51,7 +52,8 @@ class _Pending:
 
 class DecoderWorker:
     """max_batch > 1: concurrent calls (a threaded Ray actor) hand their asks to one batch thread, which decodes
-    every ask waiting when it is free together (batch.generate_batch); 1: each call decodes its own ask."""
+    every ask waiting when it is free together, and asks arriving meanwhile join between decode steps, up to
+    max_batch at once (batch.generate_batch); 1: each call decodes its own ask."""
 
     def __init__(
         self,
@@ -167,7 +169,8 @@ class DecoderWorker:
                 return
 
     def _batch_loop(self) -> None:
-        """Take every ask waiting (up to max_batch) and decode them together; the RAG baseline alone."""
+        """Take every ask waiting (up to max_batch) and decode them together, letting asks that arrive meanwhile
+        join between steps (continuous batching); the RAG baseline alone, between batches."""
         while True:
             asks = [self.pending.get()]
             while len(asks) < self.max_batch:
@@ -176,21 +179,53 @@ class DecoderWorker:
                 except queue.Empty:
                     break
             asks = [a for a in asks if not a.stop.is_set()]  # given up while waiting
-            memory = [a for a in asks if a.chunks is None]
-            alone = [a for a in asks if a.chunks is not None] + (memory if len(memory) == 1 else [])
-            for a in alone:  # RAG, or one ask: the plain path, exactly as without batching
+            for a in [a for a in asks if a.chunks is not None]:  # RAG: the plain path, never beside a batch
                 self._decode([a], _row0(a.alone(self.decoder, a.stop.is_set)))
-            if len(memory) > 1:
-                work = [(a.question, a.blocks, a.chunk_tokens, a.max_new_tokens) for a in memory]
-                self._decode(memory, self.decoder.answer_batch(work, [a.stop.is_set for a in memory]))
+            memory = [a for a in asks if a.chunks is None]
+            if memory:
+                self._decode_joining(memory)
+
+    def _decode_joining(self, batch: list[_Pending]) -> None:
+        """A batch that asks arriving while it decodes join (up to max_batch rows at once). A RAG ask that arrives
+        closes the batch to newcomers: it is decoded once the batch's rows end."""
+        later: list[_Pending] = []
+
+        def admit(free: int) -> list[tuple]:
+            new = []
+            while len(new) < free and not later:
+                try:
+                    a = self.pending.get_nowait()
+                except queue.Empty:
+                    break
+                if a.stop.is_set():
+                    continue
+                if a.chunks is not None:
+                    later.append(a)
+                    break
+                a.admitted_at = time.perf_counter()
+                batch.append(a)
+                new.append((a.question, a.blocks, a.chunk_tokens, a.max_new_tokens, a.stop.is_set))
+            if new:
+                self.batches[-1] += len(new)
+            return new
+
+        work = [(a.question, a.blocks, a.chunk_tokens, a.max_new_tokens) for a in batch]
+        stops = [a.stop.is_set for a in batch]
+        self._decode(batch, self.decoder.answer_batch(work, stops, admit, self.max_batch))
+        for a in later:
+            self._decode([a], _row0(a.alone(self.decoder, a.stop.is_set)))
 
     def _decode(self, asks: list[_Pending], parts: Iterator[tuple[int, str | Answer]]) -> None:
+        """Each row's parts to its caller; `asks` may grow while `parts` runs (rows that joined, admitted_at set)."""
         self.batches.append(len(asks))
-        started = time.perf_counter()
+        now = time.perf_counter()
+        for a in asks:
+            a.admitted_at = a.admitted_at or now
         try:
             for row, part in parts:
-                if isinstance(part, Answer):  # its time to first token counts the wait for this batch too
-                    part = dataclasses.replace(part, prefill_s=part.prefill_s + started - asks[row].queued_at)
+                if isinstance(part, Answer):  # its time to first token counts its wait for the batch too
+                    ask = asks[row]
+                    part = dataclasses.replace(part, prefill_s=part.prefill_s + ask.admitted_at - ask.queued_at)
                 asks[row].out.put(part)
         except Exception as exc:  # every caller of the batch hears of it
             for a in asks:

@@ -111,10 +111,11 @@ class AskConfig:
     # "Reading many blocks"). 1 = the blocks as encoded.
     block_key_scale: float = 1.0
     # Asks waiting for or in the decoder at once; past it an Ask is refused with RESOURCE_EXHAUSTED at once
-    # instead of queueing without bound (the decoder answers one at a time). 0 = no limit.
+    # instead of queueing without bound. 0 = no limit.
     max_queued_asks: int = 64
-    # Asks the decoder worker decodes together: every ask waiting when it is free, up to this many, in one batch
-    # (their blocks side by side, padding masked; each answers as it would alone). 1 = one at a time.
+    # Asks the decoder worker decodes together: every ask waiting when it is free, and asks arriving meanwhile
+    # joining between decode steps, up to this many at once (their blocks side by side, padding masked; each
+    # answers as it would alone). 1 = one at a time.
     max_batch: int = 16
 
     def __post_init__(self):

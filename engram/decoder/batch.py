@@ -3,7 +3,10 @@ asks that arrive meanwhile joining between steps (continuous batching).
 
 Each row keeps its own positions; padding (a shorter cache, a shorter question, a row that joined later) is masked
 out, so a row computes what it would alone, up to float rounding. One pass over the weights serves every row: on a
-CPU or a GPU the decoder is bound by reading weights at batch 1, so B rows cost far less than B passes.
+CPU or a GPU the decoder is bound by reading weights at small batches, so B rows cost far less than B passes. That
+is also why a newcomer's question is prefilled in the same forward pass as the running rows' next step (as vLLM
+mixes prefill and decode), not in a pass of its own: a pass per arrival cost more than the joining saved
+(BENCHMARKS.md, "Batched answers under load").
 """
 
 from __future__ import annotations
@@ -26,85 +29,67 @@ class Row:
     stop: Callable[[], bool]
 
 
-def stack_caches(caches: list) -> tuple:
-    """Per-ask DynamicCaches ([1, H, S_r, D] per layer) -> one [B, H, S, D] cache, each row left-padded to the
-    longest, and the mask of real entries [B, S]."""
-    first = caches[0].layers[0].keys
-    longest = max(c.get_seq_length() for c in caches)
-    valid = torch.zeros(len(caches), longest, dtype=torch.long, device=first.device)
-    for r, c in enumerate(caches):
-        valid[r, longest - c.get_seq_length() :] = 1
-    layers = [
-        (torch.cat([_left_pad(c.layers[i].keys, longest) for c in caches]),
-         torch.cat([_left_pad(c.layers[i].values, longest) for c in caches]))
-        for i in range(len(caches[0].layers))
-    ]  # fmt: skip
-    return _cache(layers), valid
-
-
-class _Running:
+class _Batch:
     """The rows being decoded: one cache [B, H, S, D] per layer, the mask of its real entries [B, S], each row's
     next token [B] and next position [B], and which row (as numbered for the caller) each batch index holds."""
 
-    def __init__(self, cache, mask: torch.Tensor, token: torch.Tensor, next_pos: torch.Tensor, ids: list[int]):
-        self.cache, self.mask, self.token, self.next_pos, self.ids = cache, mask, token, next_pos, ids
+    def __init__(self):
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.mask = self.token = self.next_pos = None
+        self.ids: list[int] = []
 
-    def step(self, model) -> None:
-        """One greedy step for every row: each row's token goes in, its next one comes out."""
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
+    def forward(self, model, new: list[Row], ids: list[int]) -> None:
+        """One pass: each running row's token in, each new row's question in (its cache joining the batch's, both
+        left-padded to the longer), and every row's next token out."""
+        device = next(model.parameters()).device
+        layers, mask = self.layers, self.mask
+        running = len(self.ids)
+        if new:
+            lengths = [r.cache.get_seq_length() for r in new]
+            n = max(lengths + ([mask.shape[1]] if running else []))
+            merged = []
+            for i in range(len(new[0].cache.layers)):
+                keys = ([layers[i][0]] if running else []) + [r.cache.layers[i].keys for r in new]
+                values = ([layers[i][1]] if running else []) + [r.cache.layers[i].values for r in new]
+                merged.append(
+                    (torch.cat([_left_pad(k, n) for k in keys]), torch.cat([_left_pad(v, n) for v in values]))
+                )
+            layers = merged
+            masks = ([mask] if running else []) + [torch.ones(1, m, dtype=torch.long, device=device) for m in lengths]
+            mask = torch.cat([_left_pad(m, n, 1) for m in masks])
+        q = max([1] + [len(r.prompt) for r in new])
+        tokens = torch.zeros(running + len(new), q, dtype=torch.long, device=device)
+        pos = torch.zeros_like(tokens)
+        real = torch.zeros_like(tokens)
+        if running:  # questions and tokens right-aligned: every row's last column is its last real token
+            tokens[:running, -1], pos[:running, -1], real[:running, -1] = self.token, self.next_pos, 1
+        for i, r in enumerate(new, running):
+            tokens[i, q - len(r.prompt) :] = torch.tensor(r.prompt, device=device)
+            pos[i, q - len(r.prompt) :] = torch.arange(r.start, r.start + len(r.prompt), device=device)
+            real[i, q - len(r.prompt) :] = 1
+        self.mask = torch.cat([mask, real], 1)  # [B, S + q]
         out = model(
-            input_ids=self.token[:, None],
-            past_key_values=self.cache,
-            position_ids=self.next_pos[:, None],
-            attention_mask=self.mask,
-            use_cache=True,
+            input_ids=tokens, past_key_values=_cache(layers), position_ids=pos, attention_mask=self.mask, use_cache=True
         )
-        self.token, self.next_pos = out.logits[:, -1].argmax(-1), self.next_pos + 1
+        self.layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        self.token = out.logits[:, -1].argmax(-1)
+        starts = [r.start + len(r.prompt) for r in new]
+        self.next_pos = torch.cat(
+            ([self.next_pos + 1] if running else []) + [torch.tensor(starts, dtype=torch.long, device=device)]
+        )
+        self.ids = self.ids + ids
 
     def keep(self, rows: list[int]) -> None:
-        """Only these batch indices go on; columns no remaining row uses (left padding of rows gone) are dropped."""
+        """Only these batch indices go on; cache columns no remaining row uses (padding) are dropped."""
         index = torch.tensor(rows, device=self.mask.device)
         mask = self.mask.index_select(0, index)
-        first = int(mask.any(0).long().argmax())  # the first column a remaining row uses
-        layers = [
-            (layer.keys.index_select(0, index)[:, :, first:], layer.values.index_select(0, index)[:, :, first:])
-            for layer in self.cache.layers
+        used = mask.any(0).nonzero().squeeze(1)
+        self.layers = [
+            (k.index_select(0, index)[:, :, used], v.index_select(0, index)[:, :, used]) for k, v in self.layers
         ]
-        self.cache, self.mask = _cache(layers), mask[:, first:]
+        self.mask = mask[:, used]
         self.token, self.next_pos = self.token.index_select(0, index), self.next_pos.index_select(0, index)
         self.ids = [self.ids[r] for r in rows]
-
-    def join(self, other: _Running) -> None:
-        """The other rows after these, both left-padded to the longer cache."""
-        n = max(self.mask.shape[1], other.mask.shape[1])
-        layers = [
-            (torch.cat([_left_pad(a.keys, n), _left_pad(b.keys, n)]),
-             torch.cat([_left_pad(a.values, n), _left_pad(b.values, n)]))
-            for a, b in zip(self.cache.layers, other.cache.layers)
-        ]  # fmt: skip
-        self.cache = _cache(layers)
-        self.mask = torch.cat([_left_pad(self.mask, n, dim=1), _left_pad(other.mask, n, dim=1)])
-        self.token, self.next_pos = torch.cat([self.token, other.token]), torch.cat([self.next_pos, other.next_pos])
-        self.ids = self.ids + other.ids
-
-
-def prefill_rows(model, rows: list[Row], ids: list[int]) -> _Running:
-    """The rows' questions prefilled over their stacked caches, right-aligned: every row's last column is its last
-    real token -> the running state, each row's first token known."""
-    device = next(model.parameters()).device
-    cache, valid = stack_caches([r.cache for r in rows])
-    q = max(len(r.prompt) for r in rows)
-    tokens = torch.zeros(len(rows), q, dtype=torch.long, device=device)
-    pos = torch.zeros(len(rows), q, dtype=torch.long, device=device)
-    real = torch.zeros(len(rows), q, dtype=torch.long, device=device)
-    for i, r in enumerate(rows):
-        tokens[i, q - len(r.prompt) :] = torch.tensor(r.prompt, device=device)
-        pos[i, q - len(r.prompt) :] = torch.arange(r.start, r.start + len(r.prompt), device=device)
-        real[i, q - len(r.prompt) :] = 1
-    mask = torch.cat([valid, real], 1)  # [B, S + Q]
-    out = model(input_ids=tokens, past_key_values=cache, position_ids=pos, attention_mask=mask, use_cache=True)
-    next_pos = torch.tensor([r.start + len(r.prompt) for r in rows], device=device)
-    return _Running(out.past_key_values, mask, out.logits[:, -1].argmax(-1), next_pos, ids)
 
 
 def generate_batch(
@@ -116,14 +101,20 @@ def generate_batch(
 ) -> Iterator[tuple[int, int | None]]:
     """Greedy decoding of several asks at once: yields (row, token id) as each token is known, and (row, None) once
     a row has ended (end of sequence, its max_new_tokens, or its stop() said so); an ended row leaves the batch.
-    Rows are numbered in the order given, then in the order admitted: after each step admit(free) may hand over
-    up to `free` more (max_rows - rows running; max_rows 0 = no limit), which are prefilled and join the batch."""
-    state = prefill_rows(model, rows, list(range(len(rows))))
-    made, limits, stops = [0] * len(rows), [r.max_new_tokens for r in rows], [r.stop for r in rows]
+    Rows are numbered in the order given, then in the order admitted: before each step admit(free) may hand over
+    up to `free` more (max_rows - rows running; max_rows 0 = no limit), whose questions are prefilled in that
+    step's pass."""
+    batch, made, limits, stops = _Batch(), [], [], []
+    new = rows
     while True:
+        ids = list(range(len(made), len(made) + len(new)))
+        made += [0] * len(new)
+        limits += [r.max_new_tokens for r in new]
+        stops += [r.stop for r in new]
+        batch.forward(model, new, ids)
         live = []
-        for b, r in enumerate(state.ids):
-            tid = int(state.token[b])
+        for b, r in enumerate(batch.ids):
+            tid = int(batch.token[b])
             ended = tid == eos_id
             if not ended:
                 made[r] += 1
@@ -133,24 +124,14 @@ def generate_batch(
                 yield r, None
             else:
                 live.append(b)
-        if live:
-            if len(live) < len(state.ids):
-                state.keep(live)
-            state.step(model)
         free = max_rows - len(live) if max_rows else 1 << 30
         new = admit(free) if admit is not None and free > 0 else []
-        if new:
-            ids = list(range(len(made), len(made) + len(new)))
-            made += [0] * len(new)
-            limits += [r.max_new_tokens for r in new]
-            stops += [r.stop for r in new]
-            joined = prefill_rows(model, new, ids)
-            if live:
-                state.join(joined)
-            else:
-                state = joined
-        elif not live:
+        if not live and not new:
             return
+        if not live:
+            batch = _Batch()
+        elif len(live) < len(batch.ids):
+            batch.keep(live)
 
 
 def _left_pad(x: torch.Tensor, n: int, dim: int = 2) -> torch.Tensor:

@@ -293,3 +293,17 @@ def test_block_key_scale_scales_the_memory_logits_only(smol):
         torch.testing.assert_close(same.layers[layer].keys, p.keys, atol=0, rtol=0)
     with pytest.raises(ValueError, match="block_key_scale"):
         MemoryDecoder(model, tok, block_key_scale=0.0)
+
+
+def test_held_rows_join_once_the_padding_costs_no_more_than_their_questions():
+    from engram.decoder.batch import Row, worth_joining
+
+    def rows(*lengths):
+        return [Row(None, [1] * n, 0, 8, lambda: False) for n in lengths]
+
+    assert not worth_joining(3, [])
+    assert worth_joining(0, rows(20))  # an empty batch: at once
+    assert worth_joining(1, rows(20))  # one running row padded to 20 tokens: 19 <= 20
+    assert not worth_joining(16, rows(20))  # 16 rows padded: 304 wasted tokens for 20 real ones
+    assert worth_joining(16, rows(*[20] * 16))  # 304 <= 320
+    assert not worth_joining(2, rows(4, 1))  # 2 * 3 > 5

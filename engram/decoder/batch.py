@@ -36,7 +36,8 @@ class _Batch:
     def __init__(self):
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.mask = self.token = self.next_pos = None
-        self.ids: list[int] = []
+        self.ids: list[int] = []  # the row number at each batch index
+        self.rows: dict[int, Row] = {}  # row number -> its Row, while it runs
 
     def forward(self, model, new: list[Row], ids: list[int]) -> None:
         """One pass: each running row's token in, each new row's question in (its cache joining the batch's, both
@@ -101,17 +102,19 @@ def generate_batch(
 ) -> Iterator[tuple[int, int | None]]:
     """Greedy decoding of several asks at once: yields (row, token id) as each token is known, and (row, None) once
     a row has ended (end of sequence, its max_new_tokens, or its stop() said so); an ended row leaves the batch.
-    Rows are numbered in the order given, then in the order admitted: before each step admit(free) may hand over
-    up to `free` more (max_rows - rows running; max_rows 0 = no limit), whose questions are prefilled in that
-    step's pass."""
-    batch, made, limits, stops = _Batch(), [], [], []
-    new = rows
+    Rows are numbered in the order given, then in the order admitted: after each step admit(free) may hand over
+    up to `free` more (max_rows less the rows running or held; max_rows 0 = no limit). Those are held until
+    joining is worth its padding (worth_joining), then their questions are prefilled in a step's pass."""
+    batch = _Batch()
+    made: dict[int, int] = {}  # row number -> tokens generated
+    held: list[tuple[int, Row]] = []  # admitted, not yet joined: (row number, row)
+    new, numbered = list(enumerate(rows)), len(rows)
     while True:
-        ids = list(range(len(made), len(made) + len(new)))
-        made += [0] * len(new)
-        limits += [r.max_new_tokens for r in new]
-        stops += [r.stop for r in new]
-        batch.forward(model, new, ids)
+        rows_of = dict(new)
+        for r, _ in new:
+            made[r] = 0
+        batch.forward(model, [row for _, row in new], [r for r, _ in new])
+        batch.rows.update(rows_of)
         live = []
         for b, r in enumerate(batch.ids):
             tid = int(batch.token[b])
@@ -119,19 +122,39 @@ def generate_batch(
             if not ended:
                 made[r] += 1
                 yield r, tid
-                ended = made[r] >= limits[r] or stops[r]()
+                ended = made[r] >= batch.rows[r].max_new_tokens or batch.rows[r].stop()
             if ended:
                 yield r, None
+                del batch.rows[r]
             else:
                 live.append(b)
-        free = max_rows - len(live) if max_rows else 1 << 30
-        new = admit(free) if admit is not None and free > 0 else []
+        free = max_rows - len(live) - len(held) if max_rows else 1 << 30
+        for row in admit(free) if admit is not None and free > 0 else []:
+            held.append((numbered, row))
+            numbered += 1
+        for r, _ in [h for h in held if h[1].stop()]:  # gave up while held: never decoded
+            yield r, None
+        held = [h for h in held if not h[1].stop()]
+        new, held = (held, []) if worth_joining(len(live), [row for _, row in held]) else ([], held)
         if not live and not new:
-            return
+            if not held:
+                return
+            new, held = held, []
         if not live:
             batch = _Batch()
         elif len(live) < len(batch.ids):
             batch.keep(live)
+
+
+def worth_joining(running: int, rows: list[Row]) -> bool:
+    """Whether held rows join now: their questions (q tokens at most) are prefilled in the running rows' next pass,
+    which pads each running row's one token to q. On a CPU that padding is computed like real tokens, so rows join
+    once it costs no more than their own questions (and at once into an empty batch); until then they wait (the
+    running rows leaving, or more rows arriving)."""
+    if not rows:
+        return False
+    q = max(len(r.prompt) for r in rows)
+    return running * (q - 1) <= sum(len(r.prompt) for r in rows)
 
 
 def _left_pad(x: torch.Tensor, n: int, dim: int = 2) -> torch.Tensor:

@@ -64,8 +64,11 @@ class DecoderWorker:
         kv_codec: str = "",
         codec_digest: str = "",
         block_key_scale: float = 1.0,
+        join_running: bool = True,
     ):
-        self.cfg = cfg
+        """join_running: asks arriving while a batch decodes join it (False: they wait for the next batch;
+        bench/continuous_batching.py compares the two)."""
+        self.cfg, self.join_running = cfg, join_running
         if not cfg.threads:  # Ray caps threads of actors that reserve no CPU; the decoder may use the node's cores
             cfg = dataclasses.replace(cfg, threads=os.cpu_count() or 1)
         model, tokenizer = decoder_model.load(cfg)
@@ -211,7 +214,8 @@ class DecoderWorker:
 
         work = [(a.question, a.blocks, a.chunk_tokens, a.max_new_tokens) for a in batch]
         stops = [a.stop.is_set for a in batch]
-        self._decode(batch, self.decoder.answer_batch(work, stops, admit, self.max_batch))
+        joining = admit if self.join_running else None
+        self._decode(batch, self.decoder.answer_batch(work, stops, joining, self.max_batch))
         for a in later:
             self._decode([a], _row0(a.alone(self.decoder, a.stop.is_set)))
 

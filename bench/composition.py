@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
-from kv_codec import chunked, encode, stored
+from kv_codec import chunked, encode, niah_blocks, stored
 from kv_sparsity import chunks_for
 
 from engram.decoder.generate import MemoryDecoder
@@ -86,14 +86,8 @@ def main():
         for n in args.blocks:
             right = dict.fromkeys(ways, 0)
             for t in range(args.trials):
-                case = cases.make_case("niah", "", 8000, rng.random(), t, rng)
-                docs = hay.documents(8000, case.needles)
-                cs = chunked([i for _, d in docs for i in tok(d, add_special_tokens=False).input_ids])
-                text_of = [tok.decode(c) for c, _ in cs]
-                hit = [i for i, s in enumerate(text_of) if "Dolores" in s or "sandwich" in s][:2] or [0]
-                others = rng.sample([i for i in range(len(cs)) if i not in hit], n - len(hit))
-                picked = sorted(hit + others)  # document order, as the reader's runs place them
-                for w, a in ask(case.question, [cs[i] for i in picked], range(n), n, 16).items():
+                case, picked = niah_blocks(tok, hay, n, t, rng)
+                for w, a in ask(case.question, picked, range(n), n, 16).items():
                     right[w] += cases.score(case, a) == 1.0
             tally("niah", n, right, args.trials)
     if "distinct" in args.grids:

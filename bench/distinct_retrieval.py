@@ -27,6 +27,27 @@ from tqdm import tqdm
 DEEP = 64
 
 
+def blocks_without_kv(layout, lengths: list[int], hashes: list[bytes], latent: np.ndarray, texts: list[str]):
+    """Blocks with what retrieval reads (lengths, hashes, window latents, lexical text) and a one-value K/V stub
+    (layout: a tiny BlockLayout): a shard's retrieval and RAM without the K/V encoding."""
+    from engram.workers.block_store import EncodedBlocks
+
+    n = len(hashes)
+    kv = (n, 1, 1, layout.keep_tokens, 1)
+    return EncodedBlocks(
+        kv={
+            "keys": np.zeros(kv, np.float16),
+            "values": np.zeros(kv, np.float16),
+            "positions": np.zeros(kv[:4], np.int16),
+        },
+        tokens=np.zeros((n, layout.chunk_tokens), np.int32),
+        length=np.array(lengths, np.int32),
+        hash=np.frombuffer(b"".join(hashes), np.uint8).reshape(n, 16),
+        latent=latent,
+        text=np.array(texts, dtype=object),
+    )
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", nargs="+", default=["128k", "1M"])
@@ -62,7 +83,6 @@ def main():
     from engram.evals.cases import parse_length
     from engram.evals.distinct import KINDS, chunk_of_answer, corpus, make_facts, plant
     from engram.evals.report import machine
-    from engram.workers.block_store import EncodedBlocks
     from engram.workers.encoder import Encoder
     from engram.workers.shard import Shard
 
@@ -115,20 +135,13 @@ def main():
                     mine = [i for i, o in enumerate(owner) if o == s]
                     if not mine:
                         continue
-                    n = len(mine)
-                    kv = (n, 1, 1, tiny.keep_tokens, 1)
                     shard.put_blocks(
-                        EncodedBlocks(
-                            kv={
-                                "keys": np.zeros(kv, np.float16),
-                                "values": np.zeros(kv, np.float16),
-                                "positions": np.zeros(kv[:4], np.int16),
-                            },
-                            tokens=np.zeros((n, tiny.chunk_tokens), np.int32),
-                            length=np.array([len(chunks[i].tokens) for i in mine], np.int32),
-                            hash=np.frombuffer(b"".join(hashes[i] for i in mine), np.uint8).reshape(n, 16),
-                            latent=latent[mine],
-                            text=np.array([texts[i] for i in mine], dtype=object),
+                        blocks_without_kv(
+                            tiny,
+                            [len(chunks[i].tokens) for i in mine],
+                            [hashes[i] for i in mine],
+                            latent[mine],
+                            [texts[i] for i in mine],
                         )
                     )
                     shard.commit_document(

@@ -52,6 +52,17 @@ def chunked(ids: list[int]) -> list[tuple[list[int], list[int]]]:
     return calib.chunks_of(ids, T, CTX)
 
 
+def niah_blocks(tok, hay, n: int, trial: int, rng) -> tuple:
+    """An 8k-token NIAH case -> (case, n of its chunks in document order: the needle's (up to 2) and random others)."""
+    case = cases.make_case("niah", "", 8000, rng.random(), trial, rng)
+    docs = hay.documents(8000, case.needles)
+    cs = chunked([i for _, d in docs for i in tok(d, add_special_tokens=False).input_ids])
+    text_of = [tok.decode(c) for c, _ in cs]
+    hit = [i for i, s in enumerate(text_of) if "Dolores" in s or "sandwich" in s][:2] or [0]
+    others = rng.sample([i for i in range(len(cs)) if i not in hit], n - len(hit))
+    return case, [cs[i] for i in sorted(hit + others)]  # document order, as the reader's runs place them
+
+
 def encode(model, dec, chunks) -> dict[str, torch.Tensor]:
     """-> float16 blocks as the service's encoders compute them (bf16 autocast where the CPU has it)."""
     return calib.encode_float(model, dec.sink_id, chunks, T, "auto")
@@ -193,14 +204,8 @@ def main():
         for n_blocks in args.niah_blocks:
             right = dict.fromkeys(variants, 0)
             for t in range(args.trials):
-                case = cases.make_case("niah", "", 8000, rng.random(), t, rng)
-                docs = hay.documents(8000, case.needles)
-                cs = chunked([i for _, d in docs for i in tok(d, add_special_tokens=False).input_ids])
-                text_of = [tok.decode(c) for c, _ in cs]
-                hit = [i for i, s in enumerate(text_of) if "Dolores" in s or "sandwich" in s][:2] or [0]
-                others = rng.sample([i for i in range(len(cs)) if i not in hit], n_blocks - len(hit))
-                picked = sorted(hit + others)
-                batch = encode(model, dec, [cs[i] for i in picked])
+                case, picked = niah_blocks(tok, hay, n_blocks, t, rng)
+                batch = encode(model, dec, picked)
                 for n, a in ask(case.question, batch, range(n_blocks), 16).items():
                     right[n] += cases.score(case, a) == 1.0
             for n in variants:

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from distinct_retrieval import blocks_without_kv  # bench/: the same retrieval-only blocks
+
 
 def uss() -> int:
     import psutil
@@ -38,7 +40,6 @@ def child(tokens: int, segment: int, config: str | None, queue) -> None:
     from engram.decoder.layout import BlockLayout
     from engram.decoder.model import load_tokenizer
     from engram.evals.distinct import corpus
-    from engram.workers.block_store import EncodedBlocks
     from engram.workers.shard import Shard
 
     cfg = EngramConfig.load(config)
@@ -67,21 +68,8 @@ def child(tokens: int, segment: int, config: str | None, queue) -> None:
             latent = rng.standard_normal((n, real.latents_per_chunk, real.latent_dim)).astype(np.float32)
             latent /= np.linalg.norm(latent, axis=-1, keepdims=True)
             hashes = [routing.chunk_hash(c.tokens, "shard-ram", c.context) for c in chunks]
-            kv = (n, 1, 1, tiny.keep_tokens, 1)
-            shard.put_blocks(
-                EncodedBlocks(
-                    kv={
-                        "keys": np.zeros(kv, np.float16),
-                        "values": np.zeros(kv, np.float16),
-                        "positions": np.zeros(kv[:4], np.int16),
-                    },
-                    tokens=np.zeros((n, tiny.chunk_tokens), np.int32),
-                    length=np.array([len(c.tokens) for c in chunks], np.int32),
-                    hash=np.frombuffer(b"".join(hashes), np.uint8).reshape(n, 16),
-                    latent=latent,
-                    text=np.array([tok.decode(list(c.context) + list(c.tokens)) for c in chunks], dtype=object),
-                )
-            )
+            texts = [tok.decode(list(c.context) + list(c.tokens)) for c in chunks]
+            shard.put_blocks(blocks_without_kv(tiny, [len(c.tokens) for c in chunks], hashes, latent, texts))
             shard.commit_document("ns", name, len(ids), hashes, [c.seq for c in chunks], [c.offset for c in chunks])
             owned += len(ids)
             if (not points and owned >= tokens // 5) or d == len(docs) - 1:

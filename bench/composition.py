@@ -21,8 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
-from kv_codec import chunked, encode, niah_blocks, stored
-from kv_sparsity import chunks_for
+from kv_codec import chunked, encode, niah_blocks, passkey_blocks, stored
 
 from engram.decoder.generate import MemoryDecoder
 from engram.decoder.model import DecoderConfig, load
@@ -76,8 +75,7 @@ def main():
         for n in args.blocks:
             right = dict.fromkeys(ways, 0)
             for _ in range(args.trials):
-                key = rng.randint(10000, 99999)
-                cs = [(c, []) for c in chunks_for(tok, key, rng.randrange(n), n, rng)]
+                key, cs = passkey_blocks(tok, n, rng)
                 for w, a in ask(PASSKEY_QUESTION, cs, range(n), n, 12).items():
                     right[w] += cases.first_integer(a) == key
             tally("passkey", n, right, args.trials)

@@ -23,28 +23,23 @@ from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+from vector_scaling import synthetic_blocks  # bench/: zero K/V, what retrieval reads
 
 DEEP = 64
 
 
-def blocks_without_kv(layout, lengths: list[int], hashes: list[bytes], latent: np.ndarray, texts: list[str]):
-    """Blocks with what retrieval reads (lengths, hashes, window latents, lexical text) and a one-value K/V stub
-    (layout: a tiny BlockLayout): a shard's retrieval and RAM without the K/V encoding."""
-    from engram.workers.block_store import EncodedBlocks
+def tiny_layout(real):
+    """The real layout's chunks and retrieval latents, a one-value K/V: for runs that store what retrieval reads."""
+    from engram.decoder.layout import BlockLayout
 
-    n = len(hashes)
-    kv = (n, 1, 1, layout.keep_tokens, 1)
-    return EncodedBlocks(
-        kv={
-            "keys": np.zeros(kv, np.float16),
-            "values": np.zeros(kv, np.float16),
-            "positions": np.zeros(kv[:4], np.int16),
-        },
-        tokens=np.zeros((n, layout.chunk_tokens), np.int32),
-        length=np.array(lengths, np.int32),
-        hash=np.frombuffer(b"".join(hashes), np.uint8).reshape(n, 16),
-        latent=latent,
-        text=np.array(texts, dtype=object),
+    return BlockLayout(
+        layers=1,
+        kv_heads=1,
+        keep_tokens=real.chunk_tokens,
+        head_dim=1,
+        chunk_tokens=real.chunk_tokens,
+        latent_dim=real.latent_dim,
+        latents_per_chunk=real.latents_per_chunk,
     )
 
 
@@ -78,7 +73,6 @@ def main():
     from engram.coordinator import routing
     from engram.coordinator.ask import merge
     from engram.coordinator.config import EngramConfig, block_layout, content_fingerprint
-    from engram.decoder.layout import BlockLayout
     from engram.decoder.model import DecoderConfig
     from engram.evals.cases import parse_length
     from engram.evals.distinct import KINDS, chunk_of_answer, corpus, make_facts, plant
@@ -93,15 +87,7 @@ def main():
     fp = content_fingerprint(cfg, real)
     encoder = Encoder(e, DecoderConfig(**{**vars(cfg.decoder), "threads": os.cpu_count() or 1}), real)
     tok = encoder.tokenizer
-    tiny = BlockLayout(
-        layers=1,
-        kv_heads=1,
-        keep_tokens=real.chunk_tokens,
-        head_dim=1,
-        chunk_tokens=real.chunk_tokens,
-        latent_dim=real.latent_dim,
-        latents_per_chunk=real.latents_per_chunk,
-    )
+    tiny = tiny_layout(real)
     results = []
     for length in (parse_length(x) for x in a.lengths):
         rng = random.Random(a.seed)
@@ -136,11 +122,11 @@ def main():
                     if not mine:
                         continue
                     shard.put_blocks(
-                        blocks_without_kv(
+                        synthetic_blocks(
                             tiny,
-                            [len(chunks[i].tokens) for i in mine],
                             [hashes[i] for i in mine],
                             latent[mine],
+                            [len(chunks[i].tokens) for i in mine],
                             [texts[i] for i in mine],
                         )
                     )

@@ -52,6 +52,12 @@ def chunked(ids: list[int]) -> list[tuple[list[int], list[int]]]:
     return calib.chunks_of(ids, T, CTX)
 
 
+def passkey_blocks(tok, n: int, rng) -> tuple[int, list]:
+    """A random pass key -> (key, n chunks: its needle's at a random place among filler ones, no context)."""
+    key = rng.randint(10000, 99999)
+    return key, [(c, []) for c in chunks_for(tok, key, rng.randrange(n), n, rng)]
+
+
 def niah_blocks(tok, hay, n: int, trial: int, rng) -> tuple:
     """An 8k-token NIAH case -> (case, n of its chunks in document order: the needle's (up to 2) and random others)."""
     case = cases.make_case("niah", "", 8000, rng.random(), trial, rng)
@@ -192,8 +198,7 @@ def main():
         for n_blocks in args.passkey_blocks:
             right = dict.fromkeys(variants, 0)
             for _ in range(args.trials):
-                key = rng.randint(10000, 99999)
-                cs = [(c, []) for c in chunks_for(tok, key, rng.randrange(n_blocks), n_blocks, rng)]
+                key, cs = passkey_blocks(tok, n_blocks, rng)
                 for n, a in ask(PASSKEY_QUESTION, encode(model, dec, cs), range(n_blocks)).items():
                     right[n] += cases.first_integer(a) == key
             for n in variants:

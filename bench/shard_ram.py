@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from distinct_retrieval import blocks_without_kv  # bench/: the same retrieval-only blocks
+from distinct_retrieval import tiny_layout  # bench/: the same retrieval-only layout and blocks
+from vector_scaling import synthetic_blocks
 
 
 def uss() -> int:
@@ -37,7 +38,6 @@ def child(tokens: int, segment: int, config: str | None, queue) -> None:
 
     from engram.coordinator import routing
     from engram.coordinator.config import EngramConfig, block_layout
-    from engram.decoder.layout import BlockLayout
     from engram.decoder.model import load_tokenizer
     from engram.evals.distinct import corpus
     from engram.workers.shard import Shard
@@ -45,15 +45,7 @@ def child(tokens: int, segment: int, config: str | None, queue) -> None:
     cfg = EngramConfig.load(config)
     real, e = block_layout(cfg), cfg.encoder
     tok = load_tokenizer(cfg.decoder)
-    tiny = BlockLayout(
-        layers=1,
-        kv_heads=1,
-        keep_tokens=real.chunk_tokens,
-        head_dim=1,
-        chunk_tokens=real.chunk_tokens,
-        latent_dim=real.latent_dim,
-        latents_per_chunk=real.latents_per_chunk,
-    )
+    tiny = tiny_layout(real)
     docs = corpus(tokens, tok, segment)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,7 +61,7 @@ def child(tokens: int, segment: int, config: str | None, queue) -> None:
             latent /= np.linalg.norm(latent, axis=-1, keepdims=True)
             hashes = [routing.chunk_hash(c.tokens, "shard-ram", c.context) for c in chunks]
             texts = [tok.decode(list(c.context) + list(c.tokens)) for c in chunks]
-            shard.put_blocks(blocks_without_kv(tiny, [len(c.tokens) for c in chunks], hashes, latent, texts))
+            shard.put_blocks(synthetic_blocks(tiny, hashes, latent, [len(c.tokens) for c in chunks], texts))
             shard.commit_document("ns", name, len(ids), hashes, [c.seq for c in chunks], [c.offset for c in chunks])
             owned += len(ids)
             if (not points and owned >= tokens // 5) or d == len(docs) - 1:

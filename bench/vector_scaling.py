@@ -195,8 +195,9 @@ def bench_shard(a) -> list[dict]:
     return out
 
 
-def synthetic_blocks(layout, hashes: list[bytes], latents: np.ndarray):
-    """EncodedBlocks with zero K/V of the tiny layout and the given latents [n, R, C] (retrieval reads the latents)."""
+def synthetic_blocks(layout, hashes: list[bytes], latents: np.ndarray, lengths=None, texts=None):
+    """EncodedBlocks with zero K/V of the tiny layout and what retrieval reads: the given latents [n, R, C], the
+    chunks' lengths (default: full) and lexical texts (default: none)."""
     from engram.workers.block_store import EncodedBlocks
 
     n = len(hashes)
@@ -208,10 +209,10 @@ def synthetic_blocks(layout, hashes: list[bytes], latents: np.ndarray):
             "positions": np.zeros(kv[:4], np.int16),
         },
         tokens=np.zeros((n, layout.chunk_tokens), np.int32),
-        length=np.full(n, layout.chunk_tokens, np.int32),
+        length=np.full(n, layout.chunk_tokens, np.int32) if lengths is None else np.array(lengths, np.int32),
         hash=np.frombuffer(b"".join(hashes), np.uint8).reshape(n, 16),
         latent=latents.astype(np.float32),
-        text=np.array([""] * n, dtype=object),
+        text=np.array([""] * n if texts is None else texts, dtype=object),
     )
 
 

@@ -21,9 +21,9 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def variants() -> dict:
+def variants(weights=(0.25, 0.5, 1.0)) -> dict:
     out = {"dense": lambda d, b, bmax: d, "bm25": lambda d, b, bmax: b}
-    for w in (0.25, 0.5, 1.0):
+    for w in weights:
         out[f"max-norm w={w}"] = lambda d, b, bmax, w=w: d + w * (b / bmax if bmax > 0 else 0.0)
     for k in (5.0, 10.0, 20.0):
         for w in (0.5, 1.0):
@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--length", default="128k")
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weights", type=float, nargs="+", default=[0.25, 0.5, 1.0], help="max-norm BM25 weights")
     ap.add_argument("--out", default="bench/results/fusion_sweep.json")
     a = ap.parse_args()
 
@@ -101,7 +102,7 @@ def main() -> None:
         def hit(top, f=f, answer_chunks=answer_chunks) -> bool:
             return any(doc == f.document and q in answer_chunks for _, _, doc, q in top)
 
-        row = {name: hit(rank(cands, fn, a.top_k, ratio)) for name, fn in variants().items()}
+        row = {name: hit(rank(cands, fn, a.top_k, ratio)) for name, fn in variants(a.weights).items()}
         row["rrf k=60"] = hit(rrf(cands, a.top_k))
         per_fact.append({"kind": f.kind, "answer": f.answer, **row})
         for name, ok in row.items():

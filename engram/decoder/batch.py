@@ -110,11 +110,9 @@ def generate_batch(
     held: list[tuple[int, Row]] = []  # admitted, not yet joined: (row number, row)
     new, numbered = list(enumerate(rows)), len(rows)
     while True:
-        rows_of = dict(new)
-        for r, _ in new:
-            made[r] = 0
+        made.update((r, 0) for r, _ in new)
         batch.forward(model, [row for _, row in new], [r for r, _ in new])
-        batch.rows.update(rows_of)
+        batch.rows.update(new)
         live = []
         for b, r in enumerate(batch.ids):
             tid = int(batch.token[b])
@@ -132,9 +130,11 @@ def generate_batch(
         for row in admit(free) if admit is not None and free > 0 else []:
             held.append((numbered, row))
             numbered += 1
-        for r, _ in [h for h in held if h[1].stop()]:  # gave up while held: never decoded
-            yield r, None
-        held = [h for h in held if not h[1].stop()]
+        gave_up = [h[1].stop() for h in held]  # asked once: a row that gives up in between is never lost
+        for (r, _), gone in zip(held, gave_up):
+            if gone:  # gave up while held: never decoded
+                yield r, None
+        held = [h for h, gone in zip(held, gave_up) if not gone]
         new, held = (held, []) if worth_joining(len(live), [row for _, row in held]) else ([], held)
         if not live and not new:
             if not held:

@@ -183,7 +183,7 @@ class DecoderWorker:
                     break
             asks = [a for a in asks if not a.stop.is_set()]  # given up while waiting
             for a in [a for a in asks if a.chunks is not None]:  # RAG: the plain path, never beside a batch
-                self._decode([a], _row0(a.alone(self.decoder, a.stop.is_set)))
+                self._decode_alone(a)
             memory = [a for a in asks if a.chunks is None]
             if memory:
                 self._decode_joining(memory)
@@ -217,7 +217,10 @@ class DecoderWorker:
         joining = admit if self.join_running else None
         self._decode(batch, self.decoder.answer_batch(work, stops, joining, self.max_batch))
         for a in later:
-            self._decode([a], _row0(a.alone(self.decoder, a.stop.is_set)))
+            self._decode_alone(a)
+
+    def _decode_alone(self, ask: _Pending) -> None:
+        self._decode([ask], ((0, part) for part in ask.alone(self.decoder, ask.stop.is_set)))
 
     def _decode(self, asks: list[_Pending], parts: Iterator[tuple[int, str | Answer]]) -> None:
         """Each row's parts to its caller; `asks` may grow while `parts` runs (rows that joined, admitted_at set)."""
@@ -234,10 +237,6 @@ class DecoderWorker:
         except Exception as exc:  # every caller of the batch hears of it
             for a in asks:
                 a.out.put(exc)
-
-
-def _row0(parts: Iterator) -> Iterator[tuple[int, str | Answer]]:
-    return ((0, p) for p in parts)
 
 
 def _decoded(out) -> Decoded | None:

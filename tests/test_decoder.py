@@ -307,3 +307,36 @@ def test_held_rows_join_once_the_padding_costs_no_more_than_their_questions():
     assert not worth_joining(16, rows(20))  # 16 rows padded: 304 wasted tokens for 20 real ones
     assert worth_joining(16, rows(*[20] * 16))  # 304 <= 320
     assert not worth_joining(2, rows(4, 1))  # 2 * 3 > 5
+
+
+def test_batch_cache_writes_steps_in_place_and_matches_concatenation():
+    """The batch's cache layer: a step within its room writes into the same buffer (no copy of the cache; copying
+    it at every step cost more than the matmuls at 16 rows), growing past the room and keeping some rows and
+    columns give what plain concatenation and indexing give."""
+    from engram.decoder.batch import _buffers
+
+    torch.manual_seed(0)
+    a, b = torch.randn(1, 3, 5, 4), torch.randn(2, 3, 7, 4)
+    cache = _buffers([[(a, a + 1)], [(b, b + 1)]], 7, 2)
+    layer = cache.layers[0]
+    plain = torch.cat([torch.cat([torch.zeros(1, 3, 2, 4), a], 2), b])  # a left-padded to 7
+    torch.testing.assert_close(layer.keys, plain, atol=0, rtol=0)
+    torch.testing.assert_close(
+        layer.values,
+        plain + torch.cat([torch.cat([torch.zeros(1, 3, 2, 4), torch.ones(1, 3, 5, 4)], 2), torch.ones(2, 3, 7, 4)]),
+        atol=0,
+        rtol=0,
+    )
+    buffer = layer.k_buf.data_ptr()
+    for step in range(4):  # two steps within the room, then two past it
+        new = torch.randn(3, 3, 1, 4)
+        keys, values = cache.update(new, new * 2, 0)
+        plain = torch.cat([plain, new], 2)
+        torch.testing.assert_close(keys, plain, atol=0, rtol=0)
+        torch.testing.assert_close(values[:, :, -1:], new * 2, atol=0, rtol=0)
+        assert (layer.k_buf.data_ptr() == buffer) == (step < 2)
+    assert cache.get_seq_length() == 11
+    rows, cols = torch.tensor([0, 2]), torch.tensor([2, 3, 9, 10])
+    layer.keep(rows, cols)
+    torch.testing.assert_close(layer.keys, plain[rows][:, :, cols], atol=0, rtol=0)
+    assert cache.get_seq_length() == 4

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
 
 
 @dataclass
@@ -34,7 +35,7 @@ class _Batch:
     next token [B] and next position [B], and which row (as numbered for the caller) each batch index holds."""
 
     def __init__(self):
-        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.cache = None  # a cache of _BufferLayer: kept across steps, each step's K/V written in place
         self.mask = self.token = self.next_pos = None
         self.ids: list[int] = []  # the row number at each batch index
         self.rows: dict[int, Row] = {}  # row number -> its Row, while it runs
@@ -43,22 +44,18 @@ class _Batch:
         """One pass: each running row's token in, each new row's question in (its cache joining the batch's, both
         left-padded to the longer), and every row's next token out."""
         device = next(model.parameters()).device
-        layers, mask = self.layers, self.mask
+        mask = self.mask
         running = len(self.ids)
-        if new:
+        q = max([1] + [len(r.prompt) for r in new])
+        if new:  # one copy of every row's cache into new buffers, with room for the steps to come
             lengths = [r.cache.get_seq_length() for r in new]
             n = max(lengths + ([mask.shape[1]] if running else []))
-            merged = []
-            for i in range(len(new[0].cache.layers)):
-                keys = ([layers[i][0]] if running else []) + [r.cache.layers[i].keys for r in new]
-                values = ([layers[i][1]] if running else []) + [r.cache.layers[i].values for r in new]
-                merged.append(
-                    (torch.cat([_left_pad(k, n) for k in keys]), torch.cat([_left_pad(v, n) for v in values]))
-                )
-            layers = merged
+            room = q + max(r.max_new_tokens for r in [*new, *self.rows.values()])  # growing past it copies
+            parts = [[(layer.keys, layer.values) for layer in self.cache.layers]] if running else []
+            parts += [[(layer.keys, layer.values) for layer in r.cache.layers] for r in new]
+            self.cache = _buffers(parts, n, room)
             masks = ([mask] if running else []) + [torch.ones(1, m, dtype=torch.long, device=device) for m in lengths]
             mask = torch.cat([_left_pad(m, n, 1) for m in masks])
-        q = max([1] + [len(r.prompt) for r in new])
         tokens = torch.zeros(running + len(new), q, dtype=torch.long, device=device)
         pos = torch.zeros_like(tokens)
         real = torch.zeros_like(tokens)
@@ -70,9 +67,13 @@ class _Batch:
             real[i, q - len(r.prompt) :] = 1
         self.mask = torch.cat([mask, real], 1)  # [B, S + q]
         out = model(
-            input_ids=tokens, past_key_values=_cache(layers), position_ids=pos, attention_mask=self.mask, use_cache=True
+            input_ids=tokens,
+            past_key_values=self.cache,
+            position_ids=pos,
+            attention_mask=self.mask,
+            use_cache=True,
+            logits_to_keep=1,  # the last column is every row's last real token: the vocabulary projection only there
         )
-        self.layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         self.token = out.logits[:, -1].argmax(-1)
         starts = [r.start + len(r.prompt) for r in new]
         self.next_pos = torch.cat(
@@ -85,9 +86,8 @@ class _Batch:
         index = torch.tensor(rows, device=self.mask.device)
         mask = self.mask.index_select(0, index)
         used = mask.any(0).nonzero().squeeze(1)
-        self.layers = [
-            (k.index_select(0, index)[:, :, used], v.index_select(0, index)[:, :, used]) for k, v in self.layers
-        ]
+        for layer in self.cache.layers:
+            layer.keep(index, used)
         self.mask = mask[:, used]
         self.token, self.next_pos = self.token.index_select(0, index), self.next_pos.index_select(0, index)
         self.ids = [self.ids[r] for r in rows]
@@ -167,10 +167,63 @@ def _left_pad(x: torch.Tensor, n: int, dim: int = 2) -> torch.Tensor:
     return torch.cat([x.new_zeros(shape), x], dim)
 
 
-def _cache(layers: list[tuple[torch.Tensor, torch.Tensor]]):
-    from transformers import DynamicCache
+class _BufferLayer(DynamicLayer):
+    """One layer's cache for the batch: K/V in buffers [B, H, capacity, D] that each step writes into in place (a
+    DynamicLayer concatenates, copying the whole cache at every step: on a CPU that copying cost more than the
+    model's matmuls at 16 rows); keys/values are views of the filled part [B, H, end, D]."""
 
-    out = DynamicCache()
-    for i, (k, v) in enumerate(layers):
-        out.update(k, v, i)
-    return out
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, end: int):
+        super().__init__()
+        self.k_buf, self.v_buf, self.end = keys, values, end
+        self.device, self.is_initialized = keys.device, True
+        self._views()
+
+    def _views(self) -> None:
+        self.keys, self.values = self.k_buf[:, :, : self.end], self.v_buf[:, :, : self.end]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        q = key_states.shape[-2]
+        if self.end + q > self.k_buf.shape[2]:  # out of room (a row longer than planned): grow, doubling
+            grow = max(q, self.k_buf.shape[2])
+            self.k_buf, self.v_buf = (
+                torch.cat([b, b.new_zeros(*b.shape[:2], grow, b.shape[3])], 2) for b in (self.k_buf, self.v_buf)
+            )
+        self.k_buf[:, :, self.end : self.end + q] = key_states
+        self.v_buf[:, :, self.end : self.end + q] = value_states
+        self.end += q
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.end
+
+    def keep(self, index: torch.Tensor, used: torch.Tensor) -> None:
+        """Only the rows `index` and the columns `used` stay (a copy: rows leave far more rarely than steps run)."""
+        room = self.k_buf.shape[2] - self.end
+        k, v = (x.index_select(0, index)[:, :, used] for x in (self.keys, self.values))
+        self.end = k.shape[2]
+        self.k_buf, self.v_buf = (_right_room(x, room) for x in (k, v))
+        self._views()
+
+
+def _buffers(parts: list[list[tuple[torch.Tensor, torch.Tensor]]], n: int, room: int) -> Cache:
+    """Several caches (each a list of per-layer (keys, values) [b, H, S, D]) stacked into one batch cache of
+    _BufferLayer: each left-padded with zeros to n entries, then `room` free entries after them."""
+    layers = []
+    for i in range(len(parts[0])):
+        k0, v0 = parts[0][i]
+        b = sum(p[i][0].shape[0] for p in parts)
+        kb = k0.new_zeros(b, k0.shape[1], n + room, k0.shape[3])
+        vb = v0.new_zeros(b, v0.shape[1], n + room, v0.shape[3])
+        row = 0
+        for p in parts:
+            k, v = p[i]
+            kb[row : row + k.shape[0], :, n - k.shape[2] : n] = k
+            vb[row : row + v.shape[0], :, n - v.shape[2] : n] = v
+            row += k.shape[0]
+        layers.append(_BufferLayer(kb, vb, n))
+    return Cache(layers=layers)
+
+
+def _right_room(x: torch.Tensor, room: int) -> torch.Tensor:
+    return torch.cat([x, x.new_zeros(*x.shape[:2], room, x.shape[3])], 2)

@@ -162,8 +162,15 @@ def load(cfg: DecoderConfig):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     path = model_path(cfg)
+    device = cfg.resolved_device()
+    if device.type == "cpu":
+        # transformers' SDPA path copies each K/V head once per query head it serves (repeat_kv) whenever a mask is
+        # passed and more than one query token comes in, i.e. in every batched pass that prefills questions; torch's
+        # CPU kernel reads grouped heads itself (enable_gqa), with the same result: 2.6x faster attention at 16 rows
+        # (BENCHMARKS.md "Batched answers under load"). CUDA keeps transformers' choice (its fast kernels want no mask).
+        os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=cfg.resolved_dtype(), attn_implementation="sdpa")
-    model.to(cfg.resolved_device()).eval()
+    model.to(device).eval()
     return model, load_tokenizer(cfg)
 
 

@@ -15,7 +15,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
+
+from .kv_cache import BufferLayer
 
 
 @dataclass
@@ -35,7 +37,7 @@ class _Batch:
     next token [B] and next position [B], and which row (as numbered for the caller) each batch index holds."""
 
     def __init__(self):
-        self.cache = None  # a cache of _BufferLayer: kept across steps, each step's K/V written in place
+        self.cache = None  # a cache of BufferLayer: kept across steps, each step's K/V written in place
         self.mask = self.token = self.next_pos = None
         self.ids: list[int] = []  # the row number at each batch index
         self.rows: dict[int, Row] = {}  # row number -> its Row, while it runs
@@ -167,48 +169,9 @@ def _left_pad(x: torch.Tensor, n: int, dim: int = 2) -> torch.Tensor:
     return torch.cat([x.new_zeros(shape), x], dim)
 
 
-class _BufferLayer(DynamicLayer):
-    """One layer's cache for the batch: K/V in buffers [B, H, capacity, D] that each step writes into in place (a
-    DynamicLayer concatenates, copying the whole cache at every step: on a CPU that copying cost more than the
-    model's matmuls at 16 rows); keys/values are views of the filled part [B, H, end, D]."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, end: int):
-        super().__init__()
-        self.k_buf, self.v_buf, self.end = keys, values, end
-        self.device, self.is_initialized = keys.device, True
-        self._views()
-
-    def _views(self) -> None:
-        self.keys, self.values = self.k_buf[:, :, : self.end], self.v_buf[:, :, : self.end]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        q = key_states.shape[-2]
-        if self.end + q > self.k_buf.shape[2]:  # out of room (a row longer than planned): grow, doubling
-            grow = max(q, self.k_buf.shape[2])
-            self.k_buf, self.v_buf = (
-                torch.cat([b, b.new_zeros(*b.shape[:2], grow, b.shape[3])], 2) for b in (self.k_buf, self.v_buf)
-            )
-        self.k_buf[:, :, self.end : self.end + q] = key_states
-        self.v_buf[:, :, self.end : self.end + q] = value_states
-        self.end += q
-        self._views()
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.end
-
-    def keep(self, index: torch.Tensor, used: torch.Tensor) -> None:
-        """Only the rows `index` and the columns `used` stay (a copy: rows leave far more rarely than steps run)."""
-        room = self.k_buf.shape[2] - self.end
-        k, v = (x.index_select(0, index)[:, :, used] for x in (self.keys, self.values))
-        self.end = k.shape[2]
-        self.k_buf, self.v_buf = (_right_room(x, room) for x in (k, v))
-        self._views()
-
-
 def _buffers(parts: list[list[tuple[torch.Tensor, torch.Tensor]]], n: int, room: int) -> Cache:
     """Several caches (each a list of per-layer (keys, values) [b, H, S, D]) stacked into one batch cache of
-    _BufferLayer: each left-padded with zeros to n entries, then `room` free entries after them."""
+    BufferLayer: each left-padded with zeros to n entries, then `room` free entries after them."""
     layers = []
     for i in range(len(parts[0])):
         k0, v0 = parts[0][i]
@@ -221,9 +184,5 @@ def _buffers(parts: list[list[tuple[torch.Tensor, torch.Tensor]]], n: int, room:
             kb[row : row + k.shape[0], :, n - k.shape[2] : n] = k
             vb[row : row + v.shape[0], :, n - v.shape[2] : n] = v
             row += k.shape[0]
-        layers.append(_BufferLayer(kb, vb, n))
+        layers.append(BufferLayer(kb, vb, n))
     return Cache(layers=layers)
-
-
-def _right_room(x: torch.Tensor, room: int) -> torch.Tensor:
-    return torch.cat([x, x.new_zeros(*x.shape[:2], room, x.shape[3])], 2)

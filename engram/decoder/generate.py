@@ -12,6 +12,7 @@ import torch
 
 from . import quant
 from .batch import Row, generate_batch
+from .kv_cache import cache_of
 from .layout import check_kv_dtype, check_position_scheme
 from .model import encoding_dtype, sink_token_id
 from .rope import layer_rotaries, rerotate_layers, rotate_tokens
@@ -130,18 +131,22 @@ class MemoryDecoder:
         self.sink_id = sink_token_id(tokenizer)
         with torch.inference_mode():
             out = model(input_ids=torch.tensor([[self.sink_id]], device=self.device), use_cache=True)
-        self.sink_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]  # [1, H, 1, D] each
+        layers = out.past_key_values.layers
+        self.sink_kv = (torch.stack([x.keys for x in layers]), torch.stack([x.values for x in layers]))  # [L,1,H,1,D]
 
-    def build_cache(self, blocks: list[dict[str, np.ndarray]], chunk_tokens: int):
-        """blocks (blocks.blocks_of), in reading order -> (cache, next position)."""
-        from transformers import DynamicCache
-
+    def build_cache(self, blocks: list[dict[str, np.ndarray]], chunk_tokens: int, room: int = 0):
+        """blocks (blocks.blocks_of), in reading order -> (cache, next position). The cache holds the sink and the
+        blocks' entries in one buffer per K and V for all layers, written once, with `room` free entries after
+        them for the question and the answer (kv_cache.py: no copy of the cache per generated token)."""
         rotaries = layer_rotaries(self.model)
-        dtype = self.sink_kv[0][0].dtype
-        cache = DynamicCache()
-        per_layer: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[kv] for kv in self.sink_kv]
+        sink_k, sink_v = self.sink_kv  # [L, 1, H, 1, D]
         valid = [int((b["positions"][0, 0] >= 0).sum()) for b in blocks]  # the same in every layer and head
+        end = 1 + sum(valid)
+        keys = sink_k.new_empty(*sink_k.shape[:3], end + room, sink_k.shape[4])  # [L, 1, H, end + room, D]
+        values = sink_v.new_empty(*sink_v.shape[:3], end + room, sink_v.shape[4])
+        keys[:, :, :, :1], values[:, :, :, :1] = sink_k, sink_v
         coded = self._decode_codes(blocks, valid) if self.codec is not None else None
+        at = 1
         for j, (block, n_valid) in enumerate(zip(blocks, valid)):
             delta = j * chunk_tokens if self.scheme == "consecutive" else 0
             if coded is not None:  # keys before RoPE: placed token by token at delta + 1..n
@@ -160,13 +165,10 @@ class MemoryDecoder:
                 kt = rerotate_layers(kt, delta, rotaries, 0)
             if self.block_key_scale != 1.0:
                 kt = kt * self.block_key_scale
-            kt, vt = kt.to(dtype), vt.to(dtype)
-            for layer in range(kt.shape[0]):
-                per_layer[layer].append((kt[layer][None], vt[layer][None]))
-        for layer, parts in enumerate(per_layer):
-            cache.update(torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2), layer)
+            keys[:, 0, :, at : at + n_valid], values[:, 0, :, at : at + n_valid] = kt, vt  # cast to the cache's dtype
+            at += n_valid
         span = len(blocks) if self.scheme == "consecutive" else min(len(blocks), 1)
-        return cache, 1 + span * chunk_tokens
+        return cache_of(keys, values, end), 1 + span * chunk_tokens
 
     def _decode_codes(self, blocks, valid: list[int]):
         """The valid tokens of every block decoded at once (codec.py) -> per block keys before RoPE, values
@@ -194,8 +196,9 @@ class MemoryDecoder:
     ) -> Iterator[str | Answer]:
         """The answer over the blocks (in reading order): its text in pieces as generated, then the Answer."""
         t0 = time.perf_counter()
-        cache, next_pos = self.build_cache(blocks, chunk_tokens)
-        context_tokens, prompt = cache.get_seq_length(), self._prompt(question)
+        prompt = self._prompt(question)
+        cache, next_pos = self.build_cache(blocks, chunk_tokens, room=len(prompt) + max_new_tokens)
+        context_tokens = cache.get_seq_length()
         ids = generate_stream(self.model, cache, prompt, next_pos, max_new_tokens, self.tokenizer.eos_token_id, stop)
         yield from self._stream(ids, t0, context_tokens, len(prompt))
 

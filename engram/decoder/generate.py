@@ -37,7 +37,9 @@ class Generated:
 def prefill(model, cache, ids: torch.Tensor, start: int) -> torch.Tensor:
     """ids [1, Q] at positions start.. -> logits of the last position [1, V]."""
     pos = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
-    return model(input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True).logits[:, -1]
+    # logits_to_keep: the vocabulary projection for the last position only (~20% of a 135M model's per-token work)
+    out = model(input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1]
 
 
 def decode_one_token(model, cache, token: torch.Tensor, pos: int) -> torch.Tensor:

@@ -135,9 +135,8 @@ def main():
             right = dict.fromkeys(ways, 0)
             for t in range(args.trials):
                 case, picked = niah_blocks(tok, hay, n, t, rng)
-                hits = [
-                    i for i, c in enumerate(picked) if "Dolores" in tok.decode(c[0]) or "sandwich" in tok.decode(c[0])
-                ]
+                text = [tok.decode(c[0]) for c in picked]
+                hits = [i for i, t in enumerate(text) if "Dolores" in t or "sandwich" in t] or [0]  # as niah_blocks
                 for w, a in ask("niah", case.question, picked, list(range(n)), hits, 16).items():
                     right[w] += cases.score(case, a) == 1.0
             tally("niah", n, right, args.trials)

@@ -80,6 +80,7 @@ def test_config_overrides_and_unknown_keys(tmp_path):
         ({"position_scheme": "alibi"}, "ask.position_scheme must be"),
         ({"block_key_scale": 0.0}, "ask.block_key_scale must be between 0.5 and 4"),
         ({"block_key_scale": 10}, "ask.block_key_scale must be between 0.5 and 4"),
+        ({"retrieval_bias": -1}, "ask.retrieval_bias must be between 0 and 1000"),
     ],
 )
 def test_ask_settings_are_checked_on_load(ask, error):
@@ -112,6 +113,14 @@ def test_context_must_fit_the_decoders_window():
     layout = block_layout(EngramConfig.load(None, encoder={"context_tokens": 8063}))
     assert (layout.kv_dtype, layout.layers, layout.kv_heads, layout.head_dim) == ("int4", 30, 3, 64)
     assert layout.full_fp16_bytes_per_token == 30 * 2 * 3 * 64 * 2
+
+
+def test_block_biases_are_lambda_times_the_gap_to_the_best_hit():
+    from engram.coordinator.ask import Retrieved, block_biases
+
+    reading = [Retrieved(s, 0, i, "a", i, 0) for i, s in enumerate([0.3, 0.5, 0.45])]  # best run last, as read
+    assert block_biases(reading, 10.0) == pytest.approx([-2.0, 0.0, -0.5])
+    assert block_biases(reading, 0.0) is None and block_biases([], 10.0) is None
 
 
 def test_top_hits_merges_shards_and_drops_far_weaker_hits():

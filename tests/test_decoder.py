@@ -340,3 +340,74 @@ def test_batch_cache_writes_steps_in_place_and_matches_concatenation():
     layer.keep(rows, cols)
     torch.testing.assert_close(layer.keys, plain[rows][:, :, cols], atol=0, rtol=0)
     assert cache.get_seq_length() == 4
+
+
+def test_retrieval_bias_reads_a_block_faintly_and_batches_as_alone(smol):
+    """block_bias (ask.retrieval_bias): a bias of -1e9 on a block's tokens answers exactly as if that block were
+    masked out by a plain 2D attention mask (the 4D mask's causal part and positions are right, in the prefill and
+    every decode step); zeros are the plain reader; biased asks decoded together, joining mid-batch too, answer as
+    each alone."""
+    model, tok = smol
+    layout = BlockLayout.of(model.config, 64, 0, "int4")
+    dec = MemoryDecoder(model, tok, kv_dtype="int4")
+    ids = lambda text: tok(text, add_special_tokens=False).input_ids
+    filler = ids("The grass is green. The sky is blue. " * 12)[:64]
+    a = kv.blocks_of(
+        kv.encode_chunks(model, dec.sink_id, [(filler[:10] + ids("The pass key is 11235.") + filler)[:64]], layout)
+    )
+    b = kv.blocks_of(
+        kv.encode_chunks(model, dec.sink_id, [(filler[:30] + ids("The pass key is 80417.") + filler)[:64]], layout)
+    )
+    question = "What is the pass key? The pass key is"
+    prompt = dec._prompt(question)
+    with torch.inference_mode():
+        biased = dec.answer(question, a + b, 64, 8, block_bias=[-1e9, 0.0])
+        cache, start = dec.build_cache(a + b, 64)
+        mask = torch.ones(1, cache.get_seq_length() + len(prompt) + 8, dtype=torch.long)
+        mask[0, 1 : 1 + 64] = 0  # block a's entries out, by HF's own 2D masking
+        pos = torch.arange(start, start + len(prompt))[None]
+        out = model(
+            input_ids=torch.tensor([prompt]),
+            past_key_values=cache,
+            position_ids=pos,
+            attention_mask=mask[:, : cache.get_seq_length() + len(prompt)],
+            logits_to_keep=1,
+        )
+        want, token, at = [], out.logits[0, -1].argmax(), start + len(prompt)
+        for _ in range(8):
+            if int(token) == tok.eos_token_id:
+                break
+            want.append(int(token))
+            n = cache.get_seq_length()
+            out = model(
+                input_ids=token.view(1, 1),
+                past_key_values=cache,
+                position_ids=torch.tensor([[at]]),
+                attention_mask=mask[:, : n + 1],
+            )
+            token, at = out.logits[0, -1].argmax(), at + 1
+    assert biased.token_ids == want and "80417" in biased.text, (biased.text, tok.decode(want))
+    assert (
+        dec.answer(question, a + b, 64, 8, block_bias=[0.0, 0.0]).token_ids
+        == dec.answer(question, a + b, 64, 8).token_ids
+    )
+
+    asks = [
+        (question, a + b, 64, 8, [-1e9, 0.0]),
+        ("The pass key is", b + a, 64, 6, [-3.0, 0.0]),
+        (question, a + b, 64, 8, None),
+        ("Tell me what the pass key is. The pass key is", a + b, 64, 7, [0.0, -1e9]),
+    ]
+    alone = [dec.answer(q, bl, t, n, block_bias=bias) for q, bl, t, n, bias in asks]
+    calls = [0]
+
+    def admit(free):
+        calls[0] += 1
+        return [(*asks[3][:4], lambda: False, asks[3][4])] if calls[0] == 2 else []
+
+    got: dict[int, object] = {}
+    for row, part in dec.answer_batch(asks[:3], [lambda: False] * 3, admit, 4):
+        if not isinstance(part, str):
+            got[row] = part
+    for r, want_answer in enumerate(alone):
+        assert got[r].token_ids == want_answer.token_ids, (r, got[r].text, want_answer.text)

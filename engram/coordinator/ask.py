@@ -118,6 +118,16 @@ def arrange(hits: list[Retrieved], block_order: str) -> list[Retrieved]:
     return [h for run in runs for h in run]
 
 
+def block_biases(reading: list[Retrieved], lam: float) -> list[float] | None:
+    """ask.retrieval_bias: per block (reading order), λ x (its hit's score - the best hit's score), added to the
+    question's attention logits to its tokens: 0 for the best, more negative the further retrieval ranks it below.
+    None when λ is 0 (the plain reader)."""
+    if lam <= 0 or not reading:
+        return None
+    best = max(h.score for h in reading)
+    return [lam * (h.score - best) for h in reading]
+
+
 def by_shard(hits: list[Retrieved]) -> tuple[dict[int, list[int]], list[tuple[int, int]]]:
     """-> (shard -> its block rows, in hit order), and each hit's (shard, index in that shard's list)."""
     rows: dict[int, list[int]] = {}
@@ -314,8 +324,9 @@ class Reader:
         order = [(shards.index(s), i) for s, i in where]
         t_call = time.perf_counter()
         method = c.decoder.answer_stream if stream else c.decoder.answer
+        bias = block_biases(reading, self.cfg.ask.retrieval_bias)
         call = _remote(method, stream)(
-            question, c.layout.chunk_tokens, max_new_tokens, order, *[blocks for _, blocks in refs]
+            question, c.layout.chunk_tokens, max_new_tokens, order, *[blocks for _, blocks in refs], block_bias=bias
         )
         try:
             shard_tokens = await asyncio.gather(*[tok for tok, _ in refs])

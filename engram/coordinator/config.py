@@ -110,6 +110,11 @@ class AskConfig:
     # the attention when many independently encoded blocks sit side by side (bench/composition.py; BENCHMARKS.md
     # "Reading many blocks"). 1 = the blocks as encoded.
     block_key_scale: float = 1.0
+    # Retrieval's ranking carried into attention: the question's attention logits to a block's tokens get
+    # λ x (its hit's score - the best hit's score) added, so blocks retrieval ranks far below the best are read
+    # faintly instead of competing on equal terms (bench/relevance_bias.py; BENCHMARKS.md "Reading many blocks").
+    # 0 = off (every block as encoded).
+    retrieval_bias: float = 0.0
     # Asks waiting for or in the decoder at once; past it an Ask is refused with RESOURCE_EXHAUSTED at once
     # instead of queueing without bound. 0 = no limit.
     max_queued_asks: int = 64
@@ -135,6 +140,8 @@ class AskConfig:
                 f"({self.max_max_new_tokens}), not {self.max_new_tokens}"
             )
         check_position_scheme(self.position_scheme)
+        if not 0.0 <= self.retrieval_bias <= 1000.0:
+            raise ValueError(f"ask.retrieval_bias must be between 0 and 1000, not {self.retrieval_bias}")
         if not 0.5 <= self.block_key_scale <= 4.0:
             raise ValueError(f"ask.block_key_scale must be between 0.5 and 4, not {self.block_key_scale}")
         if not 1 <= self.max_batch <= 256:

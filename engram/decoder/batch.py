@@ -23,13 +23,15 @@ from .kv_cache import BufferLayer
 @dataclass
 class Row:
     """One ask as the batch takes it: its assembled memory cache ([1, H, S, D] per layer), its question's token
-    ids, the position the question starts at, how many tokens it may generate, and stop() (its caller gave up)."""
+    ids, the position the question starts at, how many tokens it may generate, stop() (its caller gave up), and
+    optionally a bias on its logits to each cache entry."""
 
     cache: object
     prompt: list[int]
     start: int
     max_new_tokens: int
     stop: Callable[[], bool]
+    bias: torch.Tensor | None = None  # [S]: added to its attention logits to its cache's entries (retrieval_bias)
 
 
 class _Batch:
@@ -39,6 +41,7 @@ class _Batch:
     def __init__(self):
         self.cache = None  # a cache of BufferLayer: kept across steps, each step's K/V written in place
         self.mask = self.token = self.next_pos = None
+        self.bias = None  # [B, S] float, beside mask, while any row has a bias: every pass then takes a 4D mask
         self.ids: list[int] = []  # the row number at each batch index
         self.rows: dict[int, Row] = {}  # row number -> its Row, while it runs
 
@@ -58,6 +61,10 @@ class _Batch:
             self.cache = _buffers(parts, n, room)
             masks = ([mask] if running else []) + [torch.ones(1, m, dtype=torch.long, device=device) for m in lengths]
             mask = torch.cat([_left_pad(m, n, 1) for m in masks])
+            if self.bias is not None or any(r.bias is not None for r in new):
+                old = [self.bias if self.bias is not None else torch.zeros(mask[:running].shape)] if running else []
+                rows = [(r.bias if r.bias is not None else torch.zeros(m))[None].float() for r, m in zip(new, lengths)]
+                self.bias = torch.cat([_left_pad(b.to(device), n, 1) for b in old + rows])
         tokens = torch.zeros(running + len(new), q, dtype=torch.long, device=device)
         pos = torch.zeros_like(tokens)
         real = torch.zeros_like(tokens)
@@ -68,11 +75,15 @@ class _Batch:
             pos[i, q - len(r.prompt) :] = torch.arange(r.start, r.start + len(r.prompt), device=device)
             real[i, q - len(r.prompt) :] = 1
         self.mask = torch.cat([mask, real], 1)  # [B, S + q]
+        attention = self.mask
+        if self.bias is not None:
+            self.bias = torch.cat([self.bias, torch.zeros(real.shape, device=device)], 1)
+            attention = _biased_mask(self.mask, self.bias, q)
         out = model(
             input_ids=tokens,
             past_key_values=self.cache,
             position_ids=pos,
-            attention_mask=self.mask,
+            attention_mask=attention,
             use_cache=True,
             logits_to_keep=1,  # the last column is every row's last real token: the vocabulary projection only there
         )
@@ -91,6 +102,8 @@ class _Batch:
         for layer in self.cache.layers:
             layer.keep(index, used)
         self.mask = mask[:, used]
+        if self.bias is not None:
+            self.bias = self.bias.index_select(0, index)[:, used]
         self.token, self.next_pos = self.token.index_select(0, index), self.next_pos.index_select(0, index)
         self.ids = [self.ids[r] for r in rows]
 
@@ -157,6 +170,16 @@ def worth_joining(running: int, rows: list[Row]) -> bool:
         return False
     q = max(len(r.prompt) for r in rows)
     return running * (q - 1) <= sum(len(r.prompt) for r in rows)
+
+
+def _biased_mask(mask: torch.Tensor, bias: torch.Tensor, q: int) -> torch.Tensor:
+    """The 4D float mask [B, 1, q, S] of a pass whose last q columns are new: each query sees the entries its row's
+    mask allows, the new ones causally, with bias [B, S] added; what it may not see is -inf."""
+    s = mask.shape[1]
+    allowed = mask.bool()[:, None, :].expand(-1, q, -1).clone()  # [B, q, S]
+    allowed[:, :, s - q :] &= torch.ones(q, q, dtype=torch.bool, device=mask.device).tril()
+    out = bias[:, None, :].expand(-1, q, -1).masked_fill(~allowed, float("-inf"))
+    return out[:, None]
 
 
 def _left_pad(x: torch.Tensor, n: int, dim: int = 2) -> torch.Tensor:

@@ -50,12 +50,24 @@ def decode_one_token(model, cache, token: torch.Tensor, pos: int) -> torch.Tenso
 
 
 def generate_stream(
-    model, cache, prompt: list[int], start: int, max_new_tokens: int, eos_id: int | None, stop=None
+    model,
+    cache,
+    prompt: list[int],
+    start: int,
+    max_new_tokens: int,
+    eos_id: int | None,
+    stop=None,
+    memory_bias: torch.Tensor | None = None,
 ) -> Iterator[int]:
     """Greedy decoding, each token id yielded as soon as it is known (the first right after the prefill);
-    `stop()` (optional) is asked before each step: True ends generation there (the caller gave up)."""
+    `stop()` (optional) is asked before each step: True ends generation there (the caller gave up).
+    memory_bias [S] (optional): added to every query's attention logits to the cache's S entries (retrieval_bias)."""
     device = next(model.parameters()).device
-    token = prefill(model, cache, torch.tensor([prompt], device=device), start).argmax(-1)  # [1]
+    ids = torch.tensor([prompt], device=device)
+    if memory_bias is None:
+        token = prefill(model, cache, ids, start).argmax(-1)  # [1]
+    else:
+        token = _biased(model, cache, ids, start, memory_bias)
     pos = start + len(prompt)
     for n in range(1, max_new_tokens + 1):
         tid = int(token)
@@ -64,8 +76,27 @@ def generate_stream(
         yield tid
         if n == max_new_tokens or (stop is not None and stop()):
             return
-        token = decode_one_token(model, cache, token, pos)
+        if memory_bias is None:
+            token = decode_one_token(model, cache, token, pos)
+        else:
+            token = _biased(model, cache, token.view(1, 1), pos, memory_bias)
         pos += 1
+
+
+def _biased(model, cache, ids: torch.Tensor, start: int, memory_bias: torch.Tensor) -> torch.Tensor:
+    """prefill / decode_one_token with memory_bias [S] on the logits to the first S cache entries: ids [1, Q]
+    -> the next token [1]. The mask is 4D [1, 1, Q, n + Q] (n entries cached): bias, then 0 (earlier question or
+    answer tokens), then causal among the Q new ones."""
+    n, q = cache.get_seq_length(), ids.shape[1]
+    row = torch.zeros(n + q, device=ids.device)
+    row[: len(memory_bias)] = memory_bias
+    mask = row.expand(q, n + q).clone()
+    mask[:, n:] += torch.full((q, q), float("-inf"), device=ids.device).triu(1)
+    pos = torch.arange(start, start + q, device=ids.device)[None]
+    out = model(
+        input_ids=ids, past_key_values=cache, position_ids=pos, attention_mask=mask[None, None], logits_to_keep=1
+    )
+    return out.logits[:, -1].argmax(-1)
 
 
 def generate(
@@ -186,22 +217,35 @@ class MemoryDecoder:
     def _prompt(self, question: str) -> list[int]:
         return self.tokenizer(self.template.format(question=question), add_special_tokens=False).input_ids
 
-    def answer(self, question: str, blocks, chunk_tokens: int, max_new_tokens: int = 32, stop=None) -> Answer:
-        return last(self.answer_stream(question, blocks, chunk_tokens, max_new_tokens, stop))
+    def memory_bias(self, blocks, block_bias: list[float] | None) -> torch.Tensor | None:
+        """Per-block logit biases -> one per cache entry [S] (the sink 0, then each block's valid tokens); None
+        when there is none (or all are 0: the plain path, bit for bit)."""
+        if block_bias is None or not any(block_bias):
+            return None
+        valid = [int((b["positions"][0, 0] >= 0).sum()) for b in blocks]
+        parts = [torch.zeros(1)] + [torch.full((n,), float(b)) for n, b in zip(valid, block_bias)]
+        return torch.cat(parts).to(self.device)
+
+    def answer(
+        self, question: str, blocks, chunk_tokens: int, max_new_tokens: int = 32, stop=None, block_bias=None
+    ) -> Answer:
+        return last(self.answer_stream(question, blocks, chunk_tokens, max_new_tokens, stop, block_bias))
 
     def answer_text(self, question: str, chunks: list[list[int]], max_new_tokens: int = 32, stop=None) -> Answer:
         return last(self.answer_text_stream(question, chunks, max_new_tokens, stop))
 
     @torch.inference_mode()
     def answer_stream(
-        self, question: str, blocks, chunk_tokens: int, max_new_tokens: int = 32, stop=None
+        self, question: str, blocks, chunk_tokens: int, max_new_tokens: int = 32, stop=None, block_bias=None
     ) -> Iterator[str | Answer]:
-        """The answer over the blocks (in reading order): its text in pieces as generated, then the Answer."""
+        """The answer over the blocks (in reading order): its text in pieces as generated, then the Answer.
+        block_bias: per block, added to the question's attention logits to its tokens (ask.retrieval_bias)."""
         t0 = time.perf_counter()
         prompt = self._prompt(question)
         cache, next_pos = self.build_cache(blocks, chunk_tokens, room=len(prompt) + max_new_tokens)
         context_tokens = cache.get_seq_length()
-        ids = generate_stream(self.model, cache, prompt, next_pos, max_new_tokens, self.tokenizer.eos_token_id, stop)
+        eos, bias = self.tokenizer.eos_token_id, self.memory_bias(blocks, block_bias)
+        ids = generate_stream(self.model, cache, prompt, next_pos, max_new_tokens, eos, stop, bias)
         yield from self._stream(ids, t0, context_tokens, len(prompt))
 
     @torch.inference_mode()
@@ -222,10 +266,11 @@ class MemoryDecoder:
     def answer_batch(
         self, asks: list[tuple[str, list, int, int]], stops: list, admit=None, max_rows: int = 0
     ) -> Iterator[tuple[int, str | Answer]]:
-        """answer_stream for several asks (question, blocks, chunk_tokens, max_new_tokens) decoded together
-        (batch.generate_batch): (row, text piece) as generated, (row, Answer) when the row ends. admit(free), if
-        given, is asked after each step for up to `free` more asks (the same tuples with their stop() last), which
-        join the batch as rows len(asks), len(asks) + 1, ...; at most max_rows decode at once (0: no limit)."""
+        """answer_stream for several asks (question, blocks, chunk_tokens, max_new_tokens[, block_bias]) decoded
+        together (batch.generate_batch): (row, text piece) as generated, (row, Answer) when the row ends.
+        admit(free), if given, is asked after each step for up to `free` more asks (question, blocks, chunk_tokens,
+        max_new_tokens, stop[, block_bias]), which join the batch as rows len(asks), len(asks) + 1, ...; at most
+        max_rows decode at once (0: no limit)."""
         started: list[float] = []  # when each row's cache assembly began: its time to first token counts from there
         contexts: list[int] = []  # cache entries before the question
         prompt_tokens: list[int] = []
@@ -234,7 +279,7 @@ class MemoryDecoder:
 
         def rows(work: list[tuple], row_stops: list) -> list[Row]:
             out = []
-            for (question, blocks, chunk_tokens, max_new), stop in zip(work, row_stops):
+            for (question, blocks, chunk_tokens, max_new, *bias), stop in zip(work, row_stops):
                 started.append(time.perf_counter())
                 cache, start = self.build_cache(blocks, chunk_tokens)
                 prompt = self._prompt(question)
@@ -242,12 +287,14 @@ class MemoryDecoder:
                 prompt_tokens.append(len(prompt))
                 texts.append(TextStream(self.tokenizer))
                 first.append(None)
-                out.append(Row(cache, prompt, start, max_new, stop))
+                out.append(
+                    Row(cache, prompt, start, max_new, stop, self.memory_bias(blocks, bias[0] if bias else None))
+                )
             return out
 
         def more(free: int) -> list[Row]:
-            new = admit(free)
-            return rows([a[:4] for a in new], [a[4] for a in new])
+            new = admit(free)  # (question, blocks, chunk_tokens, max_new_tokens, stop[, block_bias])
+            return rows([(*a[:4], *a[5:6]) for a in new], [a[4] for a in new])
 
         eos = self.tokenizer.eos_token_id
         for r, tid in generate_batch(self.model, rows(asks, stops), eos, more if admit else None, max_rows):

@@ -38,6 +38,7 @@ class _Pending:
     blocks: list | None = None  # memory mode
     chunk_tokens: int = 0
     chunks: list[list[int]] | None = None  # the RAG baseline: token ids re-prefilled (decoded alone)
+    block_bias: list[float] | None = None  # memory mode: per block, added to the logits to its tokens
     out: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)  # the caller gave up
     queued_at: float = dataclasses.field(default_factory=time.perf_counter)
@@ -47,7 +48,9 @@ class _Pending:
         """This ask decoded by itself: text pieces, then the Answer."""
         if self.chunks is not None:
             return decoder.answer_text_stream(self.question, self.chunks, self.max_new_tokens, stop)
-        return decoder.answer_stream(self.question, self.blocks, self.chunk_tokens, self.max_new_tokens, stop)
+        return decoder.answer_stream(
+            self.question, self.blocks, self.chunk_tokens, self.max_new_tokens, stop, self.block_bias
+        )
 
 
 class DecoderWorker:
@@ -101,14 +104,28 @@ class DecoderWorker:
             self.decoder.scheme = position_scheme
 
     def answer(
-        self, question: str, chunk_tokens: int, max_new_tokens: int, order: list[tuple[int, int]], *block_lists
+        self,
+        question: str,
+        chunk_tokens: int,
+        max_new_tokens: int,
+        order: list[tuple[int, int]],
+        *block_lists,
+        block_bias: list[float] | None = None,
     ) -> Decoded | None:
         """block_lists: per shard, its blocks (dicts of block columns) (Ray resolves them before this runs);
-        order: (list, index) pairs giving the reading order in which the blocks are placed before the question."""
-        return _decoded(last(self.answer_stream(question, chunk_tokens, max_new_tokens, order, *block_lists)))
+        order: (list, index) pairs giving the reading order in which the blocks are placed before the question;
+        block_bias: per block in that order, added to the question's attention logits to its tokens."""
+        parts = self.answer_stream(question, chunk_tokens, max_new_tokens, order, *block_lists, block_bias=block_bias)
+        return _decoded(last(parts))
 
     def answer_stream(
-        self, question: str, chunk_tokens: int, max_new_tokens: int, order: list[tuple[int, int]], *block_lists
+        self,
+        question: str,
+        chunk_tokens: int,
+        max_new_tokens: int,
+        order: list[tuple[int, int]],
+        *block_lists,
+        block_bias: list[float] | None = None,
     ) -> Iterator[str | Decoded]:
         """`answer`, streamed (a Ray streaming generator): the answer's text in pieces as they are generated, then
         the Decoded."""
@@ -116,7 +133,8 @@ class DecoderWorker:
         if self.cancelled():  # the asker gave up while this call waited in the queue
             return
         blocks = [block_lists[i][j] for i, j in order]
-        yield from self._reply(self._parts(_Pending(question, max_new_tokens, blocks, chunk_tokens)), t0)
+        ask = _Pending(question, max_new_tokens, blocks, chunk_tokens, block_bias=block_bias)
+        yield from self._reply(self._parts(ask), t0)
 
     def answer_tokens(self, question: str, max_new_tokens: int, chunks: list[list[int]]) -> Decoded | None:
         """The RAG baseline: the retrieved chunks' tokens prefilled again as the prompt, no stored KV."""
@@ -207,12 +225,12 @@ class DecoderWorker:
                     break
                 a.admitted_at = time.perf_counter()
                 batch.append(a)
-                new.append((a.question, a.blocks, a.chunk_tokens, a.max_new_tokens, a.stop.is_set))
+                new.append((a.question, a.blocks, a.chunk_tokens, a.max_new_tokens, a.stop.is_set, a.block_bias))
             if new:
                 self.batches[-1] += len(new)
             return new
 
-        work = [(a.question, a.blocks, a.chunk_tokens, a.max_new_tokens) for a in batch]
+        work = [(a.question, a.blocks, a.chunk_tokens, a.max_new_tokens, a.block_bias) for a in batch]
         stops = [a.stop.is_set for a in batch]
         joining = admit if self.join_running else None
         self._decode(batch, self.decoder.answer_batch(work, stops, joining, self.max_batch))

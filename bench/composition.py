@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
-from kv_codec import chunked, encode, niah_blocks, passkey_blocks, stored
+from kv_codec import distinct_blocks, distinct_facts, encode, niah_blocks, passkey_blocks, stored
 
 from engram.decoder.generate import MemoryDecoder
 from engram.decoder.model import DecoderConfig, load
@@ -89,27 +89,12 @@ def main():
                     right[w] += cases.score(case, a) == 1.0
             tally("niah", n, right, args.trials)
     if "distinct" in args.grids:
-        docs = dt.corpus(30 * 1500, tok, 1500)
-        facts = dt.make_facts(random.Random(0))
-        dt.plant(docs, facts, tok, T, random.Random(0))
-        texts = dict(docs)
-        asked = [f for f in facts if f.question]
+        docs, asked = distinct_facts(tok)
         for n in args.blocks:
             right = dict.fromkeys(ways, 0)
             for f in asked:
-                ids = tok(texts[f.document], add_special_tokens=False).input_ids
-                fact_chunks, _ = dt.chunk_of_answer(texts[f.document], f, tok, T)
-                own = [(ids[q * T : (q + 1) * T], ids[max(0, q * T - 32) : q * T]) for q in fact_chunks]
-                others = []
-                k = 5
-                while len(own) + len(others) < n:  # chunks of other documents, as many as it takes
-                    name = docs[(docs.index((f.document, texts[f.document])) + k) % len(docs)][0]
-                    others += chunked(tok(texts[name], add_special_tokens=False).input_ids)
-                    k += 1
-                extra = rng.sample(others, n - len(own))
-                order = list(range(len(own), n))
-                order[rng.randrange(len(order) + 1) : 0] = list(range(len(own)))  # the fact's run at a random place
-                for w, a in ask(f.question, own + extra, order, n, 16).items():
+                chunks, order, _ = distinct_blocks(tok, docs, f, n, rng)
+                for w, a in ask(f.question, chunks, order, n, 16).items():
                     right[w] += dt.right(f.kind, f.answer, a)
             tally("distinct", n, right, len(asked))
 

@@ -69,6 +69,33 @@ def niah_blocks(tok, hay, n: int, trial: int, rng) -> tuple:
     return case, [cs[i] for i in sorted(hit + others)]  # document order, as the reader's runs place them
 
 
+def distinct_facts(tok):
+    """The distinct-text benchmark's documents (name -> text) and its asked facts, planted as the service gets them."""
+    docs = dt.corpus(30 * 1500, tok, 1500)
+    facts = dt.make_facts(random.Random(0))
+    dt.plant(docs, facts, tok, T, random.Random(0))
+    return docs, [f for f in facts if f.question]
+
+
+def distinct_blocks(tok, docs, fact, n: int, rng) -> tuple[list, list[int], int]:
+    """One asked fact -> (chunks: its own chunk(s) first, then chunks of other documents up to n; the reading order,
+    the fact's run at a random place; how many of the chunks are its own)."""
+    texts = dict(docs)
+    ids = tok(texts[fact.document], add_special_tokens=False).input_ids
+    fact_chunks, _ = dt.chunk_of_answer(texts[fact.document], fact, tok, T)
+    own = [(ids[q * T : (q + 1) * T], ids[max(0, q * T - 32) : q * T]) for q in fact_chunks]
+    others = []
+    k = 5
+    while len(own) + len(others) < n:  # chunks of other documents, as many as it takes
+        name = docs[(docs.index((fact.document, texts[fact.document])) + k) % len(docs)][0]
+        others += chunked(tok(texts[name], add_special_tokens=False).input_ids)
+        k += 1
+    extra = rng.sample(others, n - len(own))
+    order = list(range(len(own), n))
+    order[rng.randrange(len(order) + 1) : 0] = list(range(len(own)))  # the fact's run at a random place
+    return own + extra, order, len(own)
+
+
 def encode(model, dec, chunks) -> dict[str, torch.Tensor]:
     """-> float16 blocks as the service's encoders compute them (bf16 autocast where the CPU has it)."""
     return calib.encode_float(model, dec.sink_id, chunks, T, "auto")

@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
-from kv_codec import distinct_blocks, distinct_facts, encode, niah_blocks, passkey_blocks, stored
+from kv_codec import distinct_blocks, distinct_facts, encode, niah_blocks, passkey_blocks, stored, tally
 
 from engram.decoder.generate import MemoryDecoder
 from engram.decoder.model import DecoderConfig, load
@@ -65,11 +65,6 @@ def main():
             out[w] = a.text
         return out
 
-    def tally(grid, n, right, total):
-        for w in ways:
-            rows[w][f"{grid}_{n}"] = f"{right[w]:g}/{total}"
-        print(grid, n, {w: f"{right[w]:g}/{total}" for w in ways}, flush=True)
-
     rng = random.Random(0)
     if "passkey" in args.grids:
         for n in args.blocks:
@@ -78,7 +73,7 @@ def main():
                 key, cs = passkey_blocks(tok, n, rng)
                 for w, a in ask(PASSKEY_QUESTION, cs, range(n), n, 12).items():
                     right[w] += cases.first_integer(a) == key
-            tally("passkey", n, right, args.trials)
+            tally(rows, "passkey", n, right, args.trials)
     if "niah" in args.grids:
         hay = cases.Haystack("niah", tok, 2048)
         for n in args.blocks:
@@ -87,7 +82,7 @@ def main():
                 case, picked = niah_blocks(tok, hay, n, t, rng)
                 for w, a in ask(case.question, picked, range(n), n, 16).items():
                     right[w] += cases.score(case, a) == 1.0
-            tally("niah", n, right, args.trials)
+            tally(rows, "niah", n, right, args.trials)
     if "distinct" in args.grids:
         docs, asked = distinct_facts(tok)
         for n in args.blocks:
@@ -96,7 +91,7 @@ def main():
                 chunks, order, _ = distinct_blocks(tok, docs, f, n, rng)
                 for w, a in ask(f.question, chunks, order, n, 16).items():
                     right[w] += dt.right(f.kind, f.answer, a)
-            tally("distinct", n, right, len(asked))
+            tally(rows, "distinct", n, right, len(asked))
 
     for (w, n), times in ttft.items():
         rows[w][f"ttft_{n}"] = round(float(np.median(times)), 3)

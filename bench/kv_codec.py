@@ -96,6 +96,13 @@ def distinct_blocks(tok, docs, fact, n: int, rng) -> tuple[list, list[int], int]
     return own + extra, order, len(own)
 
 
+def tally(rows: dict[str, dict], grid: str, n: int, right: dict[str, float], total: int) -> None:
+    """Each way's count right in cell `grid`_`n` of rows (way -> cell -> "right/total"), printed as it lands."""
+    for w in right:
+        rows[w][f"{grid}_{n}"] = f"{right[w]:g}/{total}"
+    print(grid, n, {w: f"{right[w]:g}/{total}" for w in right}, flush=True)
+
+
 def encode(model, dec, chunks) -> dict[str, torch.Tensor]:
     """-> float16 blocks as the service's encoders compute them (bf16 autocast where the CPU has it)."""
     return calib.encode_float(model, dec.sink_id, chunks, T, "auto")

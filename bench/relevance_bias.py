@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
-from kv_codec import distinct_blocks, distinct_facts, encode, niah_blocks, passkey_blocks, stored
+from kv_codec import distinct_blocks, distinct_facts, encode, niah_blocks, passkey_blocks, stored, tally
 
 from engram.decoder.generate import MemoryDecoder
 from engram.decoder.model import DecoderConfig, load
@@ -114,11 +114,6 @@ def main():
         same[1] += 1
         return out
 
-    def tally(grid, n, right, total):
-        for w in ways:
-            rows[w][f"{grid}_{n}"] = f"{right[w]:g}/{total}"
-        print(grid, n, {w: f"{right[w]:g}/{total}" for w in ways}, flush=True)
-
     rng = random.Random(0)
     if "passkey" in args.grids:
         for n in args.blocks:
@@ -128,7 +123,7 @@ def main():
                 needle = next(i for i, c in enumerate(cs) if str(key) in tok.decode(c[0]))
                 for w, a in ask("passkey", PASSKEY_QUESTION, cs, list(range(n)), [needle], 12).items():
                     right[w] += cases.first_integer(a) == key
-            tally("passkey", n, right, args.trials)
+            tally(rows, "passkey", n, right, args.trials)
     if "niah" in args.grids:
         hay = cases.Haystack("niah", tok, 2048)
         for n in args.blocks:
@@ -139,7 +134,7 @@ def main():
                 hits = [i for i, t in enumerate(text) if "Dolores" in t or "sandwich" in t] or [0]  # as niah_blocks
                 for w, a in ask("niah", case.question, picked, list(range(n)), hits, 16).items():
                     right[w] += cases.score(case, a) == 1.0
-            tally("niah", n, right, args.trials)
+            tally(rows, "niah", n, right, args.trials)
     if "distinct" in args.grids:
         docs, asked = distinct_facts(tok)
         for n in args.blocks:
@@ -148,7 +143,7 @@ def main():
                 chunks, order, own = distinct_blocks(tok, docs, f, n, rng)
                 for w, a in ask("distinct", f.question, chunks, order, list(range(own)), 16).items():
                     right[w] += dt.right(f.kind, f.answer, a)
-            tally("distinct", n, right, len(asked))
+            tally(rows, "distinct", n, right, len(asked))
 
     print(f"λ=0 through the biased path equals the plain reader: {same[0]}/{same[1]}")
     print({g: np.bincount(r).tolist() for g, r in ranks.items()}, "(the needle's best rank by dense score, counts)")

@@ -1,0 +1,221 @@
+"""The decoder's batching and reading options, no service: asks decoded together answer as each alone (joining
+mid-batch too), the batch's in-place cache, the joining rule, and the retrieval bias on the attention logits."""
+
+import pytest
+import torch
+
+from engram.decoder import blocks as kv
+from engram.decoder.generate import MemoryDecoder
+from engram.decoder.layout import BlockLayout
+from engram.decoder.model import DecoderConfig, load
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load(DecoderConfig(threads=2))
+
+
+def test_asks_decoded_together_answer_as_each_alone(smol):
+    """Batched decoding (batch.generate_batch): asks over different numbers of blocks, with questions of different
+    lengths and different answer limits, each get the answer they get alone — padding is masked, positions are
+    each row's own."""
+    model, tok = smol
+    layout = BlockLayout.of(model.config, 64, 0, "int4")
+    dec = MemoryDecoder(model, tok, kv_dtype="int4")
+    ids = lambda text: tok(text, add_special_tokens=False).input_ids
+    filler = ids("The grass is green. The sky is blue. " * 12)[:64]
+    blocks = {}
+    for key in (71432, 20581, 99013):
+        needle = ids(f"The pass key is {key}. Remember it. {key} is the pass key.")
+        blocks[key] = kv.blocks_of(kv.encode_chunks(model, dec.sink_id, [(filler[:20] + needle + filler)[:64]], layout))
+    plain = kv.blocks_of(kv.encode_chunks(model, dec.sink_id, [filler], layout))
+    asks = [
+        ("What is the pass key? The pass key is", plain + blocks[71432], 64, 8),
+        ("The pass key is", blocks[20581], 64, 7),
+        (
+            "Tell me: what is the pass key that you were told to remember? The pass key is",
+            blocks[99013] + plain,
+            64,
+            12,
+        ),
+        ("What colour is the grass?", plain, 64, 3),
+    ]
+    alone = [dec.answer(q, b, t, n) for q, b, t, n in asks]
+    got: dict[int, list] = {}
+    for row, part in dec.answer_batch(asks, [lambda: False] * len(asks)):
+        got.setdefault(row, []).append(part)
+    for r, a in enumerate(alone):
+        *pieces, answer = got[r]
+        assert answer.text == a.text and answer.token_ids == a.token_ids, (r, answer.text, a.text)
+        assert "".join(pieces) == a.text and answer.context_tokens == a.context_tokens
+    assert "71432" in alone[0].text and "20581" in alone[1].text
+    assert len(alone[3].token_ids) <= 3
+
+    # Continuous batching: asks 1 and 3 join a batch already decoding asks 0 and 2, after its 2nd and 4th steps,
+    # at most 3 rows at once; each still answers as alone, and admit is never offered more than the free rows.
+    calls, offered = [0], []
+
+    def admit(free):
+        calls[0] += 1
+        offered.append(free)
+        ready = {2: [1], 4: [3]}.get(calls[0], [])
+        return [(*asks[i], lambda: False) for i in ready][:free]
+
+    got = {}
+    for row, part in dec.answer_batch([asks[0], asks[2]], [lambda: False] * 2, admit, max_rows=3):
+        got.setdefault(row, []).append(part)
+    rows = {0: 0, 1: 2, 2: 1, 3: 3}  # row number -> ask: rows are numbered in the order given, then admitted
+    assert sorted(got) == [0, 1, 2, 3]
+    for row, i in rows.items():
+        *pieces, answer = got[row]
+        assert answer.token_ids == alone[i].token_ids, (i, answer.text, alone[i].text)
+        assert "".join(pieces) == alone[i].text and answer.context_tokens == alone[i].context_tokens
+    assert offered[:2] == [1, 1] and max(offered) <= 3  # 2 running of 3, then 3 running: nothing offered
+
+
+def test_an_ask_arriving_mid_batch_joins_it_and_counts_its_wait(smol):
+    """An ask that arrives while a batch decodes joins it between steps (continuous batching) instead of waiting
+    for the whole batch; it once waited. Its reported time to first token covers its wait: from the call's start to
+    its reply = time to first token + decode time."""
+    import threading
+    import time
+
+    from engram.workers.decoder_worker import DecoderWorker
+
+    worker = DecoderWorker(DecoderConfig(threads=2), "consecutive", "float16", max_batch=4)
+    out, ended = {}, {}
+
+    def ask(name, max_new):
+        out[name] = worker.answer("Count: one, two, three,", 64, max_new, [])
+        ended[name] = time.perf_counter()
+
+    first = threading.Thread(target=ask, args=("long", 60))
+    first.start()
+    while not worker.batch_sizes():  # the first batch is under way
+        time.sleep(0.005)
+    time.sleep(0.3)
+    ask("joined", 4)
+    first.join()
+    for d in out.values():
+        assert abs(d.busy_s - (d.prefill_s + d.decode_s)) < 0.15, d
+    assert ended["joined"] < ended["long"] and out["long"].new_tokens == 60
+    assert out["joined"].prefill_s < out["long"].decode_s / 4  # it did not wait for the long answer
+    assert worker.batch_sizes() == [2]  # one batch, the second ask joined it
+
+
+def test_held_rows_join_once_the_padding_costs_no_more_than_their_questions():
+    from engram.decoder.batch import Row, worth_joining
+
+    def rows(*lengths):
+        return [Row(None, [1] * n, 0, 8, lambda: False) for n in lengths]
+
+    assert not worth_joining(3, [])
+    assert worth_joining(0, rows(20))  # an empty batch: at once
+    assert worth_joining(1, rows(20))  # one running row padded to 20 tokens: 19 <= 20
+    assert not worth_joining(16, rows(20))  # 16 rows padded: 304 wasted tokens for 20 real ones
+    assert worth_joining(16, rows(*[20] * 16))  # 304 <= 320
+    assert not worth_joining(2, rows(4, 1))  # 2 * 3 > 5
+
+
+def test_batch_cache_writes_steps_in_place_and_matches_concatenation():
+    """The batch's cache layer: a step within its room writes into the same buffer (no copy of the cache; copying
+    it at every step cost more than the matmuls at 16 rows), growing past the room and keeping some rows and
+    columns give what plain concatenation and indexing give."""
+    from engram.decoder.batch import _buffers
+
+    torch.manual_seed(0)
+    a, b = torch.randn(1, 3, 5, 4), torch.randn(2, 3, 7, 4)
+    cache = _buffers([[(a, a + 1)], [(b, b + 1)]], 7, 2)
+    layer = cache.layers[0]
+    plain = torch.cat([torch.cat([torch.zeros(1, 3, 2, 4), a], 2), b])  # a left-padded to 7
+    torch.testing.assert_close(layer.keys, plain, atol=0, rtol=0)
+    torch.testing.assert_close(
+        layer.values,
+        plain + torch.cat([torch.cat([torch.zeros(1, 3, 2, 4), torch.ones(1, 3, 5, 4)], 2), torch.ones(2, 3, 7, 4)]),
+        atol=0,
+        rtol=0,
+    )
+    buffer = layer.k_buf.data_ptr()
+    for step in range(4):  # two steps within the room, then two past it
+        new = torch.randn(3, 3, 1, 4)
+        keys, values = cache.update(new, new * 2, 0)
+        plain = torch.cat([plain, new], 2)
+        torch.testing.assert_close(keys, plain, atol=0, rtol=0)
+        torch.testing.assert_close(values[:, :, -1:], new * 2, atol=0, rtol=0)
+        assert (layer.k_buf.data_ptr() == buffer) == (step < 2)
+    assert cache.get_seq_length() == 11
+    rows, cols = torch.tensor([0, 2]), torch.tensor([2, 3, 9, 10])
+    layer.keep(rows, cols)
+    torch.testing.assert_close(layer.keys, plain[rows][:, :, cols], atol=0, rtol=0)
+    assert cache.get_seq_length() == 4
+
+
+def test_retrieval_bias_reads_a_block_faintly_and_batches_as_alone(smol):
+    """block_bias (ask.retrieval_bias): a bias of -1e9 on a block's tokens answers exactly as if that block were
+    masked out by a plain 2D attention mask (the 4D mask's causal part and positions are right, in the prefill and
+    every decode step); zeros are the plain reader; biased asks decoded together, joining mid-batch too, answer as
+    each alone."""
+    model, tok = smol
+    layout = BlockLayout.of(model.config, 64, 0, "int4")
+    dec = MemoryDecoder(model, tok, kv_dtype="int4")
+    ids = lambda text: tok(text, add_special_tokens=False).input_ids
+    filler = ids("The grass is green. The sky is blue. " * 12)[:64]
+    a = kv.blocks_of(
+        kv.encode_chunks(model, dec.sink_id, [(filler[:10] + ids("The pass key is 11235.") + filler)[:64]], layout)
+    )
+    b = kv.blocks_of(
+        kv.encode_chunks(model, dec.sink_id, [(filler[:30] + ids("The pass key is 80417.") + filler)[:64]], layout)
+    )
+    question = "What is the pass key? The pass key is"
+    prompt = dec._prompt(question)
+    with torch.inference_mode():
+        biased = dec.answer(question, a + b, 64, 8, block_bias=[-1e9, 0.0])
+        cache, start = dec.build_cache(a + b, 64)
+        mask = torch.ones(1, cache.get_seq_length() + len(prompt) + 8, dtype=torch.long)
+        mask[0, 1 : 1 + 64] = 0  # block a's entries out, by HF's own 2D masking
+        pos = torch.arange(start, start + len(prompt))[None]
+        out = model(
+            input_ids=torch.tensor([prompt]),
+            past_key_values=cache,
+            position_ids=pos,
+            attention_mask=mask[:, : cache.get_seq_length() + len(prompt)],
+            logits_to_keep=1,
+        )
+        want, token, at = [], out.logits[0, -1].argmax(), start + len(prompt)
+        for _ in range(8):
+            if int(token) == tok.eos_token_id:
+                break
+            want.append(int(token))
+            n = cache.get_seq_length()
+            out = model(
+                input_ids=token.view(1, 1),
+                past_key_values=cache,
+                position_ids=torch.tensor([[at]]),
+                attention_mask=mask[:, : n + 1],
+            )
+            token, at = out.logits[0, -1].argmax(), at + 1
+    assert biased.token_ids == want and "80417" in biased.text, (biased.text, tok.decode(want))
+    assert (
+        dec.answer(question, a + b, 64, 8, block_bias=[0.0, 0.0]).token_ids
+        == dec.answer(question, a + b, 64, 8).token_ids
+    )
+
+    asks = [
+        (question, a + b, 64, 8, [-1e9, 0.0]),
+        ("The pass key is", b + a, 64, 6, [-3.0, 0.0]),
+        (question, a + b, 64, 8, None),
+        ("Tell me what the pass key is. The pass key is", a + b, 64, 7, [0.0, -1e9]),
+    ]
+    alone = [dec.answer(q, bl, t, n, block_bias=bias) for q, bl, t, n, bias in asks]
+    calls = [0]
+
+    def admit(free):
+        calls[0] += 1
+        return [(*asks[3][:4], lambda: False, asks[3][4])] if calls[0] == 2 else []
+
+    got: dict[int, object] = {}
+    for row, part in dec.answer_batch(asks[:3], [lambda: False] * 3, admit, 4):
+        if not isinstance(part, str):
+            got[row] = part
+    for r, want_answer in enumerate(alone):
+        assert got[r].token_ids == want_answer.token_ids, (r, got[r].text, want_answer.text)

@@ -78,7 +78,7 @@ class _Batch:
         attention = self.mask
         if self.bias is not None:
             self.bias = torch.cat([self.bias, torch.zeros(real.shape, device=device)], 1)
-            attention = _biased_mask(self.mask, self.bias, q)
+            attention = biased_mask(self.mask, self.bias, q)
         out = model(
             input_ids=tokens,
             past_key_values=self.cache,
@@ -172,7 +172,7 @@ def worth_joining(running: int, rows: list[Row]) -> bool:
     return running * (q - 1) <= sum(len(r.prompt) for r in rows)
 
 
-def _biased_mask(mask: torch.Tensor, bias: torch.Tensor, q: int) -> torch.Tensor:
+def biased_mask(mask: torch.Tensor, bias: torch.Tensor, q: int) -> torch.Tensor:
     """The 4D float mask [B, 1, q, S] of a pass whose last q columns are new: each query sees the entries its row's
     mask allows, the new ones causally, with bias [B, S] added; what it may not see is -inf."""
     s = mask.shape[1]

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import quant
-from .batch import Row, generate_batch
+from .batch import Row, biased_mask, generate_batch
 from .kv_cache import cache_of
 from .layout import check_kv_dtype, check_position_scheme
 from .model import encoding_dtype, sink_token_id
@@ -88,14 +88,11 @@ def _biased(model, cache, ids: torch.Tensor, start: int, memory_bias: torch.Tens
     -> the next token [1]. The mask is 4D [1, 1, Q, n + Q] (n entries cached): bias, then 0 (earlier question or
     answer tokens), then causal among the Q new ones."""
     n, q = cache.get_seq_length(), ids.shape[1]
-    row = torch.zeros(n + q, device=ids.device)
-    row[: len(memory_bias)] = memory_bias
-    mask = row.expand(q, n + q).clone()
-    mask[:, n:] += torch.full((q, q), float("-inf"), device=ids.device).triu(1)
+    bias = torch.zeros(1, n + q, device=ids.device)
+    bias[0, : len(memory_bias)] = memory_bias
+    mask = biased_mask(torch.ones(1, n + q, dtype=torch.long, device=ids.device), bias, q)
     pos = torch.arange(start, start + q, device=ids.device)[None]
-    out = model(
-        input_ids=ids, past_key_values=cache, position_ids=pos, attention_mask=mask[None, None], logits_to_keep=1
-    )
+    out = model(input_ids=ids, past_key_values=cache, position_ids=pos, attention_mask=mask, logits_to_keep=1)
     return out.logits[:, -1].argmax(-1)
 
 
@@ -173,7 +170,7 @@ class MemoryDecoder:
         them for the question and the answer (kv_cache.py: no copy of the cache per generated token)."""
         rotaries = layer_rotaries(self.model)
         sink_k, sink_v = self.sink_kv  # [L, 1, H, 1, D]
-        valid = [int((b["positions"][0, 0] >= 0).sum()) for b in blocks]  # the same in every layer and head
+        valid = _valid_tokens(blocks)
         end = 1 + sum(valid)
         keys = sink_k.new_empty(*sink_k.shape[:3], end + room, sink_k.shape[4])  # [L, 1, H, end + room, D]
         values = sink_v.new_empty(*sink_v.shape[:3], end + room, sink_v.shape[4])
@@ -222,8 +219,7 @@ class MemoryDecoder:
         when there is none (or all are 0: the plain path, bit for bit)."""
         if block_bias is None or not any(block_bias):
             return None
-        valid = [int((b["positions"][0, 0] >= 0).sum()) for b in blocks]
-        parts = [torch.zeros(1)] + [torch.full((n,), float(b)) for n, b in zip(valid, block_bias)]
+        parts = [torch.zeros(1)] + [torch.full((n,), float(b)) for n, b in zip(_valid_tokens(blocks), block_bias)]
         return torch.cat(parts).to(self.device)
 
     def answer(
@@ -321,6 +317,11 @@ class MemoryDecoder:
             yield piece
         done = time.perf_counter()
         yield Answer(whole, text.ids, first - t0, done - first, context_tokens, prompt_tokens)
+
+
+def _valid_tokens(blocks) -> list[int]:
+    """Each block's stored tokens (a short chunk's block is padded; positions -1 there, the same in every layer)."""
+    return [int((b["positions"][0, 0] >= 0).sum()) for b in blocks]
 
 
 def last(parts: Iterator):

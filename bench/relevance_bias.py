@@ -21,7 +21,7 @@ import torch
 from kv_codec import distinct_blocks, distinct_facts, encode, niah_blocks, passkey_blocks, stored, tally
 
 from engram.decoder.generate import MemoryDecoder
-from engram.decoder.model import DecoderConfig, load
+from engram.decoder.model import DecoderConfig, load, with_cache
 from engram.decoder.rope import layer_rotaries
 from engram.evals import cases
 from engram.evals import distinct as dt
@@ -61,7 +61,8 @@ def answer_biased(dec: MemoryDecoder, question: str, blocks, bias: list[float], 
     mask = torch.cat([memory.expand(q, s), causal], 1)[None, None]  # [1, 1, q, S + q]
     ids = torch.tensor([prompt])
     pos = torch.arange(start, start + q)[None]
-    out = dec.model(input_ids=ids, past_key_values=cache, position_ids=pos, attention_mask=mask, logits_to_keep=1)
+    kw = with_cache(dec.model, cache)
+    out = dec.model(input_ids=ids, **kw, position_ids=pos, attention_mask=mask, logits_to_keep=1)
     token, made = int(out.logits[0, -1].argmax()), []
     row = torch.cat([memory, torch.zeros(q)])
     for step in range(max_new):
@@ -73,7 +74,7 @@ def answer_biased(dec: MemoryDecoder, question: str, blocks, bias: list[float], 
         row = torch.cat([row, torch.zeros(1)])
         out = dec.model(
             input_ids=torch.tensor([[token]]),
-            past_key_values=cache,
+            **with_cache(dec.model, cache),
             position_ids=torch.tensor([[start + q + step]]),
             attention_mask=row[None, None, None],
         )

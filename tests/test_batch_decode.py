@@ -7,7 +7,7 @@ import torch
 from engram.decoder import blocks as kv
 from engram.decoder.generate import MemoryDecoder
 from engram.decoder.layout import BlockLayout
-from engram.decoder.model import DecoderConfig, load
+from engram.decoder.model import DecoderConfig, load, with_cache
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,7 @@ def test_retrieval_bias_reads_a_block_faintly_and_batches_as_alone(smol):
         pos = torch.arange(start, start + len(prompt))[None]
         out = model(
             input_ids=torch.tensor([prompt]),
-            past_key_values=cache,
+            **with_cache(model, cache),
             position_ids=pos,
             attention_mask=mask[:, : cache.get_seq_length() + len(prompt)],
             logits_to_keep=1,
@@ -189,7 +189,7 @@ def test_retrieval_bias_reads_a_block_faintly_and_batches_as_alone(smol):
             n = cache.get_seq_length()
             out = model(
                 input_ids=token.view(1, 1),
-                past_key_values=cache,
+                **with_cache(model, cache),
                 position_ids=torch.tensor([[at]]),
                 attention_mask=mask[:, : n + 1],
             )
@@ -219,3 +219,22 @@ def test_retrieval_bias_reads_a_block_faintly_and_batches_as_alone(smol):
             got[row] = part
     for r, want_answer in enumerate(alone):
         assert got[r].token_ids == want_answer.token_ids, (r, got[r].text, want_answer.text)
+
+
+def test_no_deprecated_cache_keyword(smol):
+    """transformers 5.2x renamed the forward's `past_key_values` to `cache` and warns (FutureWarning) at the first
+    call of each process — once per actor, into the demo's terminal. Encoding, one ask and a batch use the name
+    the installed version takes (model.with_cache)."""
+    import warnings
+
+    model, tok = smol
+    layout = BlockLayout.of(model.config, 64, 0, "int4")
+    dec = MemoryDecoder(model, tok, kv_dtype="int4")
+    chunk = tok("The pass key is 31415. Remember it.", add_special_tokens=False).input_ids
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        blocks = kv.blocks_of(kv.encode_chunks(model, dec.sink_id, [chunk], layout))
+        dec.answer("The pass key is", blocks, 64, 2)
+        asks = [("The pass key is", blocks, 64, 2), ("What is the pass key?", blocks, 64, 2)]
+        answered = {row for row, part in dec.answer_batch(asks, [lambda: False] * 2) if not isinstance(part, str)}
+    assert answered == {0, 1}

@@ -6,7 +6,7 @@ import torch
 from engram.decoder import blocks as kv
 from engram.decoder.generate import MemoryDecoder, decode_one_token, generate, prefill
 from engram.decoder.layout import BlockLayout
-from engram.decoder.model import DecoderConfig, load, model_path, sink_token_id
+from engram.decoder.model import DecoderConfig, load, model_path, returned_cache, sink_token_id
 from engram.decoder.rope import rerotate
 
 pytestmark = pytest.mark.model
@@ -23,8 +23,8 @@ def test_rerotate_equals_encoding_at_the_offset(smol, delta):
     ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog.").input_ids])
     n = ids.shape[1]
     with torch.inference_mode():
-        at0 = model(input_ids=ids, use_cache=True).past_key_values
-        atd = model(input_ids=ids, position_ids=torch.arange(delta, delta + n)[None], use_cache=True).past_key_values
+        at0 = returned_cache(model(input_ids=ids, use_cache=True))
+        atd = returned_cache(model(input_ids=ids, position_ids=torch.arange(delta, delta + n)[None], use_cache=True))
         for layer in (0, 15, 29):
             moved = rerotate(at0.layers[layer].keys, delta, model.model.rotary_emb)
             torch.testing.assert_close(moved, atd.layers[layer].keys, atol=1e-3, rtol=1e-3)  # float32 trig

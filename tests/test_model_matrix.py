@@ -11,6 +11,7 @@ import transformers
 from engram.decoder import blocks as kv
 from engram.decoder.generate import MemoryDecoder, prefill
 from engram.decoder.layout import BlockLayout
+from engram.decoder.model import returned_cache
 from engram.decoder.rope import check_supported, layer_rotaries, rerotate
 
 COMMON = dict(
@@ -94,11 +95,11 @@ def test_rerotated_keys_equal_keys_encoded_there(arch):
     rotaries = layer_rotaries(model)
     for delta in (1, 37, 500):
         with torch.inference_mode():
-            at0 = model(input_ids=ids, use_cache=True).past_key_values
+            at0 = returned_cache(model(input_ids=ids, use_cache=True))
             at = model(input_ids=ids, position_ids=torch.arange(delta, delta + 12)[None], use_cache=True)
         for layer in range(model.config.num_hidden_layers):
             moved = rerotate(at0.layers[layer].keys, delta, rotaries[layer])
-            torch.testing.assert_close(moved, at.past_key_values.layers[layer].keys, atol=2e-4, rtol=1e-3)
+            torch.testing.assert_close(moved, returned_cache(at).layers[layer].keys, atol=2e-4, rtol=1e-3)
 
 
 @pytest.mark.parametrize("kv_dtype,atol", [("float16", 2e-3), ("int8", 5e-2)])

@@ -18,6 +18,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from .kv_cache import BufferLayer
+from .model import with_cache
 
 
 @dataclass
@@ -81,7 +82,7 @@ class _Batch:
             attention = biased_mask(self.mask, self.bias, q)
         out = model(
             input_ids=tokens,
-            past_key_values=self.cache,
+            **with_cache(model, self.cache),
             position_ids=pos,
             attention_mask=attention,
             use_cache=True,

@@ -20,6 +20,7 @@ import torch
 
 from . import quant
 from .layout import BlockLayout
+from .model import returned_cache, with_cache
 from .rope import layer_rotaries, rerotate_layers
 
 
@@ -117,11 +118,11 @@ def encode_chunks(
         # layers (Gemma-3) to their window, and the block needs all its tokens (the masks still apply the window).
         from transformers import DynamicCache
 
-        out = model.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+        out = model.model(input_ids=ids, **with_cache(model.model, DynamicCache()), use_cache=True)
     finally:
         for hd in handles:
             hd.remove()
-    cache = out.past_key_values
+    cache = returned_cache(out)
     keys, values, positions = [], [], []
     for layer in range(layout.layers):
         k, v = chunk_view(cache.layers[layer].keys), chunk_view(cache.layers[layer].values)  # [B, H, 1+T, D]

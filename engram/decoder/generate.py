@@ -14,7 +14,7 @@ from . import quant
 from .batch import Row, biased_mask, generate_batch
 from .kv_cache import cache_of
 from .layout import check_kv_dtype, check_position_scheme
-from .model import encoding_dtype, sink_token_id
+from .model import encoding_dtype, returned_cache, sink_token_id, with_cache
 from .rope import layer_rotaries, rerotate_layers, rotate_tokens
 
 
@@ -38,14 +38,14 @@ def prefill(model, cache, ids: torch.Tensor, start: int) -> torch.Tensor:
     """ids [1, Q] at positions start.. -> logits of the last position [1, V]."""
     pos = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
     # logits_to_keep: the vocabulary projection for the last position only (~20% of a 135M model's per-token work)
-    out = model(input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, **with_cache(model, cache), position_ids=pos, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1]
 
 
 def decode_one_token(model, cache, token: torch.Tensor, pos: int) -> torch.Tensor:
     """One step: token [1] at position pos -> the next token [1] (greedy)."""
     pos_ids = torch.tensor([[pos]], device=token.device)
-    logits = model(input_ids=token.view(1, 1), past_key_values=cache, position_ids=pos_ids, use_cache=True).logits
+    logits = model(input_ids=token.view(1, 1), **with_cache(model, cache), position_ids=pos_ids, use_cache=True).logits
     return logits[:, -1].argmax(-1)
 
 
@@ -92,7 +92,7 @@ def _biased(model, cache, ids: torch.Tensor, start: int, memory_bias: torch.Tens
     bias[0, : len(memory_bias)] = memory_bias
     mask = biased_mask(torch.ones(1, n + q, dtype=torch.long, device=ids.device), bias, q)
     pos = torch.arange(start, start + q, device=ids.device)[None]
-    out = model(input_ids=ids, past_key_values=cache, position_ids=pos, attention_mask=mask, logits_to_keep=1)
+    out = model(input_ids=ids, **with_cache(model, cache), position_ids=pos, attention_mask=mask, logits_to_keep=1)
     return out.logits[:, -1].argmax(-1)
 
 
@@ -161,7 +161,7 @@ class MemoryDecoder:
         self.sink_id = sink_token_id(tokenizer)
         with torch.inference_mode():
             out = model(input_ids=torch.tensor([[self.sink_id]], device=self.device), use_cache=True)
-        layers = out.past_key_values.layers
+        layers = returned_cache(out).layers
         self.sink_kv = (torch.stack([x.keys for x in layers]), torch.stack([x.values for x in layers]))  # [L,1,H,1,D]
 
     def build_cache(self, blocks: list[dict[str, np.ndarray]], chunk_tokens: int, room: int = 0):

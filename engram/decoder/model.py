@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
@@ -185,6 +186,22 @@ def model_config(cfg: DecoderConfig):
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(model_path(cfg))
+
+
+def with_cache(model, cache) -> dict:
+    """The keyword argument that hands `model` a KV cache: `cache` where its forward takes it (transformers 5.2x
+    renamed `past_key_values`, which now warns on every process's first call and goes in 5.40), else the old name."""
+    return {_cache_keyword(type(model)): cache}
+
+
+def returned_cache(out):
+    """The KV cache a forward returned, under either name (see with_cache)."""
+    return out.cache if "cache" in out else out.past_key_values
+
+
+@functools.cache
+def _cache_keyword(model_class) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def sink_token_id(tokenizer) -> int:

@@ -18,6 +18,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     p.add_argument("--new-tokens", type=int, nargs="+", default=[6, 32])
+    p.add_argument("--matmul-dtype", default="auto", help="decoder.matmul_dtype: auto, float32 or bfloat16")
     p.add_argument("--out", default="bench/results/batch_decode")
     args = p.parse_args()
 
@@ -27,7 +28,7 @@ def main() -> None:
     from engram.decoder.model import DecoderConfig, load
     from engram.evals.haystack import PASSKEY_FILLER, PASSKEY_QUESTION, passkey_needle
 
-    model, tok = load(DecoderConfig())
+    model, tok = load(DecoderConfig(matmul_dtype=args.matmul_dtype))
     layout = BlockLayout.of(model.config, 128, 0, "int4")
     dec = MemoryDecoder(model, tok, kv_dtype="int4")
     ids = lambda text: tok(text, add_special_tokens=False).input_ids

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.model
 
 @pytest.fixture(scope="module")
 def smol():
-    return load(DecoderConfig(threads=2))
+    return load(DecoderConfig(threads=2, matmul_dtype="float32"))
 
 
 @pytest.mark.parametrize("delta", [1, 128, 4000])
@@ -205,3 +205,65 @@ def test_block_key_scale_scales_the_memory_logits_only(smol):
         torch.testing.assert_close(same.layers[layer].keys, p.keys, atol=0, rtol=0)
     with pytest.raises(ValueError, match="block_key_scale"):
         MemoryDecoder(model, tok, block_key_scale=0.0)
+
+
+def test_matmul_dtype_setting(monkeypatch):
+    """decoder.matmul_dtype: "auto" holds Linear weights in bf16 exactly where bf16 is native on a CPU; explicit
+    settings win; a model already in bf16 (CUDA's default) is left alone; anything else is refused by name."""
+    from engram.decoder import model as dm
+
+    for native in (True, False):
+        monkeypatch.setattr(dm, "cpu_has_bf16", lambda native=native: native)
+        assert DecoderConfig(device="cpu").bf16_matmuls() is native
+        assert DecoderConfig(device="cpu", matmul_dtype="bfloat16").bf16_matmuls()
+        assert not DecoderConfig(device="cpu", matmul_dtype="float32").bf16_matmuls()
+        assert not DecoderConfig(device="cpu", dtype="bfloat16", matmul_dtype="bfloat16").bf16_matmuls()
+    with pytest.raises(ValueError, match=r"decoder\.matmul_dtype"):
+        DecoderConfig(matmul_dtype="float16")
+
+
+def test_bf16_linears_compute_what_autocast_does(smol):
+    """A Bf16Linear gives, bit for bit, what its float32 Linear gives under a bf16 autocast (the numerics the
+    encoders use); a whole model of them is as far from the float32 model's logits as the model under autocast
+    (measured: mean |difference| 0.079 vs 0.067 on logits of ~10) and picks the same next token. The output head is its own copy: the embedding stays float32."""
+    import copy
+
+    from engram.decoder.model import Bf16Linear, bf16_linears
+
+    model, tok = smol
+    assert not any(isinstance(m, Bf16Linear) for m in model.modules())  # the fixture holds the float32 model
+    fast = copy.deepcopy(model)
+    n = bf16_linears(fast)
+    assert n == 7 * model.config.num_hidden_layers + 1  # q, k, v, o, gate, up, down per layer, and the head
+    assert fast.model.embed_tokens.weight.dtype == torch.float32 and fast.lm_head.weight.dtype == torch.bfloat16
+    x = torch.randn(3, 5, model.config.hidden_size)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.7.mlp.down_proj", "lm_head"):
+        plain, bf16 = model.get_submodule(name), fast.get_submodule(name)
+        inp = x if name != "model.layers.7.mlp.down_proj" else torch.randn(3, 5, plain.in_features)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            want = plain(inp).float()
+        with torch.inference_mode():
+            got = bf16(inp)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    ids = torch.tensor([tok("The pass key is 4242. Remember it. The pass key is").input_ids])
+    with torch.inference_mode():
+        exact = model(input_ids=ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = model(input_ids=ids).logits.float()
+        got = fast(input_ids=ids).logits
+    assert 0 < (got - exact).abs().mean() < 1.5 * (autocast - exact).abs().mean()
+    assert got[0, -1].argmax() == exact[0, -1].argmax()
+
+
+def test_encoder_never_uses_the_readers_bf16_matmuls():
+    """Stored blocks never depend on how the reader multiplies: the encoder loads float32 Linears whatever
+    decoder.matmul_dtype says (its own dtype is encoder.dtype)."""
+    from engram.decoder.model import Bf16Linear
+    from engram.workers.encoder import Encoder, EncoderConfig
+
+    dec = DecoderConfig(threads=1, matmul_dtype="bfloat16")
+    reader, _ = load(dec)
+    assert any(isinstance(m, Bf16Linear) for m in reader.modules())
+    enc = Encoder(EncoderConfig(), dec, BlockLayout.of(reader.config, 128, 0, "int4"))
+    assert not any(isinstance(m, Bf16Linear) for m in enc.model.modules())

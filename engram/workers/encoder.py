@@ -7,6 +7,7 @@ through one process.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,7 +93,9 @@ class EncoderConfig:
 class Encoder:
     def __init__(self, enc: EncoderConfig, dec: decoder_model.DecoderConfig, layout: BlockLayout):
         self.cfg, self.layout = enc, layout
-        self.model, self.tokenizer = decoder_model.load(dec)
+        # The encoding pass has its own dtype (encoder.dtype, a bf16 autocast where native): the reader's
+        # decoder.matmul_dtype does not apply to it, so stored blocks never depend on the reader's setting.
+        self.model, self.tokenizer = decoder_model.load(dataclasses.replace(dec, matmul_dtype="float32"))
         self.sink_id = decoder_model.sink_token_id(self.tokenizer)
         self.codec = load_codec(enc.kv_codec, dec.model, layout.codec) if layout.kv_dtype == "codec" else None
         self.embedder = Embedder(enc.embedder)

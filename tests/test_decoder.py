@@ -225,7 +225,8 @@ def test_matmul_dtype_setting(monkeypatch):
 def test_bf16_linears_compute_what_autocast_does(smol):
     """A Bf16Linear gives, bit for bit, what its float32 Linear gives under a bf16 autocast (the numerics the
     encoders use); a whole model of them is as far from the float32 model's logits as the model under autocast
-    (measured: mean |difference| 0.079 vs 0.067 on logits of ~10) and picks the same next token. The output head is its own copy: the embedding stays float32."""
+    (measured: mean |difference| 0.079 vs 0.067 on logits of ~10) and picks the same next token. The output head
+    is its own copy: the embedding stays float32."""
     import copy
 
     from engram.decoder.model import Bf16Linear, bf16_linears

@@ -1,7 +1,7 @@
 """The reader's matmuls in bfloat16 (decoder.matmul_dtype): does it answer as the float32 reader, and how much
 faster is it? Same cases and int4 blocks as bench/relevance_bias.py (passkey, NIAH, distinct text; 4 and 16
-blocks; retrieval bias λ = 0 and 10), each answered by both readers; then asks/s of batches of B asks over
-passkey blocks (answer_batch) and one ask alone, the two readers alternating.
+blocks; retrieval bias λ = 0 and 10), each answered by both readers; then asks/s of B asks over passkey blocks
+decoded together (answer_batch; B = 1 is one ask), the two readers alternating. --no-answers: the timing only.
 
     .venv/bin/python bench/reader_dtype.py --trials 24 --out bench/results/reader_dtype
 """
@@ -64,19 +64,20 @@ def main():
             same[(grid, n, lam)] = same.get((grid, n, lam), 0) + (texts["float32"] == texts["bf16"])
 
     rng = random.Random(0)
-    for n in [] if args.no_answers else args.blocks:
+    grid_blocks = [] if args.no_answers else args.blocks
+    for n in grid_blocks:
         for _ in range(args.trials):
             key, cs = passkey_blocks(tok, n, rng)
             ask("passkey", n, PASSKEY_QUESTION, cs, list(range(n)), 12, lambda a, k=key: cases.first_integer(a) == k)
         print("passkey", n, "done", flush=True)
-    hay = cases.Haystack("niah", tok, 2048)
-    for n in [] if args.no_answers else args.blocks:
+    hay = cases.Haystack("niah", tok, 2048) if grid_blocks else None
+    for n in grid_blocks:
         for t in range(args.trials):
             case, picked = niah_blocks(tok, hay, n, t, rng)
             ask("niah", n, case.question, picked, list(range(n)), 16, lambda a, c=case: cases.score(c, a) == 1.0)
         print("niah", n, "done", flush=True)
-    docs, asked = distinct_facts(tok)
-    for n in [] if args.no_answers else args.blocks:
+    docs, asked = distinct_facts(tok) if grid_blocks else ({}, [])
+    for n in grid_blocks:
         for f in asked:
             chunks, order, _ = distinct_blocks(tok, docs, f, n, rng)
             ask("distinct", n, f.question, chunks, order, 16, lambda a, f=f: dt.right(f.kind, f.answer, a))

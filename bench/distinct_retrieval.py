@@ -56,6 +56,7 @@ def main():
     p.add_argument("--config", default=None)
     p.add_argument("--batch", type=int, default=256, help="chunks per embedding batch")
     p.add_argument("--out", default="")
+    p.add_argument("--only-docs", nargs="*", default=[], help="write only these documents (e.g. doc-00147)")
     p.add_argument("--save-latents", default="", help="write every window latent here (.npy, float16)")
     p.add_argument(
         "--compare-float32",
@@ -71,7 +72,7 @@ def main():
     import torch
 
     from engram.coordinator import routing
-    from engram.coordinator.ask import merge
+    from engram.coordinator.ask import adjacent, merge
     from engram.coordinator.config import EngramConfig, block_layout, content_fingerprint
     from engram.decoder.model import DecoderConfig
     from engram.evals.cases import parse_length
@@ -94,6 +95,9 @@ def main():
         docs = corpus(length, tok, a.segment)
         facts = make_facts(rng, a.keys, a.distractors, a.per_kind)
         plant(docs, facts, tok, e.chunk_tokens, rng)
+        if a.only_docs:  # the haystack as at this length, but only these documents written (to look at a case)
+            docs = [d for d in docs if d[0] in a.only_docs]
+            facts = [f for f in facts if f.document in a.only_docs]
         with tempfile.TemporaryDirectory() as tmp:
             cfg.shard.data_dir, cfg.shard.fsync = tmp, False
             shards = [Shard(i, cfg.shard, tiny) for i in range(a.shards)]
@@ -148,20 +152,30 @@ def main():
                 ranks = {}
                 t = time.perf_counter()
                 for k in (a.top_k, DEEP):
-                    found = merge(
-                        list(range(a.shards)), [s.search("ns", z, k, text=f.question) for s in shards], k, cfg.ask
-                    )
+                    results = [s.search("ns", z, k, text=f.question) for s in shards]
+                    found = merge(list(range(a.shards)), results, k, cfg.ask)
                     hit = [i for i, h in enumerate(found) if h.document_id == f.document and h.seq in answer_chunks]
                     ranks[k] = hit[0] if hit else DEEP
                     if k == a.top_k:
                         search_s = time.perf_counter() - t
+                    else:  # every shard's candidates, fused, best first: for re-ranking rules tried offline
+                        every = merge(list(range(a.shards)), results, 10**6, cfg.ask)
+                        deep = [[h.document_id, h.seq, round(h.dense, 5), round(h.lexical, 5)] for h in every]
+                        # what an Ask reads: the top k and the chunks beside them among the best adjacent_depth
+                        read = found[: a.top_k] + adjacent(found, found[: a.top_k], cfg.ask.adjacent_depth)
+                        answer_read = any(h.document_id == f.document and h.seq in answer_chunks for h in read)
                 rows.append(
                     {
                         "kind": f.kind,
                         "answer": f.answer,
                         "in_top_k": ranks[a.top_k] < a.top_k,
+                        "answer_read": answer_read,
+                        "blocks_read": len(read),
                         "rank_deep": ranks[DEEP],
                         "search_s": search_s,
+                        "document": f.document,
+                        "answer_chunks": sorted(answer_chunks),
+                        "deep": deep,
                     }
                 )
             if a.compare_float32:
@@ -183,6 +197,8 @@ def main():
             "write_s": round(write_s, 1),
             "embed_s": round(embed_s, 1),
             "recall_at_k": f"{sum(r['in_top_k'] for r in rows)}/{len(rows)}",
+            "answer_read": f"{sum(r['answer_read'] for r in rows)}/{len(rows)}",
+            "blocks_read_mean": round(float(np.mean([r["blocks_read"] for r in rows])), 2),
             "by_kind": {k: f"{sum(v)}/{len(v)}" for k, v in by_kind.items()},
             "search_p50_s": round(float(np.median([r["search_s"] for r in rows])), 4),
             "vectors_ivf": [bool(s.vectors.namespaces["ns"].ann) for s in shards],
@@ -194,7 +210,7 @@ def main():
         print(json.dumps({k: v for k, v in summary.items() if k != "facts"}), flush=True)
         for r in rows:
             if not r["in_top_k"]:
-                print("  missed:", r["kind"], r["answer"], "rank", r["rank_deep"], flush=True)
+                print("  missed:", r["kind"], r["answer"], "rank", r["rank_deep"], "read", r["answer_read"], flush=True)
         results.append(summary)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

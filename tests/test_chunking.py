@@ -118,9 +118,28 @@ def test_context_must_fit_the_decoders_window():
 def test_block_biases_are_lambda_times_the_gap_to_the_best_hit():
     from engram.coordinator.ask import Retrieved, block_biases
 
-    reading = [Retrieved(s, 0, i, "a", i, 0) for i, s in enumerate([0.3, 0.5, 0.45])]  # best run last, as read
-    assert block_biases(reading, 10.0) == pytest.approx([-2.0, 0.0, -0.5])
+    reading = [Retrieved(s, 0, i, d, 2 * i, 0) for i, (s, d) in enumerate([(0.3, "a"), (0.5, "a"), (0.45, "b")])]
+    assert block_biases(reading, 10.0) == pytest.approx([-2.0, 0.0, -0.5])  # three separate passages
+    # a run of consecutive chunks (a needle chunk and the weaker one after it) is one passage: biased by its best
+    run = [Retrieved(s, 0, i, "a", seq, 0) for i, (s, seq) in enumerate([(0.3, 2), (0.8, 7), (0.6, 8), (0.5, 9)])]
+    assert block_biases(run, 10.0) == pytest.approx([-5.0, 0.0, 0.0, 0.0])
+    other_doc = [Retrieved(0.8, 0, 0, "a", 7, 0), Retrieved(0.6, 0, 1, "b", 8, 0)]  # same seqs, another document
+    assert block_biases(other_doc, 10.0) == pytest.approx([0.0, -2.0])
     assert block_biases(reading, 0.0) is None and block_biases([], 10.0) is None
+
+
+def test_adjacent_chunks_of_hits_that_rank_deep_enough_are_read_too():
+    from engram.coordinator.ask import Retrieved, adjacent
+
+    ranked = [
+        Retrieved(1.0 - 0.1 * i, 0, i, d, q, 0)
+        for i, (d, q) in enumerate([("a", 7), ("b", 3), ("a", 9), ("b", 4), ("a", 8), ("c", 1), ("b", 2), ("a", 6)])
+    ]
+    top = ranked[:2]  # a#7, b#3
+    got = adjacent(ranked, top, 8)  # beside a#7: a#8 and a#6; beside b#3: b#4 and b#2 (a#9 is beside no hit)
+    assert [(h.document_id, h.seq) for h in got] == [("b", 4), ("a", 8), ("b", 2), ("a", 6)]
+    assert [(h.document_id, h.seq) for h in adjacent(ranked, top, 5)] == [("b", 4), ("a", 8)]  # only the best 5
+    assert adjacent(ranked, top, 0) == [] and adjacent(ranked, ranked[:3], 3) == []  # hits are not added twice
 
 
 def test_top_hits_merges_shards_and_drops_far_weaker_hits():

@@ -121,8 +121,11 @@ def test_bad_input_is_rejected_and_changes_nothing(client, call, code):
 
 def test_kill_9_shard_after_ack(service, client):
     """SIGKILL a shard's process after an acknowledged write: Ray restarts it, it reloads its store,
-    and the same ask gives the same answer and stats the same counts."""
-    client.write([("late", passkey_context(3000, 0.5, 11111, service.engine.tokenizer))], namespace="it3")
+    and the same ask gives the same answer and stats the same counts. The needle opens the document, so one block
+    holds it: at depth 0.5 the needle's chunk and the next are read together, and that answer turned on the second
+    block's int4 codes, which are not bit-stable (the same text written into two namespaces got codes differing in
+    ~6% of entries, the bf16 encoding pass batched differently) — not what this test is about."""
+    client.write([("late", passkey_context(3000, 0.0, 11111, service.engine.tokenizer))], namespace="it3")
     before = client.stats()
     answer = client.ask(PASSKEY_QUESTION, namespace="it").answer
     answer3 = client.ask(PASSKEY_QUESTION, namespace="it3").answer

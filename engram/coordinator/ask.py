@@ -103,6 +103,17 @@ def top_hits(hits: list[Retrieved], top_k: int, min_score_ratio: float) -> list[
     return hits
 
 
+def adjacent(ranked: list[Retrieved], hits: list[Retrieved], depth: int) -> list[Retrieved]:
+    """ask.adjacent_depth: the chunks next to a hit (same document, the chunk before or after it) that rank among
+    the best `depth` candidates themselves, not hits already. A fact cut by a chunk boundary leaves one half in
+    each chunk: the question finds the half it resembles (a UUID key, a subject), the answer opens or ends the
+    chunk beside it, which matches less but still ranks (BENCHMARKS.md "Distinct text": a UUID key's value
+    ranked 12th beside its key's chunk ranked 4th). Read beside its hit, the passage is whole again."""
+    near = {(h.document_id, h.seq + d) for h in hits for d in (-1, 1)}
+    have = {(h.document_id, h.seq) for h in hits}
+    return [h for h in ranked[:depth] if (h.document_id, h.seq) in near and (h.document_id, h.seq) not in have]
+
+
 def arrange(hits: list[Retrieved], block_order: str) -> list[Retrieved]:
     """Reading order of the blocks before the question (ask.block_order)."""
     by_doc = sorted(hits, key=lambda h: (h.document_id, h.seq))
@@ -119,13 +130,24 @@ def arrange(hits: list[Retrieved], block_order: str) -> list[Retrieved]:
 
 
 def block_biases(reading: list[Retrieved], lam: float) -> list[float] | None:
-    """ask.retrieval_bias: per block (reading order), λ x (its hit's score - the best hit's score), added to the
-    question's attention logits to its tokens: 0 for the best, more negative the further retrieval ranks it below.
-    None when λ is 0 (the plain reader)."""
+    """ask.retrieval_bias: per block (reading order), λ x (its run's score - the best hit's score), added to the
+    question's attention logits to its tokens: 0 for the best run, more negative the further retrieval ranks it
+    below. A run (consecutive chunks of a document, read side by side: `arrange`) is one passage and is biased as
+    one, by its best hit: a needle chunk followed by a weaker-scored chunk of the same text was lost when the
+    passage's end, right before the question, was read faintly (3 of 6 short passkey documents;
+    tests/test_integration.py). None when λ is 0 (the plain reader)."""
     if lam <= 0 or not reading:
         return None
-    best = max(h.score for h in reading)
-    return [lam * (h.score - best) for h in reading]
+    run_score, start = [h.score for h in reading], 0
+    for j in range(1, len(reading) + 1):
+        ends = j == len(reading) or not (
+            reading[j].document_id == reading[j - 1].document_id and reading[j].seq == reading[j - 1].seq + 1
+        )
+        if ends:
+            run_score[start:j] = [max(run_score[start:j])] * (j - start)
+            start = j
+    best = max(run_score)
+    return [lam * (s - best) for s in run_score]
 
 
 def by_shard(hits: list[Retrieved]) -> tuple[dict[int, list[int]], list[tuple[int, int]]]:
@@ -158,17 +180,22 @@ class Reader:
     async def namespaces(self) -> set[str]:
         return set().union(*await self.cluster.all_shards("namespaces"))
 
-    async def retrieve(self, namespace: str, query: str, top_k: int, readout: bool = False):
-        """-> (the global top-k hits, the hierarchical readout or None, timings)."""
+    async def retrieve(self, namespace: str, query: str, top_k: int, readout: bool = False, adjacent_too=False):
+        """-> (the global top-k hits — with `adjacent_too`, and the chunks beside them that rank among the best
+        ask.adjacent_depth (`adjacent`): what an Ask reads —, the hierarchical readout or None, timings)."""
         t0 = time.perf_counter()
         z = (await self.cluster.embedder.embed.remote([query]))[0]
         t1 = time.perf_counter()
         text = query if self.cfg.ask.lexical_weight > 0 else ""
-        results = await self.cluster.all_shards("search", namespace, z, top_k, readout, text)
+        depth = max(top_k, self.cfg.ask.adjacent_depth) if adjacent_too else top_k
+        results = await self.cluster.all_shards("search", namespace, z, depth, readout, text)
         if not any(r.episodes for r in results):
             raise EngramError(ErrorCode.NOT_FOUND, f"namespace {namespace!r} holds no documents; write some first")
         writing = {name for ns, name in self.cluster.writing if ns == namespace}  # not whole yet: not served
-        hits = merge(self.cluster.shard_ids, results, top_k, self.cfg.ask, writing)
+        ranked = merge(self.cluster.shard_ids, results, depth, self.cfg.ask, writing)
+        hits = ranked[:top_k]
+        if adjacent_too and self.cfg.ask.adjacent_depth:
+            hits += adjacent(ranked, hits, self.cfg.ask.adjacent_depth)
         merged = None
         if readout:
             readouts = np.stack([r.readout for r in results if r.episodes])
@@ -224,7 +251,7 @@ class Reader:
         have been sent): UNAVAILABLE."""
         async with self._admitted():
             t0 = time.perf_counter()
-            hits, _, timings = await self.retrieve(namespace, question, top_k)
+            hits, _, timings = await self.retrieve(namespace, question, top_k, adjacent_too=True)
             reading = arrange(hits + await self.neighbors(namespace, hits), self.cfg.ask.block_order)
             yield reading
             t_fetch = time.perf_counter()
@@ -271,7 +298,7 @@ class Reader:
     async def _ask(
         self, namespace: str, question: str, top_k: int, max_new_tokens: int, mode: str, t0: float
     ) -> AskResult:
-        hits, _, timings = await self.retrieve(namespace, question, top_k)
+        hits, _, timings = await self.retrieve(namespace, question, top_k, adjacent_too=True)
         reading = arrange(hits + await self.neighbors(namespace, hits), self.cfg.ask.block_order)
         t_fetch = time.perf_counter()
         if mode == "rag":

@@ -27,7 +27,7 @@ DEEP = 64  # how deep the Read looks for the answer's chunk (a rank past it coun
 def attribute(r: dict, top_k: int) -> str:
     if r["engram"]["score"]:
         return "right"
-    if r["answer_rank"] >= top_k:
+    if not r.get("answer_read", r["answer_rank"] < top_k):  # the answer's chunk not among the blocks read
         return "retrieval"
     return "composition" if r["oracle"]["score"] else "decoder"
 
@@ -46,6 +46,10 @@ def ask_fact(c, local: LocalDecoder, ns: str, f: Fact, text: str, top_k: int, ma
             "ttft_s": a.timings.ttft_s,
             "latency_s": time.perf_counter() - t0,
         }
+        if mode == "engram":  # what the decoder read: the top k and the chunks beside them (ask.adjacent_depth)
+            read = [(ch.document_id, ch.seq) for ch in a.chunks]
+            r["blocks_read"] = len(read)
+            r["answer_read"] = any((f.document, q) in read for q in answer_chunks)
     got = c.read(f.question, namespace=ns, top_k=DEEP)
     ranks = [i for i, ch in enumerate(got.chunks) if ch.document_id == f.document]
     r["answer_rank"] = min([i for i in ranks if got.chunks[i].seq in answer_chunks], default=DEEP)
@@ -69,6 +73,9 @@ def summarise(facts: list[Fact], top_k: int) -> dict:
             "n": len(rows),
             "recall_at_k": sum(r["answer_rank"] < top_k for r in rows) / len(rows),
             "fact_recall_at_k": sum(r["fact_rank"] < top_k for r in rows) / len(rows),
+            # among the blocks the decoder read (results from before adjacent chunks: the top k)
+            "answer_read": sum(r.get("answer_read", r["answer_rank"] < top_k) for r in rows) / len(rows),
+            "blocks_read_mean": statistics.mean(r.get("blocks_read", top_k) for r in rows),
             "engram": sum(r["engram"]["score"] for r in rows) / len(rows),
             "rag": sum(r["rag"]["score"] for r in rows) / len(rows),
             "oracle": sum(r["oracle"]["score"] for r in rows) / len(rows),
@@ -146,13 +153,17 @@ def rescore(result: dict) -> dict:
 
 def print_summary(result: dict) -> None:
     k = result["settings"]["top_k"]
-    print(f"\ndistinct text, top-{k}: recall@k of the answer's chunk | Engram | RAG | oracle | misses r/c/d")
+    print(
+        f"\ndistinct text, top-{k}: recall@k of the answer's chunk | read (blocks) | Engram | RAG | oracle | "
+        "misses r/c/d"
+    )
     for row in result["lengths"]:
         print(f"{row['length']:,} tokens ({row['tokens_per_s']:.0f} tokens/s ingest)")
         for kind, s in row["summary"].items():
             m = s["misses"]
             print(
-                f"  {kind:<12} n={s['n']:<3} recall {s['recall_at_k']:.2f} | engram {s['engram']:.2f} | "
+                f"  {kind:<12} n={s['n']:<3} recall {s['recall_at_k']:.2f} | read {s['answer_read']:.2f} "
+                f"({s['blocks_read_mean']:.1f}) | engram {s['engram']:.2f} | "
                 f"rag {s['rag']:.2f} | oracle {s['oracle']:.2f} | {m['retrieval']}/{m['composition']}/{m['decoder']}"
             )
 

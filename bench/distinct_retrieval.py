@@ -72,7 +72,7 @@ def main():
     import torch
 
     from engram.coordinator import routing
-    from engram.coordinator.ask import adjacent, merge
+    from engram.coordinator.ask import adjacent, candidates, merge
     from engram.coordinator.config import EngramConfig, block_layout, content_fingerprint
     from engram.decoder.model import DecoderConfig
     from engram.evals.cases import parse_length
@@ -152,18 +152,17 @@ def main():
                 ranks = {}
                 t = time.perf_counter()
                 for k in (a.top_k, DEEP):
-                    results = [s.search("ns", z, k, text=f.question) for s in shards]
-                    found = merge(list(range(a.shards)), results, k, cfg.ask)
+                    shard_hits = [s.search("ns", z, k, text=f.question) for s in shards]
+                    found = merge(list(range(a.shards)), shard_hits, k, cfg.ask)
                     hit = [i for i, h in enumerate(found) if h.document_id == f.document and h.seq in answer_chunks]
                     ranks[k] = hit[0] if hit else DEEP
-                    if k == a.top_k:
+                    every = candidates(list(range(a.shards)), shard_hits, cfg.ask)  # fused, best first
+                    if k == a.top_k:  # what an Ask reads: the top k and the chunks beside them the question reaches
                         search_s = time.perf_counter() - t
-                    else:  # every shard's candidates, fused, best first: for re-ranking rules tried offline
-                        every = merge(list(range(a.shards)), results, 10**6, cfg.ask)
-                        deep = [[h.document_id, h.seq, round(h.dense, 5), round(h.lexical, 5)] for h in every]
-                        # what an Ask reads: the top k and the chunks beside them among the best adjacent_depth
-                        read = found[: a.top_k] + adjacent(found, found[: a.top_k], cfg.ask.adjacent_depth)
+                        read = found + adjacent(every, found, cfg.ask.adjacent_lexical)
                         answer_read = any(h.document_id == f.document and h.seq in answer_chunks for h in read)
+                    else:  # every shard's candidates at depth 64: for re-ranking rules tried offline
+                        deep = [[h.document_id, h.seq, round(h.dense, 5), round(h.lexical, 5)] for h in every]
                 rows.append(
                     {
                         "kind": f.kind,

@@ -128,18 +128,19 @@ def test_block_biases_are_lambda_times_the_gap_to_the_best_hit():
     assert block_biases(reading, 0.0) is None and block_biases([], 10.0) is None
 
 
-def test_adjacent_chunks_of_hits_that_rank_deep_enough_are_read_too():
+def test_chunks_beside_a_hit_that_the_questions_words_reach_are_read_too():
     from engram.coordinator.ask import Retrieved, adjacent
 
-    ranked = [
-        Retrieved(1.0 - 0.1 * i, 0, i, d, q, 0)
-        for i, (d, q) in enumerate([("a", 7), ("b", 3), ("a", 9), ("b", 4), ("a", 8), ("c", 1), ("b", 2), ("a", 6)])
-    ]
+    rows = [("a", 7, 1.0), ("b", 3, 0.9), ("a", 9, 0.9), ("b", 4, 0.2), ("a", 8, 0.6), ("c", 1, 0.9), ("b", 2, 0.5)]
+    ranked = [Retrieved(1.0 - 0.1 * i, 0, i, d, q, 0, lexical=lx) for i, (d, q, lx) in enumerate(rows)]
     top = ranked[:2]  # a#7, b#3
-    got = adjacent(ranked, top, 8)  # beside a#7: a#8 and a#6; beside b#3: b#4 and b#2 (a#9 is beside no hit)
-    assert [(h.document_id, h.seq) for h in got] == [("b", 4), ("a", 8), ("b", 2), ("a", 6)]
-    assert [(h.document_id, h.seq) for h in adjacent(ranked, top, 5)] == [("b", 4), ("a", 8)]  # only the best 5
-    assert adjacent(ranked, top, 0) == [] and adjacent(ranked, ranked[:3], 3) == []  # hits are not added twice
+    # beside a#7: a#8 (BM25 0.6 of the best) and a#6 (not a candidate); beside b#3: b#4 (0.2, too few of the
+    # question's words) and b#2 (0.5); a#9 is beside no hit; c#1 beside nothing
+    assert [(h.document_id, h.seq) for h in adjacent(ranked, top, 0.4)] == [("a", 8), ("b", 2)]
+    assert [(h.document_id, h.seq) for h in adjacent(ranked, top, 0.55)] == [("a", 8)]
+    assert adjacent(ranked, top, 0.0) == []  # off
+    assert [(h.document_id, h.seq) for h in adjacent(ranked, ranked[:5], 0.1)] == [("b", 2)]  # hits not twice
+    assert adjacent([Retrieved(0.5, 0, 9, "a", 8, 0)], top, 0.4) == []  # no lexical match: not added
 
 
 def test_top_hits_merges_shards_and_drops_far_weaker_hits():

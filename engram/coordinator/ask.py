@@ -43,16 +43,21 @@ def global_bm25(results: list[SearchHits]) -> list[np.ndarray]:
     return [np.zeros(len(r.doc)) if r.tf is None else bm25(r.tf, r.length, stats) for r in results]
 
 
-def merge(shard_ids: list[int], results: list[SearchHits], top_k: int, cfg, skip=frozenset()) -> list[Retrieved]:
-    """Every shard's hits (less documents in `skip`) -> the global top-k: BM25 on global statistics, fused with
-    the dense scores (cfg: the ask settings), the score cutoff."""
+def candidates(shard_ids: list[int], results: list[SearchHits], cfg, skip=frozenset()) -> list[Retrieved]:
+    """Every shard's hits (less documents in `skip`), best first: BM25 on global statistics, fused with the dense
+    scores (cfg: the ask settings)."""
     hits = [
         Retrieved(float(sc), s, int(b), d, int(q), int(o), float(sc), float(lx))
         for s, r, bm in zip(shard_ids, results, global_bm25(results))
         for sc, b, d, q, o, lx in zip(r.score, r.block, r.doc, r.seq, r.offset, bm)
         if d not in skip
     ]
-    return top_hits(fuse(hits, cfg.lexical_weight), top_k, cfg.min_score_ratio)
+    return _unique(sorted(fuse(hits, cfg.lexical_weight), key=lambda h: -h.score))
+
+
+def merge(shard_ids: list[int], results: list[SearchHits], top_k: int, cfg, skip=frozenset()) -> list[Retrieved]:
+    """Every shard's hits (less documents in `skip`) -> the global top-k (`candidates`, then the score cutoff)."""
+    return top_hits(candidates(shard_ids, results, cfg, skip), top_k, cfg.min_score_ratio)
 
 
 def _remote(method, stream: bool):
@@ -103,15 +108,18 @@ def top_hits(hits: list[Retrieved], top_k: int, min_score_ratio: float) -> list[
     return hits
 
 
-def adjacent(ranked: list[Retrieved], hits: list[Retrieved], depth: int) -> list[Retrieved]:
-    """ask.adjacent_depth: the chunks next to a hit (same document, the chunk before or after it) that rank among
-    the best `depth` candidates themselves, not hits already. A fact cut by a chunk boundary leaves one half in
-    each chunk: the question finds the half it resembles (a UUID key, a subject), the answer opens or ends the
-    chunk beside it, which matches less but still ranks (BENCHMARKS.md "Distinct text": a UUID key's value
-    ranked 12th beside its key's chunk ranked 4th). Read beside its hit, the passage is whole again."""
+def adjacent(ranked: list[Retrieved], hits: list[Retrieved], min_lexical: float) -> list[Retrieved]:
+    """ask.adjacent_lexical: the candidates beside a hit (same document, the chunk before or after it), not hits
+    themselves, whose own BM25 is at least `min_lexical` x the query's best — the question's words run on into
+    them. A fact cut by a chunk boundary leaves one half in each chunk: the question finds the half it resembles (a
+    UUID key, a subject) and the answer opens or ends the chunk beside it, whose key text still holds some of the
+    question's rarest words (a UUID key's value ranked 12th, BM25 0.77 of the best, beside its key's chunk ranked
+    4th; BENCHMARKS.md "Distinct text"). Read beside its hit, the passage is whole again. 0 = none."""
+    if min_lexical <= 0:
+        return []
     near = {(h.document_id, h.seq + d) for h in hits for d in (-1, 1)}
     have = {(h.document_id, h.seq) for h in hits}
-    return [h for h in ranked[:depth] if (h.document_id, h.seq) in near and (h.document_id, h.seq) not in have]
+    return [h for h in ranked if (h.document_id, h.seq) in near - have and h.lexical > 0 and h.lexical >= min_lexical]
 
 
 def arrange(hits: list[Retrieved], block_order: str) -> list[Retrieved]:
@@ -181,21 +189,20 @@ class Reader:
         return set().union(*await self.cluster.all_shards("namespaces"))
 
     async def retrieve(self, namespace: str, query: str, top_k: int, readout: bool = False, adjacent_too=False):
-        """-> (the global top-k hits — with `adjacent_too`, and the chunks beside them that rank among the best
-        ask.adjacent_depth (`adjacent`): what an Ask reads —, the hierarchical readout or None, timings)."""
+        """-> (the global top-k hits — with `adjacent_too`, and the chunks beside them that the question's words
+        reach (`adjacent`): what an Ask reads —, the hierarchical readout or None, timings)."""
         t0 = time.perf_counter()
         z = (await self.cluster.embedder.embed.remote([query]))[0]
         t1 = time.perf_counter()
         text = query if self.cfg.ask.lexical_weight > 0 else ""
-        depth = max(top_k, self.cfg.ask.adjacent_depth) if adjacent_too else top_k
-        results = await self.cluster.all_shards("search", namespace, z, depth, readout, text)
+        results = await self.cluster.all_shards("search", namespace, z, top_k, readout, text)
         if not any(r.episodes for r in results):
             raise EngramError(ErrorCode.NOT_FOUND, f"namespace {namespace!r} holds no documents; write some first")
         writing = {name for ns, name in self.cluster.writing if ns == namespace}  # not whole yet: not served
-        ranked = merge(self.cluster.shard_ids, results, depth, self.cfg.ask, writing)
-        hits = ranked[:top_k]
-        if adjacent_too and self.cfg.ask.adjacent_depth:
-            hits += adjacent(ranked, hits, self.cfg.ask.adjacent_depth)
+        ranked = candidates(self.cluster.shard_ids, results, self.cfg.ask, writing)
+        hits = top_hits(ranked, top_k, self.cfg.ask.min_score_ratio)
+        if adjacent_too:
+            hits += adjacent(ranked, hits, self.cfg.ask.adjacent_lexical)
         merged = None
         if readout:
             readouts = np.stack([r.readout for r in results if r.episodes])

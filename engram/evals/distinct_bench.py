@@ -46,7 +46,7 @@ def ask_fact(c, local: LocalDecoder, ns: str, f: Fact, text: str, top_k: int, ma
             "ttft_s": a.timings.ttft_s,
             "latency_s": time.perf_counter() - t0,
         }
-        if mode == "engram":  # what the decoder read: the top k and the chunks beside them (ask.adjacent_depth)
+        if mode == "engram":  # what the decoder read: the top k and the chunks beside them (ask.adjacent_lexical)
             read = [(ch.document_id, ch.seq) for ch in a.chunks]
             r["blocks_read"] = len(read)
             r["answer_read"] = any((f.document, q) in read for q in answer_chunks)

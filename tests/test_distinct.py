@@ -59,3 +59,46 @@ def test_every_kind_of_fact_is_retrieved(service, haystack, tokenizer):
             if not any(ch.document_id == f.document and ch.seq in answer_chunks for ch in got.chunks):
                 missed.append((f.kind, f.answer))
     assert missed == []
+
+
+def cut_before_value(tokenizer, filler: str, key: str, value: str, chunk_tokens: int = 128) -> str:
+    """filler's words, then "One of the special magic uuids for <key> is:" ending exactly at the first chunk
+    boundary, then the value and more filler: the key in chunk 0, its value opening chunk 1."""
+    head = f" One of the special magic uuids for {key} is:"
+    words = filler.split()
+
+    def length(w):
+        return len(tokenizer(" ".join(w) + head, add_special_tokens=False).input_ids)
+
+    while length(words) > chunk_tokens:
+        words.pop()
+    while length(words) < chunk_tokens:  # a word can be several tokens: make up the rest one token at a time
+        words.append("so")
+    lead = " ".join(words) + head
+    assert len(tokenizer(lead, add_special_tokens=False).input_ids) == chunk_tokens, "no exact cut from these words"
+    return f"{lead} {value}. {filler}"
+
+
+@pytest.mark.integration
+def test_the_chunk_beside_a_hit_that_the_question_reaches_is_read(service, tokenizer):
+    """ask.adjacent_lexical: a UUID key ends one chunk and its value opens the next; the value's chunk holds only
+    part of the key and ranks below look-alike sentences, so Read's top 4 misses it — the Ask reads it anyway,
+    beside the key's chunk."""
+    import uuid
+
+    rng = random.Random(5)
+    ids = [str(uuid.UUID(int=rng.getrandbits(128))) for _ in range(12)]
+    fillers = iter(d for d in docstrings() if len(d) > 1200)
+    docs = [("fact", cut_before_value(tokenizer, next(fillers)[:1200], ids[0], ids[1]))]
+    docs += [  # distractors of the same form: the dense side ranks them all alike
+        (f"other-{i}", f"{next(fillers)[:600]} One of the special magic uuids for {k} is: {v}. {next(fillers)[:600]}")
+        for i, (k, v) in enumerate(zip(ids[2::2], ids[3::2]))
+    ]
+    question = f"What is the special magic uuid for {ids[0]} mentioned in the provided text? The special magic uuid is"
+    with EngramClient(service.address, timeout=600) as c:
+        c.write(docs, namespace="adjacent")
+        top = [(ch.document_id, ch.seq) for ch in c.read(question, namespace="adjacent", top_k=4).chunks]
+        read = [(ch.document_id, ch.seq) for ch in c.ask(question, namespace="adjacent", max_new_tokens=1).chunks]
+    assert ("fact", 0) in top and ("fact", 1) not in top, top  # the key's chunk found, the value's not in the top 4
+    assert ("fact", 0) in read and ("fact", 1) in read, read  # both read: the sentence whole
+    assert len(read) <= 4 + 2, read

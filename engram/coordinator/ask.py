@@ -114,7 +114,8 @@ def adjacent(ranked: list[Retrieved], hits: list[Retrieved], min_lexical: float)
     them. A fact cut by a chunk boundary leaves one half in each chunk: the question finds the half it resembles (a
     UUID key, a subject) and the answer opens or ends the chunk beside it, whose key text still holds some of the
     question's rarest words (a UUID key's value ranked 12th, BM25 0.77 of the best, beside its key's chunk ranked
-    4th; BENCHMARKS.md "Distinct text"). Read beside its hit, the passage is whole again. 0 = none."""
+    4th; BENCHMARKS.md "A fact cut by a chunk boundary"). Read beside its hit, the passage is whole again.
+    0 = none."""
     if min_lexical <= 0:
         return []
     near = {(h.document_id, h.seq + d) for h in hits for d in (-1, 1)}
@@ -142,8 +143,9 @@ def block_biases(reading: list[Retrieved], lam: float) -> list[float] | None:
     question's attention logits to its tokens: 0 for the best run, more negative the further retrieval ranks it
     below. A run (consecutive chunks of a document, read side by side: `arrange`) is one passage and is biased as
     one, by its best hit: a needle chunk followed by a weaker-scored chunk of the same text was lost when the
-    passage's end, right before the question, was read faintly (3 of 6 short passkey documents;
-    tests/test_integration.py). None when λ is 0 (the plain reader)."""
+    passage's end, right before the question, was read faintly (bench/short_passkeys.py: 1 of 6 right per block,
+    4 of 6 per run as with λ = 0; BENCHMARKS.md "A run of consecutive chunks"). None when λ is 0 (the plain
+    reader)."""
     if lam <= 0 or not reading:
         return None
     run_score, start = [h.score for h in reading], 0

@@ -92,7 +92,8 @@ class AskConfig:
     # beside its hit, when its own BM25 is at least this fraction of the query's best: a fact a chunk boundary cuts
     # is read whole (its answer in the chunk next to the one the question resembles). 0 = off. Distinct text
     # (retrieval only): the answer read 16/16 at 128k and 1M (top 4 alone: 15/16, 14/16), 4.6 blocks a question;
-    # through the service at 128k Engram 11/16 (9 without); BENCHMARKS.md "A fact cut by a chunk boundary".
+    # through the service at 128k Engram 11/16 (9 before it and the bias per run); BENCHMARKS.md "A fact cut by a
+    # chunk boundary".
     adjacent_lexical: float = 0.4
     # Drop hits scoring below this fraction of the best hit's score: a chunk far less like the question than the
     # best one only distracts the decoder (passkey 1M, top-4: 10/10 with 0.3 vs 9/10 with 0, which fills three

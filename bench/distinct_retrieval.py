@@ -72,7 +72,7 @@ def main():
     import torch
 
     from engram.coordinator import routing
-    from engram.coordinator.ask import adjacent, candidates, merge
+    from engram.coordinator.ask import adjacent, candidates, merge, top_hits
     from engram.coordinator.config import EngramConfig, block_layout, content_fingerprint
     from engram.decoder.model import DecoderConfig
     from engram.evals.cases import parse_length
@@ -153,10 +153,10 @@ def main():
                 t = time.perf_counter()
                 for k in (a.top_k, DEEP):
                     shard_hits = [s.search("ns", z, k, text=f.question) for s in shards]
-                    found = merge(list(range(a.shards)), shard_hits, k, cfg.ask)
+                    every = candidates(list(range(a.shards)), shard_hits, cfg.ask)  # fused, best first
+                    found = top_hits(every, k, cfg.ask.min_score_ratio)  # what merge returns
                     hit = [i for i, h in enumerate(found) if h.document_id == f.document and h.seq in answer_chunks]
                     ranks[k] = hit[0] if hit else DEEP
-                    every = candidates(list(range(a.shards)), shard_hits, cfg.ask)  # fused, best first
                     if k == a.top_k:  # what an Ask reads: the top k and the chunks beside them the question reaches
                         search_s = time.perf_counter() - t
                         read = found + adjacent(every, found, cfg.ask.adjacent_lexical)

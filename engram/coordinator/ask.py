@@ -120,7 +120,7 @@ def adjacent(ranked: list[Retrieved], hits: list[Retrieved], min_lexical: float)
         return []
     near = {(h.document_id, h.seq + d) for h in hits for d in (-1, 1)}
     have = {(h.document_id, h.seq) for h in hits}
-    return [h for h in ranked if (h.document_id, h.seq) in near - have and h.lexical > 0 and h.lexical >= min_lexical]
+    return [h for h in ranked if (h.document_id, h.seq) in near - have and h.lexical >= min_lexical]
 
 
 def arrange(hits: list[Retrieved], block_order: str) -> list[Retrieved]:

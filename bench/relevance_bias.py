@@ -6,6 +6,13 @@ as bench/composition.py (passkey, NIAH, distinct), same decoder in-process.
 
     .venv/bin/python bench/relevance_bias.py --blocks 4 16 --lambdas 0 10 20 40 --trials 24 \
         --out bench/results/relevance_bias
+
+`--order random` (the default, the stress case) puts the answer's chunk(s) at a random place among the others and
+biases each block by its own score; `--order score` reads the blocks as the service does (`ask.arrange`: runs
+ascending by their best score, the best run last, nearest the question; `ask.block_biases`: a run biased by its best
+hit), the answer's chunks being one run and every other chunk a run of its own. `--storage int4 codec:2.5 ...`
+reads the same blocks from each storage (codec:B = the transform codec at B bits per value, calibrated here as
+`python -m engram.evals.calibrate --group 2 --chunks 128` does): bytes per token against accuracy as an Ask reads.
 """
 
 import argparse
@@ -20,9 +27,12 @@ import numpy as np
 import torch
 from kv_codec import distinct_blocks, distinct_facts, encode, niah_blocks, passkey_blocks, stored, tally
 
+from engram.coordinator.ask import Retrieved, arrange, block_biases
+from engram.decoder import codec as kvc
 from engram.decoder.generate import MemoryDecoder
-from engram.decoder.model import DecoderConfig, load, with_cache
+from engram.decoder.model import DecoderConfig, load, sink_token_id, with_cache
 from engram.decoder.rope import layer_rotaries
+from engram.evals import calibrate as calib
 from engram.evals import cases
 from engram.evals import distinct as dt
 from engram.evals.haystack import PASSKEY_QUESTION
@@ -46,6 +56,38 @@ def window_scores(embedder, tok, question: str, chunks) -> np.ndarray:
     for i, c in zip(owner, cos):
         out[i] = max(out[i], c)
     return out
+
+
+def storage(model, tok, rot, name: str):
+    """--storage name -> what `stored` takes: a dtype, or a codec at name's bits per value calibrated here."""
+    if not name.startswith("codec:"):
+        return name
+    batch = calib.encode_float(model, sink_token_id(tok), calib.calibration_chunks(tok, 128))
+    keys, values = calib.tokens_of(batch, rot)
+    valid = (batch["positions"][:, 0, 0] >= 0).flatten()
+    cal = kvc.calibrate(keys[valid], values[valid], group=2)
+    return cal.codec(round(float(name.split(":")[1]) * keys[0].numel() * 2))
+
+
+def reader(model, tok, variant) -> MemoryDecoder:
+    if isinstance(variant, kvc.Codec):
+        return MemoryDecoder(model, tok, kv_dtype="codec", codec=variant)
+    return MemoryDecoder(model, tok, kv_dtype=variant)
+
+
+def way(storage_name: str, lam: float, storages: int) -> str:
+    return f"{storage_name} λ={lam:g}" if storages > 1 else f"λ={lam:g}"
+
+
+def service_order(scores: np.ndarray, needles: list[int]) -> tuple[list[int], list[float]]:
+    """scores: each chunk's (by index) -> (reading order, each block's bias gap at λ = 1) as an Ask computes them,
+    the answer's chunks (`needles`, consecutive) one run of one document and every other chunk a document of its own."""
+    hits = [
+        Retrieved(float(s), 0, i, "answer" if i in needles else f"other {i}", i, 0, float(s))
+        for i, s in enumerate(scores)
+    ]
+    reading = arrange(hits, "score")
+    return [h.block for h in reading], block_biases(reading, 1.0)
 
 
 @torch.inference_mode()
@@ -88,31 +130,44 @@ def main():
     ap.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 10.0, 20.0, 40.0])
     ap.add_argument("--trials", type=int, default=24)
     ap.add_argument("--grids", nargs="+", default=["passkey", "niah", "distinct"])
+    ap.add_argument("--storage", nargs="+", default=["int4"], help="int4, float16, codec:BITS")
+    ap.add_argument("--order", choices=["random", "score"], default="random")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     model, tok = load(DecoderConfig())
     rot = layer_rotaries(model)
-    dec = MemoryDecoder(model, tok, kv_dtype="int4")
+    storages = {s: storage(model, tok, rot, s) for s in args.storage}
+    readers = {s: reader(model, tok, v) for s, v in storages.items()}
+    dec = readers[args.storage[0]]
     embedder = Embedder("minilm")
-    ways = [f"λ={lam:g}" for lam in args.lambdas]
+    ways = [way(s, lam, len(storages)) for s in storages for lam in args.lambdas]
     rows: dict[str, dict] = {w: {} for w in ways}
     ranks: dict[str, list[int]] = {}
     same = [0, 0]  # λ = 0 through the biased path answers as the plain reader (a check of the path itself)
 
     def ask(grid, question, chunks, order, needles, max_new):
+        """Every λ's answer over these chunks in this reading order (--order score: the service's instead);
+        needles: indices of the answer's chunks."""
         n = len(order)
-        """Every λ's answer over these chunks in this reading order; needles: indices of the answer's chunks."""
-        blocks = stored(encode(model, dec, chunks), "int4", rot, order)
+        if args.order == "score":
+            order, gap = service_order(window_scores(embedder, tok, question, chunks), needles)
         scores = window_scores(embedder, tok, question, [chunks[i] for i in order])
         ranked = list(np.argsort(-scores))
         ranks.setdefault(grid, []).append(min(ranked.index(order.index(i)) for i in needles))
-        gap = scores - scores.max()
-        out = {w: answer_biased(dec, question, blocks, list(lam * gap), max_new) for w, lam in zip(ways, args.lambdas)}
-        same[0] += dec.answer(question, blocks, T, max_new).text == answer_biased(
-            dec, question, blocks, [0.0] * n, max_new
-        )
-        same[1] += 1
+        if args.order == "random":
+            gap = list(scores - scores.max())
+        batch, out = encode(model, dec, chunks), {}
+        for s, v in storages.items():
+            blocks = stored(batch, v, rot, order)
+            for lam in args.lambdas:
+                out[way(s, lam, len(storages))] = answer_biased(
+                    readers[s], question, blocks, [lam * g for g in gap], max_new
+                )
+            same[0] += readers[s].answer(question, blocks, T, max_new).text == answer_biased(
+                readers[s], question, blocks, [0.0] * n, max_new
+            )
+        same[1] += len(storages)
         return out
 
     rng = random.Random(0)

@@ -59,14 +59,23 @@ def window_scores(embedder, tok, question: str, chunks) -> np.ndarray:
 
 
 def storage(model, tok, rot, name: str):
-    """--storage name -> what `stored` takes: a dtype, or a codec at name's bits per value calibrated here."""
+    """--storage name -> what `stored` takes: a dtype, or a codec at name's bits per value (calibrated once here)."""
     if not name.startswith("codec:"):
         return name
+    keys, cal = calibration(model, tok, rot)
+    return cal.codec(round(float(name.split(":")[1]) * keys[0].numel() * 2))
+
+
+def calibration(model, tok, rot, _fitted={}):  # noqa: B006 - fitted once per run, every budget cut from it
+    """The codec's calibration (its basis, levels and errors), as `python -m engram.evals.calibrate --group 2
+    --chunks 128` fits it."""
+    if _fitted:
+        return _fitted["keys"], _fitted["cal"]
     batch = calib.encode_float(model, sink_token_id(tok), calib.calibration_chunks(tok, 128))
     keys, values = calib.tokens_of(batch, rot)
     valid = (batch["positions"][:, 0, 0] >= 0).flatten()
-    cal = kvc.calibrate(keys[valid], values[valid], group=2)
-    return cal.codec(round(float(name.split(":")[1]) * keys[0].numel() * 2))
+    _fitted.update(keys=keys, cal=kvc.calibrate(keys[valid], values[valid], group=2))
+    return keys, _fitted["cal"]
 
 
 def reader(model, tok, variant) -> MemoryDecoder:

@@ -82,21 +82,31 @@ def encode_chunks(
     scorer: str = "attention",
     contexts: list[list[int]] | None = None,
     codec=None,
+    rows: int = 0,
+    width: int = 0,
 ) -> dict[str, np.ndarray]:
     """Encode chunks independently (batched) -> a block batch: keys, values (and their quantisation scales, see
     quant.py) [B, L, H, S, ...], positions [B, L, H, S] int16. `blocks_of` splits it into blocks.
 
     contexts: tokens each chunk is encoded after ([sink] + context + chunk) and that are not stored: the chunk's
     K/V then carry what precedes it (a sentence cut by the chunk boundary stays whole). Keys are re-rotated back
-    to positions 1..T, so a block looks the same to the reader with or without a context."""
+    to positions 1..T, so a block looks the same to the reader with or without a context.
+
+    rows, width (encoder.fixed_shape): the pass is at least `rows` rows (copies of the first chunk, dropped after)
+    of at least `width` tokens. A bf16 pass's rounding depends on the batch's shape (the kernels it picks), so a
+    chunk's codes depend on what it was encoded beside (4-5% of int4 codes; bench/bit_stability.py); one shape for
+    every pass makes a chunk's block the same bit for bit however it was batched."""
     device = next(model.parameters()).device
     t = layout.chunk_tokens
     contexts = contexts or [[] for _ in chunks]
+    real = len(chunks)
+    if rows > real:
+        chunks, contexts = chunks + [chunks[0]] * (rows - real), contexts + [contexts[0]] * (rows - real)
     ctx = torch.tensor([len(c) for c in contexts], device=device)  # [B]
     # Rows right-padded to the longest [sink] + context + chunk of this batch, not to a full chunk: a short chunk
     # (a small document, a document's last) costs its own tokens only. Causal attention keeps the real tokens from
     # seeing the padding, and `view` below clamps the slots past a row's end (masked out as pads).
-    width = 1 + max(len(x) + len(c) for c, x in zip(chunks, contexts))
+    width = max(width, 1 + max(len(x) + len(c) for c, x in zip(chunks, contexts)))
     ids = torch.zeros((len(chunks), width), dtype=torch.long, device=device)
     ids[:, 0] = sink_id
     for i, (c, x) in enumerate(zip(chunks, contexts)):
@@ -148,7 +158,7 @@ def encode_chunks(
     else:
         batch = quant.pack_kv(keys_t, values_t, layout.kv_dtype)
     batch["positions"] = pos_t.to(torch.int16)
-    return {name: t.cpu().numpy() for name, t in batch.items()}
+    return {name: t[:real].cpu().numpy() for name, t in batch.items()}
 
 
 def tokens_before_rope(keys: torch.Tensor, values: torch.Tensor, rotaries: list) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,6 +33,12 @@ class EncoderConfig:
     span: int = 8  # sparse blocks keep whole aligned spans of this many tokens
     scorer: str = "key_norm"  # "key_norm" (low key norm) or "attention" (attention received)
     batch_chunks: int = 8  # chunks per forward pass
+    # Every encoding pass the same shape (batch_chunks rows x the full context + chunk width), so a chunk's block is
+    # the same bit for bit whatever it was encoded beside: with the bf16 pass a batch's shape picks the kernels and
+    # their rounding (4-5% of int4 codes differ otherwise; float32 is stable anyway). Costs small writes a whole
+    # pass (one 45-token chunk: ~13x its own cost); a full batch costs the same. BENCHMARKS.md "A run of
+    # consecutive chunks". Off by default.
+    fixed_shape: bool = False
     # Tokens of the document before a chunk that its KV is computed after (not stored): a sentence cut by a chunk
     # boundary stays whole in the second block. 0 = each chunk encoded alone. 32: NIAH 32k+128k sweep 103 vs 99
     # of 120 asks (top-k 4: 18 vs 16 of 20) for +25% encoding work (BENCHMARKS.md "Answer assembly").
@@ -139,6 +145,8 @@ class Encoder:
                 self.cfg.scorer,
                 contexts[i : i + step],
                 self.codec,
+                rows=step if self.cfg.fixed_shape else 0,
+                width=1 + self.cfg.context_tokens + self.cfg.chunk_tokens if self.cfg.fixed_shape else 0,
             )
             for i in range(0, len(chunks), step)
         ]

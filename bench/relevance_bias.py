@@ -11,8 +11,9 @@ as bench/composition.py (passkey, NIAH, distinct), same decoder in-process.
 biases each block by its own score; `--order score` reads the blocks as the service does (`ask.arrange`: runs
 ascending by their best score, the best run last, nearest the question; `ask.block_biases`: a run biased by its best
 hit), the answer's chunks being one run and every other chunk a run of its own. `--storage int4 codec:2.5 ...`
-reads the same blocks from each storage (codec:B = the transform codec at B bits per value, calibrated here as
-`python -m engram.evals.calibrate --group 2 --chunks 128` does): bytes per token against accuracy as an Ask reads.
+reads the same blocks from each storage (codec:B[:W] = the transform codec at B bits per value, the keys' errors
+weighed W x the values', calibrated here as `python -m engram.evals.calibrate --group 2 --chunks 128` does): bytes
+per token against accuracy as an Ask reads.
 """
 
 import argparse
@@ -63,7 +64,8 @@ def storage(model, tok, rot, name: str):
     if not name.startswith("codec:"):
         return name
     keys, cal = calibration(model, tok, rot)
-    return cal.codec(round(float(name.split(":")[1]) * keys[0].numel() * 2))
+    bits, *key_weight = (float(x) for x in name.split(":")[1:])  # codec:BITS[:KEY_WEIGHT]
+    return cal.codec(round(bits * keys[0].numel() * 2), *key_weight)
 
 
 def calibration(model, tok, rot, _fitted={}):  # noqa: B006 - fitted once per run, every budget cut from it
@@ -139,7 +141,7 @@ def main():
     ap.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 10.0, 20.0, 40.0])
     ap.add_argument("--trials", type=int, default=24)
     ap.add_argument("--grids", nargs="+", default=["passkey", "niah", "distinct"])
-    ap.add_argument("--storage", nargs="+", default=["int4"], help="int4, float16, codec:BITS")
+    ap.add_argument("--storage", nargs="+", default=["int4"], help="int4, float16, codec:BITS[:KEY_WEIGHT]")
     ap.add_argument("--order", choices=["random", "score"], default="random")
     ap.add_argument("--out", default="")
     args = ap.parse_args()

@@ -60,24 +60,24 @@ def window_scores(embedder, tok, question: str, chunks) -> np.ndarray:
 
 
 def storage(model, tok, rot, name: str):
-    """--storage name -> what `stored` takes: a dtype, or a codec at name's bits per value (calibrated once here)."""
-    if not name.startswith("codec:"):
+    """--storage name -> what `stored` takes: a dtype, or a codec at name's bits per value (calibrated once here;
+    codec+gain: each token's vector norm per (keys|values, layer pair) stored apart, in fp16, within the budget)."""
+    if not name.startswith(("codec:", "codec+gain:")):
         return name
-    keys, cal = calibration(model, tok, rot)
+    keys, cal = calibration(model, tok, rot, name.startswith("codec+gain:"))
     bits, *key_weight = (float(x) for x in name.split(":")[1:])  # codec:BITS[:KEY_WEIGHT]
     return cal.codec(round(bits * keys[0].numel() * 2), *key_weight)
 
 
-def calibration(model, tok, rot, _fitted={}):  # noqa: B006 - fitted once per run, every budget cut from it
+def calibration(model, tok, rot, gain: bool, _fitted={}):  # noqa: B006 - fitted once per run and kind
     """The codec's calibration (its basis, levels and errors), as `python -m engram.evals.calibrate --group 2
-    --chunks 128` fits it."""
-    if _fitted:
-        return _fitted["keys"], _fitted["cal"]
-    batch = calib.encode_float(model, sink_token_id(tok), calib.calibration_chunks(tok, 128))
-    keys, values = calib.tokens_of(batch, rot)
-    valid = (batch["positions"][:, 0, 0] >= 0).flatten()
-    _fitted.update(keys=keys, cal=kvc.calibrate(keys[valid], values[valid], group=2))
-    return keys, _fitted["cal"]
+    --chunks 128 [--gain]` fits it."""
+    if gain not in _fitted:
+        batch = calib.encode_float(model, sink_token_id(tok), calib.calibration_chunks(tok, 128))
+        keys, values = calib.tokens_of(batch, rot)
+        valid = (batch["positions"][:, 0, 0] >= 0).flatten()
+        _fitted[gain] = keys, kvc.calibrate(keys[valid], values[valid], gain=gain, group=2)
+    return _fitted[gain]
 
 
 def reader(model, tok, variant) -> MemoryDecoder:
@@ -141,7 +141,7 @@ def main():
     ap.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 10.0, 20.0, 40.0])
     ap.add_argument("--trials", type=int, default=24)
     ap.add_argument("--grids", nargs="+", default=["passkey", "niah", "distinct"])
-    ap.add_argument("--storage", nargs="+", default=["int4"], help="int4, float16, codec:BITS[:KEY_WEIGHT]")
+    ap.add_argument("--storage", nargs="+", default=["int4"], help="int4, float16, codec[+gain]:BITS[:KEY_WEIGHT]")
     ap.add_argument("--order", choices=["random", "score"], default="random")
     ap.add_argument("--out", default="")
     args = ap.parse_args()

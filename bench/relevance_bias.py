@@ -161,9 +161,10 @@ def main():
         """Every λ's answer over these chunks in this reading order (--order score: the service's instead);
         needles: indices of the answer's chunks."""
         n = len(order)
+        by_chunk = window_scores(embedder, tok, question, chunks)  # each chunk's score, by index
         if args.order == "score":
-            order, gap = service_order(window_scores(embedder, tok, question, chunks), needles)
-        scores = window_scores(embedder, tok, question, [chunks[i] for i in order])
+            order, gap = service_order(by_chunk, needles)
+        scores = by_chunk[order]  # in reading order
         ranked = list(np.argsort(-scores))
         ranks.setdefault(grid, []).append(min(ranked.index(order.index(i)) for i in needles))
         if args.order == "random":

@@ -36,7 +36,7 @@ class EncoderConfig:
     # Every encoding pass the same shape (batch_chunks rows x the full context + chunk width), so a chunk's block is
     # the same bit for bit whatever it was encoded beside: with the bf16 pass a batch's shape picks the kernels and
     # their rounding (4-5% of int4 codes differ otherwise; float32 is stable anyway). Costs small writes a whole
-    # pass (one 45-token chunk: ~13x its own cost); a full batch costs the same. BENCHMARKS.md "A run of
+    # pass (a one-chunk write of 45 tokens: 0.96 vs 0.20 s); a full batch costs the same. BENCHMARKS.md "A run of
     # consecutive chunks". Off by default.
     fixed_shape: bool = False
     # Tokens of the document before a chunk that its KV is computed after (not stored): a sentence cut by a chunk
@@ -134,7 +134,9 @@ class Encoder:
         )
 
     def _encode_batches(self, chunks, contexts, step: int) -> list[dict[str, np.ndarray]]:
-        """The blocks of `step` chunks per forward pass."""
+        """The blocks of `step` chunks per forward pass (encoder.fixed_shape: each pass `step` rows x the full
+        [sink] + context + chunk width)."""
+        rows, width = (step, 1 + self.cfg.context_tokens + self.cfg.chunk_tokens) if self.cfg.fixed_shape else (0, 0)
         return [
             blocklib.encode_chunks(
                 self.model,
@@ -145,8 +147,8 @@ class Encoder:
                 self.cfg.scorer,
                 contexts[i : i + step],
                 self.codec,
-                rows=step if self.cfg.fixed_shape else 0,
-                width=1 + self.cfg.context_tokens + self.cfg.chunk_tokens if self.cfg.fixed_shape else 0,
+                rows=rows,
+                width=width,
             )
             for i in range(0, len(chunks), step)
         ]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 from . import quant
-from .batch import Row, biased_mask, generate_batch
+from .batch import Placement, Row, biased_mask, generate_batch
 from .kv_cache import cache_of
 from .layout import check_kv_dtype, check_position_scheme
 from .model import encoding_dtype, returned_cache, sink_token_id, with_cache
@@ -168,13 +169,26 @@ class MemoryDecoder:
         """blocks (blocks.blocks_of), in reading order -> (cache, next position). The cache holds the sink and the
         blocks' entries in one buffer per K and V for all layers, written once, with `room` free entries after
         them for the question and the answer (kv_cache.py: no copy of the cache per generated token)."""
+        placed, next_pos = self.place(blocks, chunk_tokens)
+        end, like = placed.length, placed.like
+        keys = like.new_empty(*like.shape[:3], end + room, like.shape[4])  # [L, 1, H, end + room, D]
+        values = like.new_empty(keys.shape)
+        placed.write(keys[:, 0, :, :end], values[:, 0, :, :end])
+        return cache_of(keys, values, end), next_pos
+
+    def place(self, blocks: list[dict[str, np.ndarray]], chunk_tokens: int) -> tuple[Placement, int]:
+        """The cache of the blocks (in reading order) not yet assembled -> (its Placement, next position): the
+        batch writes it straight into its own buffers."""
+        valid = _valid_tokens(blocks)
+        span = len(blocks) if self.scheme == "consecutive" else min(len(blocks), 1)
+        write = functools.partial(self._write_blocks, blocks, valid, chunk_tokens)
+        return Placement(1 + sum(valid), write, self.sink_kv[0]), 1 + span * chunk_tokens
+
+    def _write_blocks(self, blocks, valid: list[int], chunk_tokens: int, keys, values) -> None:
+        """The sink and the blocks' entries, dequantised and moved to their places, into keys, values [L, H, S, D]."""
         rotaries = layer_rotaries(self.model)
         sink_k, sink_v = self.sink_kv  # [L, 1, H, 1, D]
-        valid = _valid_tokens(blocks)
-        end = 1 + sum(valid)
-        keys = sink_k.new_empty(*sink_k.shape[:3], end + room, sink_k.shape[4])  # [L, 1, H, end + room, D]
-        values = sink_v.new_empty(*sink_v.shape[:3], end + room, sink_v.shape[4])
-        keys[:, :, :, :1], values[:, :, :, :1] = sink_k, sink_v
+        keys[:, :, :1], values[:, :, :1] = sink_k[:, 0], sink_v[:, 0]
         coded = self._decode_codes(blocks, valid) if self.codec is not None else None
         at = 1
         for j, (block, n_valid) in enumerate(zip(blocks, valid)):
@@ -195,10 +209,8 @@ class MemoryDecoder:
                 kt = rerotate_layers(kt, delta, rotaries, 0)
             if self.block_key_scale != 1.0:
                 kt = kt * self.block_key_scale
-            keys[:, 0, :, at : at + n_valid], values[:, 0, :, at : at + n_valid] = kt, vt  # cast to the cache's dtype
+            keys[:, :, at : at + n_valid], values[:, :, at : at + n_valid] = kt, vt  # cast to the cache's dtype
             at += n_valid
-        span = len(blocks) if self.scheme == "consecutive" else min(len(blocks), 1)
-        return cache_of(keys, values, end), 1 + span * chunk_tokens
 
     def _decode_codes(self, blocks, valid: list[int]):
         """The valid tokens of every block decoded at once (codec.py) -> per block keys before RoPE, values
@@ -277,9 +289,9 @@ class MemoryDecoder:
             out = []
             for (question, blocks, chunk_tokens, max_new, *bias), stop in zip(work, row_stops):
                 started.append(time.perf_counter())
-                cache, start = self.build_cache(blocks, chunk_tokens)
+                cache, start = self.place(blocks, chunk_tokens)
                 prompt = self._prompt(question)
-                contexts.append(cache.get_seq_length())
+                contexts.append(cache.length)
                 prompt_tokens.append(len(prompt))
                 texts.append(TextStream(self.tokenizer))
                 first.append(None)

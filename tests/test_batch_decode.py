@@ -150,6 +150,27 @@ def test_batch_cache_writes_steps_in_place_and_matches_concatenation():
     assert cache.get_seq_length() == 4
 
 
+def test_a_placed_row_is_written_into_the_batch_buffers_as_its_cache_would_be_copied():
+    """A row's memory as a Placement (written straight into the batch's buffers, which start uninitialised) gives
+    the batch cache that copying its assembled cache in gives, left padding zeros included, beside a row that
+    was assembled already."""
+    from engram.decoder.batch import Placement, _buffers
+
+    torch.manual_seed(1)
+    a, b = torch.randn(2, 1, 3, 5, 4), torch.randn(2, 1, 3, 7, 4)  # [L, 1, H, S, D]: two layers
+
+    def write(keys, values):  # [L, H, 5, D]
+        keys[:], values[:] = a[:, 0], -a[:, 0]
+
+    for _ in range(3):  # fresh buffers each time: left over memory must never show through the padding
+        placed = _buffers([[(x, -x) for x in b], Placement(5, write, a[:, :, :, :1])], 7, 3)
+        copied = _buffers([[(x, -x) for x in b], [(x, -x) for x in a]], 7, 3)
+        for got, want in zip(placed.layers, copied.layers):
+            torch.testing.assert_close(got.keys, want.keys, atol=0, rtol=0)
+            torch.testing.assert_close(got.values, want.values, atol=0, rtol=0)
+            assert not got.keys[1, :, :2].any()  # the placed row's padding
+
+
 def test_retrieval_bias_reads_a_block_faintly_and_batches_as_alone(smol):
     """block_bias (ask.retrieval_bias): a bias of -1e9 on a block's tokens answers exactly as if that block were
     masked out by a plain 2D attention mask (the 4D mask's causal part and positions are right, in the prefill and
@@ -238,3 +259,31 @@ def test_no_deprecated_cache_keyword(smol):
         asks = [("The pass key is", blocks, 64, 2), ("What is the pass key?", blocks, 64, 2)]
         answered = {row for row, part in dec.answer_batch(asks, [lambda: False] * 2) if not isinstance(part, str)}
     assert answered == {0, 1}
+
+
+def test_the_batching_worker_loads_its_model_apart_from_its_batch_thread(monkeypatch):
+    """The model is loaded in the constructor's thread, not in the batch thread that decodes (tried: one thread for
+    every torch op makes libgomp's workers spin between parallel regions; 1.5x faster on idle cores, but under
+    `engram load` on 2 shared cores they starved the shards and encoders, 5.1-5.2 vs 6.3-6.5 asks/s; BENCHMARKS.md
+    "Batched answers under load")."""
+    import threading
+
+    from engram.workers import decoder_worker
+
+    threads: dict[str, int] = {}
+    load = decoder_worker.decoder_model.load
+
+    def loading(cfg):
+        threads["load"] = threading.get_ident()
+        return load(cfg)
+
+    class Watched(decoder_worker.MemoryDecoder):
+        def answer_batch(self, *args, **kwargs):
+            threads["batch"] = threading.get_ident()
+            yield from super().answer_batch(*args, **kwargs)
+
+    monkeypatch.setattr(decoder_worker.decoder_model, "load", loading)
+    monkeypatch.setattr(decoder_worker, "MemoryDecoder", Watched)
+    worker = decoder_worker.DecoderWorker(DecoderConfig(threads=2), "consecutive", "float16", max_batch=4)
+    assert worker.answer("Count: one, two, three,", 64, 3, []).text
+    assert threads["load"] == threading.get_ident() != threads["batch"], threads

@@ -17,3 +17,5 @@ def test_short_load(service):
     assert len(rep.stages["total_s"]) == s["ask"]["count"]
     assert 0 < stages["ttft_s"] <= stages["total_s"] <= s["ask"]["p99_s"]
     assert min(stages["embed_s"], stages["retrieve_s"], stages["fetch_s"]) > 0
+    tails = s["ask_stages_p99_s"]
+    assert all(tails[k] >= stages[k] for k in stages) and tails["total_s"] <= s["ask"]["p99_s"] + 1.0

@@ -31,6 +31,8 @@ class LoadReport:
             }
         if self.stages:  # where an ask's time went, as the server measured it (medians): queueing shows here
             out["ask_stages_p50_s"] = {k: round(float(np.median(v)), 3) for k, v in self.stages.items()}
+            # the slowest asks' stages, each at its own 99th percentile: which stage the tail comes from
+            out["ask_stages_p99_s"] = {k: round(float(np.percentile(v, 99)), 3) for k, v in self.stages.items()}
         return out
 
 

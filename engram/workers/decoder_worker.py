@@ -74,24 +74,21 @@ class DecoderWorker:
         self.cfg, self.join_running = cfg, join_running
         if not cfg.threads:  # Ray caps threads of actors that reserve no CPU; the decoder may use the node's cores
             cfg = dataclasses.replace(cfg, threads=os.cpu_count() or 1)
-        options = (cfg, position_scheme, kv_dtype, kv_codec, codec_digest, block_key_scale)
+        # Loaded here, in the constructor's thread, not in the batch thread that decodes: torch's OpenMP then keeps
+        # two thread teams, and libgomp, counting more threads than cores, sleeps between parallel regions instead of
+        # spinning. On idle cores that is slower (16 asks through the worker 1.26 s vs 0.82 s with the model loaded in
+        # the batch thread), but under `engram load` on 2 shared cores the spinning workers starve the shards and
+        # encoders: 5.1-5.2 vs 6.3-6.5 asks/s (BENCHMARKS.md "Batched answers under load").
+        model, tokenizer = decoder_model.load(cfg)
+        codec = load_codec(kv_codec, cfg.model, codec_digest) if kv_dtype == "codec" else None
+        self.decoder = MemoryDecoder(
+            model, tokenizer, cfg.question_template, position_scheme, kv_dtype, codec, block_key_scale
+        )
         self.answered = 0  # answers produced since start (a cancelled ask never counts)
         self.batches: collections.deque[int] = collections.deque(maxlen=4096)  # recent batch sizes (tests, benches)
         self.max_batch, self.pending, self.lock = max_batch, queue.Queue(), threading.Lock()
-        if max_batch == 1:
-            self.decoder = _load(*options)
-            return
-        # The batch thread owns the model, loading it too: every torch op of this worker then runs in that one
-        # thread. A second thread that ran torch (this one, loading) leaves OpenMP a second thread team; libgomp
-        # then counts more threads than cores and stops spinning between parallel regions, so each op waits for
-        # its workers to wake: a 16-ask batch took 1.16 s instead of 0.80 (BENCHMARKS.md "Batched answers under
-        # load").
-        loaded: queue.Queue = queue.Queue()
-        threading.Thread(target=self._batch_loop, args=(options, loaded), daemon=True, name="decoder-batches").start()
-        out = loaded.get()
-        if isinstance(out, BaseException):
-            raise out
-        self.decoder = out
+        if max_batch > 1:
+            threading.Thread(target=self._batch_loop, daemon=True, name="decoder-batches").start()
 
     def answers(self) -> int:
         return self.answered
@@ -197,16 +194,9 @@ class DecoderWorker:
             if isinstance(part, Answer):
                 return
 
-    def _batch_loop(self, options: tuple, loaded: queue.Queue) -> None:
-        """Load the decoder (handed back through `loaded`), then: take every ask waiting (up to max_batch) and
-        decode them together, letting asks that arrive meanwhile join between steps (continuous batching); the RAG
-        baseline alone, between batches."""
-        try:
-            self.decoder = _load(*options)
-        except BaseException as exc:  # the constructor raises it
-            loaded.put(exc)
-            return
-        loaded.put(self.decoder)
+    def _batch_loop(self) -> None:
+        """Take every ask waiting (up to max_batch) and decode them together, letting asks that arrive meanwhile
+        join between steps (continuous batching); the RAG baseline alone, between batches."""
         while True:
             asks = [self.pending.get()]
             while len(asks) < self.max_batch:
@@ -270,12 +260,6 @@ class DecoderWorker:
         except Exception as exc:  # every caller of the batch hears of it
             for a in asks:
                 a.out.put(exc)
-
-
-def _load(cfg, position_scheme, kv_dtype, kv_codec, codec_digest, block_key_scale) -> MemoryDecoder:
-    model, tokenizer = decoder_model.load(cfg)
-    codec = load_codec(kv_codec, cfg.model, codec_digest) if kv_dtype == "codec" else None
-    return MemoryDecoder(model, tokenizer, cfg.question_template, position_scheme, kv_dtype, codec, block_key_scale)
 
 
 def _decoded(out) -> Decoded | None:

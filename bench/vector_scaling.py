@@ -14,7 +14,12 @@ whether both return the same top 4.
     python bench/vector_scaling.py shard --chunks 4k 16k 39k 195k 390k --out bench/results/vector_scaling_shard
 
 Synthetic vectors: clusters of ~100 (intra-cluster cosine ~0.5), queries a stored window plus noise (cosine ~0.6
-with it) — closer to sentence embeddings than uniform random vectors, which no ANN index handles well.
+with it) — closer to sentence embeddings than uniform random vectors, which no ANN index handles well. With
+`--like latents.npy` (real MiniLM windows, `bench/distinct_retrieval.py --save-latents`) they are drawn like those
+instead (fit_like: clusters, centres and offsets with the real covariances), as many as asked; `--vectors` the same
+file at its own size checks that the index finds the same recall on both:
+
+    python bench/vector_scaling.py index --like latents.npy --sizes 300k 1M 3M --out bench/results/vector_scaling_like
 """
 
 from __future__ import annotations
@@ -46,6 +51,36 @@ def clustered(n: int, rng: np.random.Generator, block: int = 500_000) -> np.ndar
     return out
 
 
+def fit_like(real: np.ndarray, per_cluster: int = 30) -> tuple:
+    """What `like` draws from, fitted to real window vectors: k-means clusters of ~per_cluster windows, a Gaussian of
+    their centres and one of the windows' offsets from their centre (Ledoit-Wolf covariances: the spectrum of real
+    sentence embeddings, which falls fast, where `clustered`'s noise is the same in all 384 directions)."""
+    import faiss
+    from sklearn.covariance import LedoitWolf
+
+    x = real / np.linalg.norm(real, axis=1, keepdims=True)
+    km = faiss.Kmeans(DIM, max(1, len(x) // per_cluster), niter=20, seed=0)
+    km.train(x)
+    assign = km.index.search(x, 1)[1][:, 0]
+    centres = LedoitWolf().fit(km.centroids)
+    offsets = LedoitWolf(assume_centered=True).fit(x - km.centroids[assign])
+    chol = lambda c: np.linalg.cholesky(c.covariance_).astype(np.float32)
+    return centres.location_.astype(np.float32), chol(centres), chol(offsets), per_cluster
+
+
+def like(n: int, rng: np.random.Generator, fit: tuple, block: int = 500_000) -> np.ndarray:
+    """[n, DIM] float32 unit vectors drawn like the real ones `fit` was fitted to (fit_like), as many as asked."""
+    mean, centre_chol, offset_chol, per_cluster = fit
+    centres = mean + rng.standard_normal((max(1, n // per_cluster), DIM)).astype(np.float32) @ centre_chol.T
+    out = np.empty((n, DIM), dtype=np.float32)
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        x = centres[rng.integers(0, len(centres), e - s)]
+        x += rng.standard_normal((e - s, DIM)).astype(np.float32) @ offset_chol.T
+        out[s:e] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
 def queries(vectors: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
     q = vectors[rng.integers(0, len(vectors), count)] + 0.07 * rng.standard_normal((count, DIM)).astype(np.float32)
     return q / np.linalg.norm(q, axis=1, keepdims=True)
@@ -67,11 +102,15 @@ def bench_index(a) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
     real = np.load(a.vectors).astype(np.float32) if a.vectors else None
+    fit = fit_like(np.load(a.like).astype(np.float32)) if a.like else None
     for n in map(parse_n, a.sizes):
         if real is not None:  # real window vectors (bench/distinct_retrieval.py --save-latents): as many as there are
             n = min(n, len(real))
         n -= n % WINDOWS
-        vectors = clustered(n, rng) if real is None else real[:n] / np.linalg.norm(real[:n], axis=1, keepdims=True)
+        if real is not None:
+            vectors = real[:n] / np.linalg.norm(real[:n], axis=1, keepdims=True)
+        else:
+            vectors = like(n, rng, fit) if fit is not None else clustered(n, rng)
         qs = queries(vectors, a.queries, rng)
         truth = [exact_top(vectors, q, 16).tolist() for q in qs]  # best first
         chunks = n // WINDOWS
@@ -233,6 +272,7 @@ def main():
     p.add_argument("--hnsw-max", type=parse_n, default=1_000_000, help="... and up to this many (slow to build)")
     p.add_argument("--numpy-max", type=parse_n, default=1_000_000, help="the float64 scan only up to this size")
     p.add_argument("--vectors", default="", help="real vectors (.npy) instead of synthetic ones")
+    p.add_argument("--like", default="", help="synthetic vectors drawn like these real ones (.npy; fit_like)")
     p.add_argument("--out", default="")
     a = p.parse_args()
     rows = bench_index(a) if a.part == "index" else bench_shard(a)

@@ -87,6 +87,27 @@ def test_latents_come_back_by_chunk_row_as_float16(factory):
     assert v.latents(np.array([], dtype=np.int64)).shape == (0, 3, 16)
 
 
+def test_the_ivf_index_is_rebuilt_as_it_doubles():
+    """Past the threshold the IVF index is rebuilt each time the vectors it holds double, so its cells stay
+    sqrt(n) of what it holds (fixed cells would each fill linearly, and with them a search's time); the rebuilt
+    index still finds the exact best chunk and gives every chunk's latents back."""
+    import faiss
+
+    rng = np.random.default_rng(5)
+    latents = unit(rng, 1200, 3, 16)
+    v = NamespaceVectors(16, VectorConfig(ann_min_vectors=600, ann_params="nprobe=64"))
+    cells = []
+    for part in np.split(np.arange(1200), 8):  # 450 vectors per add
+        v.add(part, latents[part])
+        cells.append(faiss.extract_index_ivf(v.index).nlist if v.ann else 0)
+    # built at 900 vectors (30 cells), rebuilt at 1,800 (42) and at 3,600 (60); each add in between only adds
+    assert cells == [0, 30, 30, 42, 42, 42, 42, 60] and v.index.ntotal == 3600
+    alive = np.ones(1200, dtype=bool)
+    for i in (3, 700, 1199):
+        assert v.search(latents[i, 1], 1, alive)[0] == i
+    np.testing.assert_allclose(v.latents(np.arange(1200)), latents, atol=2e-3)
+
+
 def test_a_wrong_ann_setting_fails_at_start():
     with pytest.raises(ValueError, match="not a FAISS index"):
         VectorConfig(ann_factory="IVF{cells},Nonsense")

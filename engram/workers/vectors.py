@@ -27,13 +27,14 @@ import numpy as np
 
 @dataclass
 class VectorConfig:
-    # Exact search (float16 flat) below this many window vectors per namespace and shard; the ANN index above.
-    # 0 = always exact: the default, since no ANN index measured >= 0.99 recall of the exact top-k at a useful
-    # speed-up on 2 cores, while exact search stays far under the old full scan (bench/vector_scaling.py,
-    # BENCHMARKS.md "Retrieval at scale").
-    ann_min_vectors: int = 0
+    # Exact search (float16 flat) below this many window vectors per namespace and shard; the ANN index above
+    # (0 = always exact). On vectors drawn like real MiniLM windows (bench/vector_scaling.py --like), IVF with
+    # sqrt(n) cells and 512 probed holds the exact top 4 for 0.999 of queries at 1M vectors (50 vs 78 ms exact) and
+    # 0.994 at 3M (87 vs 230 ms): its time grows as sqrt(n), the exact scan's as n. Below 1M exact search is fast
+    # enough and IVF's gain small (BENCHMARKS.md "Retrieval at scale").
+    ann_min_vectors: int = 1_000_000
     ann_factory: str = "IVF{cells},SQfp16"  # FAISS index_factory string; {cells}: sqrt(vectors held), for IVF
-    ann_params: str = "nprobe=64"  # FAISS search parameters (ParameterSpace syntax: "nprobe=64", "efSearch=128")
+    ann_params: str = "nprobe=512"  # FAISS search parameters (ParameterSpace syntax: "nprobe=64", "efSearch=128")
     exact_below_chunks: int = 4096  # a namespace with fewer chunks on the shard is scored whole (no index needed)
 
     def __post_init__(self):
@@ -66,6 +67,7 @@ class NamespaceVectors:
         self.chunks = 0  # chunk rows (live or not)
         self.windows = 1  # R vectors per chunk row: vectors chunk*R .. chunk*R + R - 1 are its windows
         self.ann = False
+        self.built_at = 0  # vectors the ANN index was built from: rebuilt once it holds twice as many
 
     def add(self, rows: np.ndarray, latents: np.ndarray) -> None:
         """rows [n] chunk rows (ascending, past every row held), latents [n, R, C] their window latents."""
@@ -79,14 +81,17 @@ class NamespaceVectors:
         self.count += n * windows
         self.chunks += n
         vectors = np.ascontiguousarray(latents.reshape(-1, self.dim), dtype=np.float32)
-        if not self.ann and self.cfg.ann_min_vectors and self.count >= self.cfg.ann_min_vectors:
+        if self.cfg.ann_min_vectors and self.count >= max(self.cfg.ann_min_vectors, 2 * self.built_at):
+            # first past the threshold, then at each doubling: IVF's cells stay sqrt(n) of what it holds, so a
+            # search's time keeps growing as sqrt(n) (cells fixed at the first build would each fill up linearly)
             self._to_ann(vectors)
         else:
             self.index.add(vectors)
 
     def _to_ann(self, new: np.ndarray) -> None:
         """Past ann_min_vectors: the ANN index, trained (if it needs it) on a sample of every vector held, then all
-        of them added. Once per namespace and shard (and again when a restart rebuilds the index)."""
+        of them added. Once per namespace and shard past the threshold, again each time the vectors held double
+        (amortised: each vector is re-added at most about once more), and when a restart rebuilds the index."""
         if self.index.ntotal:
             vectors = np.concatenate([self.index.reconstruct_n(0, self.index.ntotal).astype(np.float32), new])
         else:
@@ -101,7 +106,7 @@ class NamespaceVectors:
         ivf = faiss.try_extract_index_ivf(ann)
         if ivf is not None:  # an IVF index gives vectors back by id only with a direct map
             ivf.make_direct_map()
-        self.index, self.ann = ann, True
+        self.index, self.ann, self.built_at = ann, True, len(vectors)
 
     def latents(self, rows: np.ndarray) -> np.ndarray | None:
         """[n, R, C] float32 the window vectors of these chunk rows, as the index holds them (float16 values);

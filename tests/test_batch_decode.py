@@ -159,8 +159,8 @@ def test_a_placed_row_is_written_into_the_batch_buffers_as_its_cache_would_be_co
     torch.manual_seed(1)
     a, b = torch.randn(2, 1, 3, 5, 4), torch.randn(2, 1, 3, 7, 4)  # [L, 1, H, S, D]: two layers
 
-    def write(keys, values):  # [L, H, 5, D]
-        keys[:], values[:] = a[:, 0], -a[:, 0]
+    def write(keys, values):  # [L, 1, H, 5, D]
+        keys[:], values[:] = a, -a
 
     for _ in range(3):  # fresh buffers each time: left over memory must never show through the padding
         placed = _buffers([[(x, -x) for x in b], Placement(5, write, a[:, :, :, :1])], 7, 3)

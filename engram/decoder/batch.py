@@ -23,14 +23,15 @@ from .model import with_cache
 
 @dataclass
 class Placement:
-    """A row's memory cache not yet assembled: `length` entries that write(keys, values) puts into destinations
-    [L, H, length, D] — the batch's own buffers, so a row's cache is never built apart and then copied in (at 16
-    rows of ~520 entries, zero-filling and copying the rows into the batch's buffers took a tenth of the batch's
-    time; BENCHMARKS.md "Batched answers under load")."""
+    """Rows' memory caches not yet in the batch's buffers: `length` entries per row that write(keys, values) puts
+    into destinations [L, rows, H, length, D] — the batch's own buffers, so a new row's cache is never built apart
+    and then copied in (at 16 rows of ~520 entries, zero-filling and copying the rows into the batch's buffers took
+    a tenth of the batch's time; BENCHMARKS.md "Batched answers under load")."""
 
     length: int
     write: Callable[[torch.Tensor, torch.Tensor], None]
     like: torch.Tensor  # [L, 1, H, 1, D]: the entries' layers, heads, head dim, dtype and device
+    rows: int = 1
 
     def get_seq_length(self) -> int:
         return self.length
@@ -38,11 +39,11 @@ class Placement:
 
 @dataclass
 class Row:
-    """One ask as the batch takes it: its memory (a Placement, or an assembled cache [1, H, S, D] per layer), its
-    question's token ids, the position the question starts at, how many tokens it may generate, stop() (its
-    caller gave up), and optionally a bias on its logits to each cache entry."""
+    """One ask as the batch takes it: its memory (a Placement of one row), its question's token ids, the position
+    the question starts at, how many tokens it may generate, stop() (its caller gave up), and optionally a bias on
+    its logits to each cache entry."""
 
-    cache: object
+    cache: Placement
     prompt: list[int]
     start: int
     max_new_tokens: int
@@ -72,8 +73,8 @@ class _Batch:
             lengths = [r.cache.get_seq_length() for r in new]
             n = max(lengths + ([mask.shape[1]] if running else []))
             room = q + max(r.max_new_tokens for r in [*new, *self.rows.values()])  # growing past it copies
-            parts = [_layers(self.cache)] if running else []
-            parts += [r.cache if isinstance(r.cache, Placement) else _layers(r.cache) for r in new]
+            parts = [_copied([(layer.keys, layer.values) for layer in self.cache.layers])] if running else []
+            parts += [r.cache for r in new]
             self.cache = _buffers(parts, n, room)
             masks = ([mask] if running else []) + [torch.ones(1, m, dtype=torch.long, device=device) for m in lengths]
             mask = torch.cat([_left_pad(m, n, 1) for m in masks])
@@ -208,31 +209,30 @@ def _left_pad(x: torch.Tensor, n: int, dim: int = 2) -> torch.Tensor:
     return torch.cat([x.new_zeros(shape), x], dim)
 
 
-def _layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
+def _copied(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Placement:
+    """Caches already assembled (per layer (keys, values) [b, H, S, D]: the running batch's) as a Placement."""
+    k0 = layers[0][0]
+    like = k0[:1, :, :1][None].expand(len(layers), -1, -1, -1, -1)  # [L, 1, H, 1, D], no copy
+
+    def write(keys: torch.Tensor, values: torch.Tensor) -> None:  # [L, b, H, S, D]
+        for i, (k, v) in enumerate(layers):
+            keys[i], values[i] = k, v
+
+    return Placement(k0.shape[2], write, like, k0.shape[0])
 
 
 def _buffers(parts: list, n: int, room: int) -> Cache:
     """Several rows' caches stacked into one batch cache of BufferLayer: each left-padded with zeros to n entries,
-    then `room` free entries after them (uninitialised: each is written before it is read). A part is a cache's
-    per-layer (keys, values) [b, H, S, D], or a Placement (one row), written straight into its place."""
-    first = parts[0]
-    layers = first.like.shape[0] if isinstance(first, Placement) else len(first)
-    head = first.like[0, 0] if isinstance(first, Placement) else first[0][0][0]  # [H, ., D]
-    rows = sum(1 if isinstance(p, Placement) else p[0][0].shape[0] for p in parts)
-    kb = head.new_empty(layers, rows, head.shape[0], n + room, head.shape[2])  # [L, B, H, n + room, D]
-    vb = head.new_empty(kb.shape)
+    then `room` free entries after them (uninitialised: each is written before it is read). A part is a Placement,
+    written straight into its place, or a cache's per-layer (keys, values) [b, H, S, D], copied in."""
+    parts = [p if isinstance(p, Placement) else _copied(p) for p in parts]
+    like = parts[0].like  # [L, 1, H, 1, D]
+    shape = (like.shape[0], sum(p.rows for p in parts), like.shape[2], n + room, like.shape[4])
+    kb, vb = like.new_empty(shape), like.new_empty(shape)  # [L, B, H, n + room, D]
     row = 0
     for p in parts:
-        if isinstance(p, Placement):
-            pad = n - p.length
-            kb[:, row, :, :pad], vb[:, row, :, :pad] = 0, 0
-            p.write(kb[:, row, :, pad:n], vb[:, row, :, pad:n])
-            row += 1
-            continue
-        b, pad = p[0][0].shape[0], n - p[0][0].shape[2]
-        for i, (k, v) in enumerate(p):
-            kb[i, row : row + b, :, :pad], vb[i, row : row + b, :, :pad] = 0, 0
-            kb[i, row : row + b, :, pad:n], vb[i, row : row + b, :, pad:n] = k, v
-        row += b
-    return Cache(layers=[BufferLayer(kb[i], vb[i], n) for i in range(layers)])
+        rows, pad = slice(row, row + p.rows), n - p.length
+        kb[:, rows, :, :pad], vb[:, rows, :, :pad] = 0, 0
+        p.write(kb[:, rows, :, pad:n], vb[:, rows, :, pad:n])
+        row += p.rows
+    return Cache(layers=[BufferLayer(kb[i], vb[i], n) for i in range(shape[0])])

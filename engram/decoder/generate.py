@@ -173,7 +173,7 @@ class MemoryDecoder:
         end, like = placed.length, placed.like
         keys = like.new_empty(*like.shape[:3], end + room, like.shape[4])  # [L, 1, H, end + room, D]
         values = like.new_empty(keys.shape)
-        placed.write(keys[:, 0, :, :end], values[:, 0, :, :end])
+        placed.write(keys[:, :, :, :end], values[:, :, :, :end])
         return cache_of(keys, values, end), next_pos
 
     def place(self, blocks: list[dict[str, np.ndarray]], chunk_tokens: int) -> tuple[Placement, int]:
@@ -185,10 +185,11 @@ class MemoryDecoder:
         return Placement(1 + sum(valid), write, self.sink_kv[0]), 1 + span * chunk_tokens
 
     def _write_blocks(self, blocks, valid: list[int], chunk_tokens: int, keys, values) -> None:
-        """The sink and the blocks' entries, dequantised and moved to their places, into keys, values [L, H, S, D]."""
+        """The sink and the blocks' entries, dequantised and moved to their places, into keys, values
+        [L, 1, H, S, D]."""
         rotaries = layer_rotaries(self.model)
         sink_k, sink_v = self.sink_kv  # [L, 1, H, 1, D]
-        keys[:, :, :1], values[:, :, :1] = sink_k[:, 0], sink_v[:, 0]
+        keys[:, :, :, :1], values[:, :, :, :1] = sink_k, sink_v
         coded = self._decode_codes(blocks, valid) if self.codec is not None else None
         at = 1
         for j, (block, n_valid) in enumerate(zip(blocks, valid)):
@@ -209,7 +210,7 @@ class MemoryDecoder:
                 kt = rerotate_layers(kt, delta, rotaries, 0)
             if self.block_key_scale != 1.0:
                 kt = kt * self.block_key_scale
-            keys[:, :, at : at + n_valid], values[:, :, at : at + n_valid] = kt, vt  # cast to the cache's dtype
+            keys[:, 0, :, at : at + n_valid], values[:, 0, :, at : at + n_valid] = kt, vt  # cast to the cache's dtype
             at += n_valid
 
     def _decode_codes(self, blocks, valid: list[int]):
@@ -289,14 +290,14 @@ class MemoryDecoder:
             out = []
             for (question, blocks, chunk_tokens, max_new, *bias), stop in zip(work, row_stops):
                 started.append(time.perf_counter())
-                cache, start = self.place(blocks, chunk_tokens)
+                placed, start = self.place(blocks, chunk_tokens)
                 prompt = self._prompt(question)
-                contexts.append(cache.length)
+                contexts.append(placed.length)
                 prompt_tokens.append(len(prompt))
                 texts.append(TextStream(self.tokenizer))
                 first.append(None)
                 out.append(
-                    Row(cache, prompt, start, max_new, stop, self.memory_bias(blocks, bias[0] if bias else None))
+                    Row(placed, prompt, start, max_new, stop, self.memory_bias(blocks, bias[0] if bias else None))
                 )
             return out
 

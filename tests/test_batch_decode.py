@@ -242,6 +242,55 @@ def test_retrieval_bias_reads_a_block_faintly_and_batches_as_alone(smol):
         assert got[r].token_ids == want_answer.token_ids, (r, got[r].text, want_answer.text)
 
 
+@pytest.mark.parametrize("matmul_dtype, atol", [("float32", 1e-3), ("bfloat16", 1.0)])
+def test_a_batched_row_computes_the_logits_it_computes_alone_up_to_rounding(matmul_dtype, atol):
+    """Each step's logits of a row beside others (longer memory, a longer question, a retrieval bias, a row that
+    joins later) against the same row alone, both fed the same tokens: float32 to 1e-3 of a logit (measured 2e-5);
+    with bf16 matmuls the batch's make-up moves a logit by up to ~0.5 (measured 0.1-0.5), so a greedy near-tie can
+    flip (BENCHMARKS.md "Batched answers and rounding"). A wrong mask, position or cache row is off by far more."""
+    from engram.decoder.batch import Row, _Batch
+
+    model, tok = load(DecoderConfig(threads=2, matmul_dtype=matmul_dtype))
+    layout = BlockLayout.of(model.config, 64, 0, "int4")
+    dec = MemoryDecoder(model, tok, kv_dtype="int4")
+    ids = lambda text: tok(text, add_special_tokens=False).input_ids
+    filler = ids("The grass is green. The sky is blue. " * 12)[:64]
+    key = kv.blocks_of(
+        kv.encode_chunks(model, dec.sink_id, [(filler[:20] + ids("The pass key is 64290.") + filler)[:64]], layout)
+    )
+    plain = kv.blocks_of(kv.encode_chunks(model, dec.sink_id, [filler], layout))
+    logits = []
+    model.register_forward_hook(lambda m, i, out: logits.append(out.logits[:, -1].float()))
+
+    def row(question, blocks, bias=None):
+        placed, start = dec.place(blocks, 64)
+        return Row(placed, dec._prompt(question), start, 16, lambda: False, dec.memory_bias(blocks, bias))
+
+    def run(rows, later, tokens):  # row 0 fed `tokens` (None: its own greedy ones); `later` joins after step 2
+        logits.clear()
+        batch = _Batch()
+        with torch.inference_mode():
+            batch.forward(model, rows, list(range(len(rows))))
+            for step in range(8):
+                if tokens is not None:
+                    batch.token[0] = tokens[step]
+                fed = int(batch.token[0])
+                new = later if step == 2 else []
+                batch.forward(model, new, list(range(len(batch.ids), len(batch.ids) + len(new))))
+                yield fed
+
+    mine = lambda: row("What is the pass key? The pass key is", plain + key)
+    fed = list(run([mine()], [], None))
+    alone = [x[0] for x in logits]
+    others = [row("Tell me: what is the pass key that you were told to remember? The pass key is", key + plain + plain)]
+    list(run([mine(), *others], [row("The pass key is", key, [-2.0])], fed))
+    together = [x[0] for x in logits]
+    assert len(together) == len(alone) == 9
+    for step, (a, b) in enumerate(zip(alone, together)):
+        torch.testing.assert_close(b, a, atol=atol, rtol=0, msg=f"step {step}")
+    assert "64290" in tok.decode(fed)
+
+
 def test_no_deprecated_cache_keyword(smol):
     """transformers 5.2x renamed the forward's `past_key_values` to `cache` and warns (FutureWarning) at the first
     call of each process — once per actor, into the demo's terminal. Encoding, one ask and a batch use the name

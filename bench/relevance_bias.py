@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
+from block_scales import BlockScaled, block_scaled
 from kv_codec import distinct_blocks, distinct_facts, encode, niah_blocks, passkey_blocks, stored, tally
 
 from engram.coordinator.ask import Retrieved, arrange, block_biases
@@ -61,7 +62,12 @@ def window_scores(embedder, tok, question: str, chunks) -> np.ndarray:
 
 def storage(model, tok, rot, name: str):
     """--storage name -> what `stored` takes: a dtype, or a codec at name's bits per value (calibrated once here;
-    codec+gain: each token's vector norm per (keys|values, layer pair) stored apart, in fp16, within the budget)."""
+    codec+gain: each token's vector norm per (keys|values, layer pair) stored apart, in fp16, within the budget;
+    codec+block:BITS:M: each block's mean and spread on the top M components stored apart, bench/block_scales.py)."""
+    if name.startswith("codec+block:"):
+        keys, cal = calibration(model, tok, rot, False)
+        bits, m = name.split(":")[1:]
+        return block_scaled(cal, float(bits), int(m), keys[0].numel() * 2, T)
     if not name.startswith(("codec:", "codec+gain:")):
         return name
     keys, cal = calibration(model, tok, rot, name.startswith("codec+gain:"))
@@ -81,6 +87,8 @@ def calibration(model, tok, rot, gain: bool, _fitted={}):  # noqa: B006 - fitted
 
 
 def reader(model, tok, variant) -> MemoryDecoder:
+    if isinstance(variant, BlockScaled):
+        return MemoryDecoder(model, tok, kv_dtype="float16")
     if isinstance(variant, kvc.Codec):
         return MemoryDecoder(model, tok, kv_dtype="codec", codec=variant)
     return MemoryDecoder(model, tok, kv_dtype=variant)
@@ -149,6 +157,12 @@ def main():
     model, tok = load(DecoderConfig())
     rot = layer_rotaries(model)
     storages = {s: storage(model, tok, rot, s) for s in args.storage}
+    for s, v in storages.items():
+        if isinstance(v, BlockScaled):
+            scales = v.scale_bytes_per_block() / T
+            print(
+                f"{s}: {v.bytes_per_token(T):.0f} K/V bytes per token (codes {v.codec.row_bytes}, scales {scales:.0f})"
+            )
     readers = {s: reader(model, tok, v) for s, v in storages.items()}
     dec = readers[args.storage[0]]
     embedder = Embedder("minilm")
@@ -171,7 +185,7 @@ def main():
             gap = list(scores - scores.max())
         batch, out = encode(model, dec, chunks), {}
         for s, v in storages.items():
-            blocks = stored(batch, v, rot, order)
+            blocks = v.stored(batch, rot, order) if isinstance(v, BlockScaled) else stored(batch, v, rot, order)
             for lam in args.lambdas:
                 out[way(s, lam, len(storages))] = answer_biased(
                     readers[s], question, blocks, [lam * g for g in gap], max_new

@@ -52,6 +52,7 @@ def test_ann_past_its_threshold_keeps_the_exact_top_k(factory, params):
     v.add(np.arange(2000), latents[:2000])
     assert not v.ann
     v.add(np.arange(2000, n), latents[2000:])
+    v.wait()  # built in the background
     assert v.ann and v.index.ntotal == 3 * n
     alive = np.ones(n, dtype=bool)
     found = []
@@ -76,6 +77,7 @@ def test_latents_come_back_by_chunk_row_as_float16(factory):
     rows = np.arange(0, 600, 2)  # the namespace's chunk rows: every other row of the shard
     v.add(rows[:150], latents[:150])
     v.add(rows[150:], latents[150:])
+    v.wait()
     assert v.ann == bool(factory)
     pick = np.array([7, 299, 0, 150])
     want = latents[pick].astype(np.float16).astype(np.float32)
@@ -99,6 +101,7 @@ def test_the_ivf_index_is_rebuilt_as_it_doubles():
     cells = []
     for part in np.split(np.arange(1200), 8):  # 450 vectors per add
         v.add(part, latents[part])
+        v.wait()
         cells.append(faiss.extract_index_ivf(v.index).nlist if v.ann else 0)
     # built at 900 vectors (30 cells), rebuilt at 1,800 (42) and at 3,600 (60); each add in between only adds
     assert cells == [0, 30, 30, 42, 42, 42, 42, 60] and v.index.ntotal == 3600
@@ -106,6 +109,43 @@ def test_the_ivf_index_is_rebuilt_as_it_doubles():
     for i in (3, 700, 1199):
         assert v.search(latents[i, 1], 1, alive)[0] == i
     np.testing.assert_allclose(v.latents(np.arange(1200)), latents, atol=2e-3)
+
+
+def test_the_ann_index_is_built_in_the_background_while_the_exact_index_serves(monkeypatch):
+    """Crossing the threshold starts the build and returns (a commit once waited ~7 s for it at 1M vectors): until
+    the build is done, searches are exact over everything added, the vectors added meanwhile included; then the ANN
+    index serves them too. A failed build leaves the exact index serving."""
+    import threading
+
+    from engram.workers import vectors as vx
+
+    rng = np.random.default_rng(6)
+    latents = unit(rng, 1000, 3, 16)
+    release, real = threading.Event(), vx.build_ann
+    monkeypatch.setattr(vx, "build_ann", lambda *a: release.wait(30) and real(*a))
+    v = NamespaceVectors(16, VectorConfig(ann_min_vectors=1500, ann_params="nprobe=64"))
+    v.add(np.arange(600), latents[:600])  # 1,800 vectors: past the threshold
+    assert v.building is not None and not v.ann
+    v.add(np.arange(600, 1000), latents[600:])  # while it builds
+    alive = np.ones(1000, dtype=bool)
+    for q in unit(rng, 5, 16):
+        np.testing.assert_array_equal(v.search(q, 8, alive), brute_force(latents, alive, q, 8))
+    assert not v.ann
+    release.set()
+    v.wait()
+    assert v.ann and v.building is None and v.index.ntotal == 3000 and v.built_at == 1800
+    for i in (5, 650, 999):  # before the copy and after it
+        assert v.search(latents[i, 2], 1, alive)[0] == i
+    np.testing.assert_allclose(v.latents(np.arange(1000)), latents, atol=2e-3)
+
+    def fails(*a):
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(vx, "build_ann", fails)
+    w = NamespaceVectors(16, VectorConfig(ann_min_vectors=1500))
+    w.add(np.arange(1000), latents)
+    w.wait()
+    assert not w.ann and w.building is None and w.search(latents[7, 0], 1, alive)[0] == 7
 
 
 def test_a_wrong_ann_setting_fails_at_start():

@@ -10,7 +10,10 @@ One index per namespace, in RAM, derived from the store's latents: built on open
 rows (like the lexical index), a compaction rebuilds it. Deleted and moved chunks are filtered at search time by
 the chunk table (what is live). Exact ("Flat", inner product over float16 vectors: half the bytes of the float32
 latents) unless a namespace holds `ann_min_vectors` windows on the shard; then an ANN index of FAISS's factory
-(IVF, HNSW), built once from the vectors it holds.
+(IVF, HNSW), built from the vectors it holds — in a background thread, from a float16 copy of them, while the
+index it replaces goes on serving (exact below the threshold): built inline, the commit that crossed it held the
+shard's queue for the whole build (~7 s at 1M vectors, ~27 s at 3M on 2 cores: BENCHMARKS.md "Vectors drawn like
+real ones"). Vectors added meanwhile go to the serving index and join the new one when it is swapped in.
 
 It is also the shard's only in-RAM copy of the latents: the scores that rank (each chunk's windows against its
 episode's readout) are taken on the float16 vectors it gives back (`latents`), so a shard does not hold the
@@ -19,10 +22,15 @@ float32 latents as well (BENCHMARKS.md "RAM per million tokens": the ranking the
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
+
+log = logging.getLogger(__name__)
+RECONSTRUCT_BATCH = 65536  # vectors decoded at a time when copying or building: bounds the float32 in RAM
 
 
 @dataclass
@@ -67,10 +75,12 @@ class NamespaceVectors:
         self.chunks = 0  # chunk rows (live or not)
         self.windows = 1  # R vectors per chunk row: vectors chunk*R .. chunk*R + R - 1 are its windows
         self.ann = False
-        self.built_at = 0  # vectors the ANN index was built from: rebuilt once it holds twice as many
+        self.built_at = 0  # vectors the ANN index was (or is being) built from: rebuilt once it holds twice as many
+        self.building: _Build | None = None  # an ANN index being built in the background
 
     def add(self, rows: np.ndarray, latents: np.ndarray) -> None:
         """rows [n] chunk rows (ascending, past every row held), latents [n, R, C] their window latents."""
+        self._adopt()
         n, windows, _ = latents.shape
         self.windows = windows
         if self.count + n * windows > len(self.rows):
@@ -80,37 +90,51 @@ class NamespaceVectors:
         self.rows[self.count : self.count + n * windows] = np.repeat(rows, windows)
         self.count += n * windows
         self.chunks += n
-        vectors = np.ascontiguousarray(latents.reshape(-1, self.dim), dtype=np.float32)
-        if self.cfg.ann_min_vectors and self.count >= max(self.cfg.ann_min_vectors, 2 * self.built_at):
+        self.index.add(np.ascontiguousarray(latents.reshape(-1, self.dim), dtype=np.float32))
+        due = self.cfg.ann_min_vectors and self.count >= max(self.cfg.ann_min_vectors, 2 * self.built_at)
+        if due and self.building is None:
             # first past the threshold, then at each doubling: IVF's cells stay sqrt(n) of what it holds, so a
             # search's time keeps growing as sqrt(n) (cells fixed at the first build would each fill up linearly)
-            self._to_ann(vectors)
-        else:
-            self.index.add(vectors)
+            self._start_build()
 
-    def _to_ann(self, new: np.ndarray) -> None:
-        """Past ann_min_vectors: the ANN index, trained (if it needs it) on a sample of every vector held, then all
-        of them added. Once per namespace and shard past the threshold, again each time the vectors held double
-        (amortised: each vector is re-added at most about once more), and when a restart rebuilds the index."""
-        if self.index.ntotal:
-            vectors = np.concatenate([self.index.reconstruct_n(0, self.index.ntotal).astype(np.float32), new])
-        else:
-            vectors = new
-        cells = ivf_cells(len(vectors))
-        ann = faiss.index_factory(self.dim, self.cfg.ann_factory.format(cells=cells), faiss.METRIC_INNER_PRODUCT)
-        if not ann.is_trained:
-            sample = np.random.default_rng(0).permutation(len(vectors))[: 64 * cells]
-            ann.train(vectors[np.sort(sample)])
-        ann.add(vectors)
-        faiss.ParameterSpace().set_index_parameters(ann, self.cfg.ann_params)
-        ivf = faiss.try_extract_index_ivf(ann)
-        if ivf is not None:  # an IVF index gives vectors back by id only with a direct map
-            ivf.make_direct_map()
-        self.index, self.ann, self.built_at = ann, True, len(vectors)
+    def _start_build(self) -> None:
+        """The ANN index of every vector held, built in a background thread from a float16 copy of them (FAISS
+        releases the GIL: the shard goes on serving). Once per namespace and shard past the threshold, again each
+        time the vectors held double (amortised: each vector is re-added at most about once more), and when a
+        restart rebuilds the index."""
+        held = np.empty((self.count, self.dim), dtype=np.float16)
+        for at in range(0, self.count, RECONSTRUCT_BATCH):
+            held[at : at + RECONSTRUCT_BATCH] = self.index.reconstruct_n(at, min(RECONSTRUCT_BATCH, self.count - at))
+        self.built_at = self.count
+        self.building = _Build(held)
+        self.building.thread = threading.Thread(
+            target=self.building.run, args=(self.dim, self.cfg), daemon=True, name="engram-ann-build"
+        )
+        self.building.thread.start()
+
+    def _adopt(self) -> None:
+        """A finished build becomes the serving index, with the vectors added since its copy was taken."""
+        b = self.building
+        if b is None or b.thread.is_alive():
+            return
+        self.building = None
+        if b.index is None:  # the old index keeps serving; the next doubling tries again
+            log.warning("building the ANN index of %d vectors failed: %s", len(b.vectors), b.error)
+            return
+        for at in range(len(b.vectors), self.count, RECONSTRUCT_BATCH):
+            b.index.add(self.index.reconstruct_n(at, min(RECONSTRUCT_BATCH, self.count - at)).astype(np.float32))
+        self.index, self.ann = b.index, True
+
+    def wait(self) -> None:
+        """Until a build in progress is done and serving (tests, benchmarks; a shard never waits)."""
+        if self.building is not None:
+            self.building.thread.join()
+            self._adopt()
 
     def latents(self, rows: np.ndarray) -> np.ndarray | None:
         """[n, R, C] float32 the window vectors of these chunk rows, as the index holds them (float16 values);
         None if a row is not in it."""
+        self._adopt()
         held = self.rows[: self.count : self.windows]  # [chunks] ascending: one entry per chunk row
         at = np.searchsorted(held, rows)
         if len(rows) and (at.max() >= len(held) or not np.array_equal(held[at], rows)):
@@ -121,6 +145,7 @@ class NamespaceVectors:
     def search(self, query: np.ndarray, chunks: int, alive: np.ndarray) -> np.ndarray:
         """-> up to `chunks` distinct live chunk rows whose windows best match the query, best first. Asks FAISS for
         more vectors until enough live chunks are found (deleted ones are skipped) or the index is exhausted."""
+        self._adopt()
         q = np.ascontiguousarray(query.reshape(1, -1), dtype=np.float32)
         want = chunks * 4
         while True:
@@ -133,6 +158,39 @@ class NamespaceVectors:
             if len(rows) >= chunks or k >= self.index.ntotal:
                 return rows[:chunks]
             want *= 4
+
+
+@dataclass
+class _Build:
+    """An ANN index being built apart from the serving one: from `vectors` (float16 [n, C]) to `index`."""
+
+    vectors: np.ndarray
+    thread: threading.Thread | None = None
+    index: faiss.Index | None = None
+    error: BaseException | None = None
+
+    def run(self, dim: int, cfg: VectorConfig) -> None:
+        try:
+            self.index = build_ann(self.vectors, dim, cfg)
+        except BaseException as e:  # MemoryError and the like: reported where the build is adopted
+            self.error = e
+
+
+def build_ann(vectors: np.ndarray, dim: int, cfg: VectorConfig) -> faiss.Index:
+    """The ANN index of vectors [n, C] (float16): trained (if it needs it) on a sample, then all of them added, a
+    batch at a time in float32."""
+    cells = ivf_cells(len(vectors))
+    ann = faiss.index_factory(dim, cfg.ann_factory.format(cells=cells), faiss.METRIC_INNER_PRODUCT)
+    if not ann.is_trained:
+        sample = np.sort(np.random.default_rng(0).permutation(len(vectors))[: 64 * cells])
+        ann.train(vectors[sample].astype(np.float32))
+    for at in range(0, len(vectors), RECONSTRUCT_BATCH):
+        ann.add(vectors[at : at + RECONSTRUCT_BATCH].astype(np.float32))
+    faiss.ParameterSpace().set_index_parameters(ann, cfg.ann_params)
+    ivf = faiss.try_extract_index_ivf(ann)
+    if ivf is not None:  # an IVF index gives vectors back by id only with a direct map
+        ivf.make_direct_map()
+    return ann
 
 
 class VectorIndex:
@@ -164,9 +222,16 @@ class VectorIndex:
         vectors = self.namespaces.get(namespace)
         return None if vectors is None else vectors.latents(np.asarray(rows, dtype=np.int64))
 
+    def wait(self) -> None:
+        """Until every namespace's ANN build in progress is serving (tests, benchmarks)."""
+        for v in self.namespaces.values():
+            v.wait()
+
     def vectors(self) -> int:
         return sum(v.count for v in self.namespaces.values())
 
     def nbytes(self) -> int:
-        """RAM of the indexes: FAISS codes (SQfp16: 2 bytes per dimension; an ANN index about as much) and rows."""
-        return sum(v.index.ntotal * v.dim * 2 + v.rows.nbytes for v in self.namespaces.values())
+        """RAM of the indexes: FAISS codes (SQfp16: 2 bytes per dimension; an ANN index about as much) and rows,
+        and while an ANN index builds, its float16 copy of the vectors (the index it builds grows to as much)."""
+        building = sum(2 * v.building.vectors.nbytes for v in self.namespaces.values() if v.building is not None)
+        return building + sum(v.index.ntotal * v.dim * 2 + v.rows.nbytes for v in self.namespaces.values())

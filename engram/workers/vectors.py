@@ -10,10 +10,10 @@ One index per namespace, in RAM, derived from the store's latents: built on open
 rows (like the lexical index), a compaction rebuilds it. Deleted and moved chunks are filtered at search time by
 the chunk table (what is live). Exact ("Flat", inner product over float16 vectors: half the bytes of the float32
 latents) unless a namespace holds `ann_min_vectors` windows on the shard; then an ANN index of FAISS's factory
-(IVF, HNSW), built from the vectors it holds — in a background thread, from a float16 copy of them, while the
-index it replaces goes on serving (exact below the threshold): built inline, the commit that crossed it held the
-shard's queue for the whole build (~7 s at 1M vectors, ~27 s at 3M on 2 cores: BENCHMARKS.md "Vectors drawn like
-real ones"). Vectors added meanwhile go to the serving index and join the new one when it is swapped in.
+(IVF, HNSW), built from the vectors it holds — in a background thread, reading the index it replaces, which goes
+on serving unchanged (exact below the threshold): built inline, the commit that crossed it held the shard's queue
+for the whole build (~7 s at 1M vectors, ~27 s at 3M on 2 cores: BENCHMARKS.md "Vectors drawn like real ones").
+Vectors added meanwhile go to a small flat index searched beside it, and join the new one when it is swapped in.
 
 It is also the shard's only in-RAM copy of the latents: the scores that rank (each chunk's windows against its
 episode's readout) are taken on the float16 vectors it gives back (`latents`), so a shard does not hold the
@@ -30,7 +30,7 @@ import faiss
 import numpy as np
 
 log = logging.getLogger(__name__)
-RECONSTRUCT_BATCH = 65536  # vectors decoded at a time when copying or building: bounds the float32 in RAM
+RECONSTRUCT_BATCH = 65536  # vectors decoded at a time when building: bounds the float32 in RAM
 
 
 @dataclass
@@ -69,7 +69,8 @@ class NamespaceVectors:
 
     def __init__(self, dim: int, cfg: VectorConfig):
         self.dim, self.cfg = dim, cfg
-        self.index = faiss.index_factory(dim, "SQfp16", faiss.METRIC_INNER_PRODUCT)
+        self.index = _flat(dim)
+        self.tail: faiss.Index | None = None  # while an ANN index builds from `index` (frozen): the vectors added since
         self.rows = np.zeros(1024, dtype=np.int64)  # [capacity] chunk row of each vector (doubling: O(1) appends)
         self.count = 0  # vectors
         self.chunks = 0  # chunk rows (live or not)
@@ -90,7 +91,8 @@ class NamespaceVectors:
         self.rows[self.count : self.count + n * windows] = np.repeat(rows, windows)
         self.count += n * windows
         self.chunks += n
-        self.index.add(np.ascontiguousarray(latents.reshape(-1, self.dim), dtype=np.float32))
+        vectors = np.ascontiguousarray(latents.reshape(-1, self.dim), dtype=np.float32)
+        (self.index if self.tail is None else self.tail).add(vectors)
         due = self.cfg.ann_min_vectors and self.count >= max(self.cfg.ann_min_vectors, 2 * self.built_at)
         if due and self.building is None:
             # first past the threshold, then at each doubling: IVF's cells stay sqrt(n) of what it holds, so a
@@ -98,32 +100,35 @@ class NamespaceVectors:
             self._start_build()
 
     def _start_build(self) -> None:
-        """The ANN index of every vector held, built in a background thread from a float16 copy of them (FAISS
-        releases the GIL: the shard goes on serving). Once per namespace and shard past the threshold, again each
-        time the vectors held double (amortised: each vector is re-added at most about once more), and when a
-        restart rebuilds the index."""
-        held = np.empty((self.count, self.dim), dtype=np.float16)
-        for at in range(0, self.count, RECONSTRUCT_BATCH):
-            held[at : at + RECONSTRUCT_BATCH] = self.index.reconstruct_n(at, min(RECONSTRUCT_BATCH, self.count - at))
+        """The ANN index of every vector held, built in a background thread (FAISS releases the GIL: the shard goes
+        on serving) from the serving index, which stays unchanged (and searched) until the build is adopted; what
+        is added meanwhile goes to a second, flat index, searched beside it. Once per namespace and shard past the
+        threshold, again each time the vectors held double (amortised: each vector is re-added at most about once
+        more), and when a restart rebuilds the index."""
         self.built_at = self.count
-        self.building = _Build(held)
+        self.tail = _flat(self.dim)
+        self.building = _Build(self.index)
         self.building.thread = threading.Thread(
             target=self.building.run, args=(self.dim, self.cfg), daemon=True, name="engram-ann-build"
         )
         self.building.thread.start()
 
     def _adopt(self) -> None:
-        """A finished build becomes the serving index, with the vectors added since its copy was taken."""
+        """A finished build becomes the serving index, with the vectors added since it began."""
         b = self.building
         if b is None or b.thread.is_alive():
             return
         self.building = None
-        if b.index is None:  # the old index keeps serving; the next doubling tries again
-            log.warning("building the ANN index of %d vectors failed: %s", len(b.vectors), b.error)
-            return
-        for at in range(len(b.vectors), self.count, RECONSTRUCT_BATCH):
-            b.index.add(self.index.reconstruct_n(at, min(RECONSTRUCT_BATCH, self.count - at)).astype(np.float32))
-        self.index, self.ann = b.index, True
+        tail, self.tail = self.tail, None
+        if b.index is None:  # the old index keeps serving (the next doubling tries again), the tail joins it
+            log.warning("building the ANN index of %d vectors failed: %s", b.source.ntotal, b.error)
+            target = self.index
+        else:
+            target = b.index
+        for at in range(0, tail.ntotal, RECONSTRUCT_BATCH):
+            target.add(tail.reconstruct_n(at, min(RECONSTRUCT_BATCH, tail.ntotal - at)))
+        if b.index is not None:
+            self.index, self.ann = b.index, True
 
     def wait(self) -> None:
         """Until a build in progress is done and serving (tests, benchmarks; a shard never waits)."""
@@ -140,7 +145,28 @@ class NamespaceVectors:
         if len(rows) and (at.max() >= len(held) or not np.array_equal(held[at], rows)):
             return None
         ids = (at[:, None] * self.windows + np.arange(self.windows)).reshape(-1)
-        return self.index.reconstruct_batch(ids).reshape(len(rows), self.windows, self.dim)
+        return self._reconstruct(ids).reshape(len(rows), self.windows, self.dim)
+
+    def _reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        base = self.index.ntotal
+        if self.tail is None or not len(ids) or ids.max() < base:
+            return self.index.reconstruct_batch(ids)
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        old = ids < base
+        if old.any():
+            out[old] = self.index.reconstruct_batch(ids[old])
+        out[~old] = self.tail.reconstruct_batch(ids[~old] - base)
+        return out
+
+    def _top(self, q: np.ndarray, k: int) -> np.ndarray:
+        """Ids of the k vectors best matching q, best first (-1 past the end), over the index and the tail."""
+        scores, ids = self.index.search(q, min(k, self.index.ntotal))
+        if self.tail is None or not self.tail.ntotal:
+            return ids[0]
+        scores_t, ids_t = self.tail.search(q, min(k, self.tail.ntotal))
+        both = np.concatenate([ids[0], np.where(ids_t[0] >= 0, ids_t[0] + self.index.ntotal, -1)])
+        order = np.argsort(-np.concatenate([scores[0], scores_t[0]]), kind="stable")[:k]
+        return both[order]
 
     def search(self, query: np.ndarray, chunks: int, alive: np.ndarray) -> np.ndarray:
         """-> up to `chunks` distinct live chunk rows whose windows best match the query, best first. Asks FAISS for
@@ -149,29 +175,45 @@ class NamespaceVectors:
         q = np.ascontiguousarray(query.reshape(1, -1), dtype=np.float32)
         want = chunks * 4
         while True:
-            k = min(want, self.index.ntotal)
-            _, ids = self.index.search(q, k)
-            ids = ids[0][ids[0] >= 0]
+            k = min(want, self.count)
+            ids = self._top(q, k)
+            ids = ids[ids >= 0]
             rows = self.rows[ids]
             rows = rows[alive[rows]]
             rows = rows[np.sort(np.unique(rows, return_index=True)[1])]  # distinct, in rank order
-            if len(rows) >= chunks or k >= self.index.ntotal:
+            if len(rows) >= chunks or k >= self.count:
                 return rows[:chunks]
             want *= 4
 
 
+def _flat(dim: int) -> faiss.Index:
+    return faiss.index_factory(dim, "SQfp16", faiss.METRIC_INNER_PRODUCT)
+
+
+def float16_vectors(index: faiss.Index) -> np.ndarray:
+    """[n, C] float16: the vectors an index holds. The flat index's codes are those: a view, no copy (copying 1M
+    vectors' took 1-3 s); another index's are decoded a batch at a time."""
+    if isinstance(index, faiss.IndexScalarQuantizer) and index.sq.qtype == faiss.ScalarQuantizer.QT_fp16:
+        codes = faiss.rev_swig_ptr(index.codes.data(), index.ntotal * index.d * 2)
+        return np.frombuffer(codes, dtype=np.float16).reshape(index.ntotal, index.d)
+    held = np.empty((index.ntotal, index.d), dtype=np.float16)
+    for at in range(0, index.ntotal, RECONSTRUCT_BATCH):
+        held[at : at + RECONSTRUCT_BATCH] = index.reconstruct_n(at, min(RECONSTRUCT_BATCH, index.ntotal - at))
+    return held
+
+
 @dataclass
 class _Build:
-    """An ANN index being built apart from the serving one: from `vectors` (float16 [n, C]) to `index`."""
+    """An ANN index being built from `source` (the index serving meanwhile, unchanged until this is adopted)."""
 
-    vectors: np.ndarray
+    source: faiss.Index
     thread: threading.Thread | None = None
     index: faiss.Index | None = None
     error: BaseException | None = None
 
     def run(self, dim: int, cfg: VectorConfig) -> None:
         try:
-            self.index = build_ann(self.vectors, dim, cfg)
+            self.index = build_ann(float16_vectors(self.source), dim, cfg)
         except BaseException as e:  # MemoryError and the like: reported where the build is adopted
             self.error = e
 
@@ -232,6 +274,7 @@ class VectorIndex:
 
     def nbytes(self) -> int:
         """RAM of the indexes: FAISS codes (SQfp16: 2 bytes per dimension; an ANN index about as much) and rows,
-        and while an ANN index builds, its float16 copy of the vectors (the index it builds grows to as much)."""
-        building = sum(2 * v.building.vectors.nbytes for v in self.namespaces.values() if v.building is not None)
-        return building + sum(v.index.ntotal * v.dim * 2 + v.rows.nbytes for v in self.namespaces.values())
+        and while an ANN index builds, the one it builds (about as large as the serving one) and the tail."""
+        building = sum(v.building.source.ntotal * v.dim * 2 for v in self.namespaces.values() if v.building)
+        tails = sum(v.tail.ntotal * v.dim * 2 for v in self.namespaces.values() if v.tail is not None)
+        return building + tails + sum(v.index.ntotal * v.dim * 2 + v.rows.nbytes for v in self.namespaces.values())

@@ -15,20 +15,29 @@ def smol():
     return load(DecoderConfig(threads=2))
 
 
+def int4_blocks(model, tok):
+    """-> (a reader of int4 blocks, block(needle, at): a 64-token block of filler with the needle's text at token
+    `at`, a block of filler alone)."""
+    layout = BlockLayout.of(model.config, 64, 0, "int4")
+    dec = MemoryDecoder(model, tok, kv_dtype="int4")
+    ids = lambda text: tok(text, add_special_tokens=False).input_ids
+    filler = ids("The grass is green. The sky is blue. " * 12)[:64]
+
+    def block(needle: str, at: int) -> list:
+        return kv.blocks_of(kv.encode_chunks(model, dec.sink_id, [(filler[:at] + ids(needle) + filler)[:64]], layout))
+
+    return dec, block, kv.blocks_of(kv.encode_chunks(model, dec.sink_id, [filler], layout))
+
+
 def test_asks_decoded_together_answer_as_each_alone(smol):
     """Batched decoding (batch.generate_batch): asks over different numbers of blocks, with questions of different
     lengths and different answer limits, each get the answer they get alone — padding is masked, positions are
     each row's own."""
     model, tok = smol
-    layout = BlockLayout.of(model.config, 64, 0, "int4")
-    dec = MemoryDecoder(model, tok, kv_dtype="int4")
-    ids = lambda text: tok(text, add_special_tokens=False).input_ids
-    filler = ids("The grass is green. The sky is blue. " * 12)[:64]
-    blocks = {}
-    for key in (71432, 20581, 99013):
-        needle = ids(f"The pass key is {key}. Remember it. {key} is the pass key.")
-        blocks[key] = kv.blocks_of(kv.encode_chunks(model, dec.sink_id, [(filler[:20] + needle + filler)[:64]], layout))
-    plain = kv.blocks_of(kv.encode_chunks(model, dec.sink_id, [filler], layout))
+    dec, block, plain = int4_blocks(model, tok)
+    blocks = {
+        key: block(f"The pass key is {key}. Remember it. {key} is the pass key.", 20) for key in (71432, 20581, 99013)
+    }
     asks = [
         ("What is the pass key? The pass key is", plain + blocks[71432], 64, 8),
         ("The pass key is", blocks[20581], 64, 7),
@@ -177,16 +186,8 @@ def test_retrieval_bias_reads_a_block_faintly_and_batches_as_alone(smol):
     every decode step); zeros are the plain reader; biased asks decoded together, joining mid-batch too, answer as
     each alone."""
     model, tok = smol
-    layout = BlockLayout.of(model.config, 64, 0, "int4")
-    dec = MemoryDecoder(model, tok, kv_dtype="int4")
-    ids = lambda text: tok(text, add_special_tokens=False).input_ids
-    filler = ids("The grass is green. The sky is blue. " * 12)[:64]
-    a = kv.blocks_of(
-        kv.encode_chunks(model, dec.sink_id, [(filler[:10] + ids("The pass key is 11235.") + filler)[:64]], layout)
-    )
-    b = kv.blocks_of(
-        kv.encode_chunks(model, dec.sink_id, [(filler[:30] + ids("The pass key is 80417.") + filler)[:64]], layout)
-    )
+    dec, block, _ = int4_blocks(model, tok)
+    a, b = block("The pass key is 11235.", 10), block("The pass key is 80417.", 30)
     question = "What is the pass key? The pass key is"
     prompt = dec._prompt(question)
     with torch.inference_mode():
@@ -251,14 +252,8 @@ def test_a_batched_row_computes_the_logits_it_computes_alone_up_to_rounding(matm
     from engram.decoder.batch import Row, _Batch
 
     model, tok = load(DecoderConfig(threads=2, matmul_dtype=matmul_dtype))
-    layout = BlockLayout.of(model.config, 64, 0, "int4")
-    dec = MemoryDecoder(model, tok, kv_dtype="int4")
-    ids = lambda text: tok(text, add_special_tokens=False).input_ids
-    filler = ids("The grass is green. The sky is blue. " * 12)[:64]
-    key = kv.blocks_of(
-        kv.encode_chunks(model, dec.sink_id, [(filler[:20] + ids("The pass key is 64290.") + filler)[:64]], layout)
-    )
-    plain = kv.blocks_of(kv.encode_chunks(model, dec.sink_id, [filler], layout))
+    dec, block, plain = int4_blocks(model, tok)
+    key = block("The pass key is 64290.", 20)
     logits = []
     model.register_forward_hook(lambda m, i, out: logits.append(out.logits[:, -1].float()))
 

@@ -106,7 +106,7 @@ def main():
             for name, text in tqdm(docs, desc=f"write {length:,} tokens (keys only)", unit="doc"):
                 ids = routing.tokenize(tok, text)
                 tokens += len(ids)
-                chunks = routing.split(ids, e.chunk_tokens, e.context_tokens, e.key_after_tokens)
+                chunks = routing.split(ids, e.chunk_tokens, e.cut_context_tokens, e.key_after_tokens)
                 hashes = [routing.chunk_hash(c.tokens, fp, c.context, "", c.after) for c in chunks]
                 owner = [routing.route(h, list(range(a.shards))) for h in hashes]
                 t = time.perf_counter()

@@ -216,3 +216,56 @@ def test_retrieval_keys_put_the_context_first_and_the_after_tokens_last():
     assert latent.shape == (1, 3, 2)
     assert seen == ["8 9 10 11 12 13", "12 13 14 15", "14 15 16 17 18 19 20"]
     assert list(text) == [" ".join(map(str, range(8, 21)))]
+
+
+def test_the_lexical_key_reads_its_own_context_and_the_kv_pass_only_its_own():
+    """encoder.lexical_context_tokens: the lexical text starts that many tokens before the chunk, the dense windows
+    still at key_context_tokens, and the K/V pass reads only context_tokens of the (longer) context the chunk is
+    cut with; the setting is part of the fingerprint (its chunks get other addresses)."""
+    from engram.coordinator import routing
+    from engram.workers.encoder import Encoder, EncoderConfig
+
+    seen: list[str] = []
+
+    class Spell:
+        @staticmethod
+        def decode(ids):
+            return " ".join(map(str, ids))
+
+    class Record:
+        @staticmethod
+        def embed(texts):
+            seen.extend(texts)
+            return np.zeros((len(texts), 2))
+
+    cfg = EncoderConfig(context_tokens=2, key_context_tokens=2, lexical_context_tokens=5, chunk_tokens=8)
+    assert cfg.cut_context_tokens == 5 and EncoderConfig().cut_context_tokens == EncoderConfig().context_tokens
+    ids = np.arange(100, 124)
+    chunks = routing.split(ids, 8, cfg.cut_context_tokens)
+    assert chunks[1].context.tolist() == list(range(103, 108))
+    enc = object.__new__(Encoder)
+    enc.cfg = EncoderConfig(**{**vars(cfg), "window_tokens": 4, "window_stride": 2})
+    enc.tokenizer, enc.embedder = Spell(), Record()
+    _, text = enc.retrieval_keys([chunks[1].tokens.tolist()], [chunks[1].context.tolist()], [[]])
+    assert seen[0].split()[:2] == ["106", "107"] and text[0].split()[:5] == [str(t) for t in range(103, 108)]
+
+    import torch
+
+    passed = []
+    enc.model = torch.nn.Linear(1, 1)  # what encoding_autocast reads its dtype from; the pass itself is stubbed
+    enc._encode_batches = lambda c, contexts, step: passed.extend(contexts) or []
+    with pytest.raises(IndexError):  # the stub returns no blocks: only what the pass was handed matters
+        enc.encode([chunks[1].tokens.tolist()], [b"\0" * 16], [chunks[1].context.tolist()])
+    assert passed == [[106, 107]]
+    with pytest.raises(ValueError, match="lexical_context_tokens"):
+        EncoderConfig(lexical_context_tokens=-1)
+    assert "|X5" not in routing.fingerprint("m", _layout(), 8, "s", "e", 4, 2)
+    assert routing.fingerprint("m", _layout(), 8, "s", "e", 4, 2, lexical_context_tokens=5).endswith("|X5")
+
+
+def _layout():
+    from engram.decoder.layout import BlockLayout
+
+    return BlockLayout(
+        layers=1, kv_heads=1, keep_tokens=8, head_dim=1, chunk_tokens=8, latent_dim=2, latents_per_chunk=1
+    )

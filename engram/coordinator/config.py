@@ -189,6 +189,7 @@ def content_fingerprint(cfg: EngramConfig, layout: BlockLayout) -> str:
         e.window_stride,
         e.key_context_tokens,
         e.key_after_tokens,
+        e.lexical_context_tokens,
     )
 
 

@@ -82,6 +82,7 @@ def fingerprint(
     window_stride: int,
     key_context_tokens: int = 0,
     key_after_tokens: int = 0,
+    lexical_context_tokens: int = 0,
 ) -> str:
     """The settings every stored block depends on; part of each chunk's address and kept in cluster.json."""
     return (
@@ -91,6 +92,7 @@ def fingerprint(
         + (f":{layout.codec}" if layout.codec else "")  # blocks of one codec are not another's
         + (f"|K{key_context_tokens}" if key_context_tokens else "")  # and these, key contexts
         + (f"|A{key_after_tokens}" if key_after_tokens else "")
+        + (f"|X{lexical_context_tokens}" if lexical_context_tokens else "")
     )
 
 

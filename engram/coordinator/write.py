@@ -123,7 +123,7 @@ class Writer:
     ) -> Written:
         digest, written = about
         e = self.cfg.encoder
-        chunks = routing.split(ids, self.cluster.layout.chunk_tokens, e.context_tokens, e.key_after_tokens)
+        chunks = routing.split(ids, self.cluster.layout.chunk_tokens, e.cut_context_tokens, e.key_after_tokens)
         hashes = self.addresses(namespace, chunks)
         owner = [routing.route(h, shard_ids) for h in hashes]
         per_shard = {s: [i for i, o in enumerate(owner) if o == s] for s in shard_ids}

@@ -53,6 +53,12 @@ class EncoderConfig:
     # a boundary: its subject ends chunk i, its answer opens chunk i+1). 0 = keys of the chunk alone (stores from
     # before this setting). Measured: BENCHMARKS.md "Distinct text".
     key_context_tokens: int = 32
+    # The lexical key text alone sees this many tokens before the chunk (0 = key_context_tokens, as the dense
+    # windows do). Longer than the encoding context is allowed: the chunk is then cut with the longer context, the
+    # K/V pass still reads only context_tokens of it. A UUID key sentence (~60 tokens) cut between its key and its
+    # value leaves the value's chunk with only part of the key in 32 tokens (BENCHMARKS.md "A fact cut by a chunk
+    # boundary"); part of the fingerprint.
+    lexical_context_tokens: int = 0
     # Retrieval keys also see this many tokens after the chunk (its last window and its lexical text run on into
     # the next chunk), so a chunk ending with the start of a sentence is found by the sentence's end. 0 = off (the
     # default until measured on every grid: BENCHMARKS.md "Distinct text at 1M tokens"); part of the fingerprint.
@@ -79,10 +85,17 @@ class EncoderConfig:
                 f"encoder.key_context_tokens must be between 0 and encoder.context_tokens ({self.context_tokens}), "
                 f"not {self.key_context_tokens}"
             )
+        if self.lexical_context_tokens < 0:
+            raise ValueError(f"encoder.lexical_context_tokens must be 0 or more, not {self.lexical_context_tokens}")
         if self.key_after_tokens < 0:
             raise ValueError(f"encoder.key_after_tokens must be 0 or more, not {self.key_after_tokens}")
         if self.scorer not in ("key_norm", "attention"):
             raise ValueError(f"encoder.scorer must be 'key_norm' or 'attention', not {self.scorer!r}")
+
+    @property
+    def cut_context_tokens(self) -> int:
+        """Tokens of context each chunk is cut with (routing.split): what the K/V pass or the lexical key reads."""
+        return max(self.context_tokens, self.lexical_context_tokens)
 
     @property
     def windows(self) -> int:
@@ -118,8 +131,9 @@ class Encoder:
         contexts = contexts or [[] for _ in chunks]
         afters = afters or [[] for _ in chunks]
         step = self.cfg.batch_chunks
+        encoded = [last(x, self.cfg.context_tokens) for x in contexts]  # a longer cut context serves the lexical key
         with decoder_model.encoding_autocast(self.cfg.dtype, self.model):
-            parts = self._encode_batches(chunks, contexts, step)
+            parts = self._encode_batches(chunks, encoded, step)
         tokens = np.full((len(chunks), self.cfg.chunk_tokens), -1, dtype=np.int32)
         for i, c in enumerate(chunks):
             tokens[i, : len(c)] = c
@@ -158,9 +172,9 @@ class Encoder:
     ) -> tuple[np.ndarray, np.ndarray]:
         """-> (latents [N, R, C], lexical key texts [N]): the chunk with the last key_context_tokens of its context
         before it and its `afters` after it."""
-        n_key = self.cfg.key_context_tokens
-        keys = [list(x[len(x) - n_key :]) if n_key else [] for x in contexts]  # the context's last n_key tokens
-        text = [self.tokenizer.decode(k + list(c) + list(a)) for k, c, a in zip(keys, chunks, afters)]
+        keys = [last(x, self.cfg.key_context_tokens) for x in contexts]
+        lexical = [last(x, self.cfg.lexical_context_tokens or self.cfg.key_context_tokens) for x in contexts]
+        text = [self.tokenizer.decode(k + list(c) + list(a)) for k, c, a in zip(lexical, chunks, afters)]
         return self.embed_windows(chunks, keys, afters), np.array(text, dtype=object)
 
     def embed(self, texts: list[str]) -> np.ndarray:
@@ -181,3 +195,8 @@ class Encoder:
             for r, s in enumerate(self.cfg.window_starts(len(c)))
         ]
         return self.embed(texts).reshape(len(chunks), self.cfg.windows, -1)
+
+
+def last(tokens, n: int) -> list:
+    """The last n tokens (none for n = 0)."""
+    return list(tokens[len(tokens) - n :]) if n else []

@@ -72,13 +72,14 @@ def main():
     import torch
 
     from engram.coordinator import routing
-    from engram.coordinator.ask import adjacent, candidates, merge, top_hits
+    from engram.coordinator.ask import adjacent, candidates, global_bm25, global_stats, merge, top_hits
     from engram.coordinator.config import EngramConfig, block_layout, content_fingerprint
     from engram.decoder.model import DecoderConfig
     from engram.evals.cases import parse_length
     from engram.evals.distinct import KINDS, chunk_of_answer, corpus, make_facts, plant
     from engram.evals.report import machine
     from engram.workers.encoder import Encoder
+    from engram.workers.lexical import idf
     from engram.workers.shard import Shard
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -163,6 +164,10 @@ def main():
                         answer_read = any(h.document_id == f.document and h.seq in answer_chunks for h in read)
                     else:  # every shard's candidates at depth 64: for re-ranking rules tried offline
                         deep = [[h.document_id, h.seq, round(h.dense, 5), round(h.lexical, 5)] for h in every]
+                        # the raw scale of the lexical column: its best BM25, and the query's summed idf (BM25 of
+                        # an average-length text holding each query term once)
+                        lexical_best = max((float(b.max()) for b in global_bm25(shard_hits) if len(b)), default=0.0)
+                        lexical_idf = float(idf(global_stats(shard_hits)).sum())
                 rows.append(
                     {
                         "kind": f.kind,
@@ -175,6 +180,8 @@ def main():
                         "document": f.document,
                         "answer_chunks": sorted(answer_chunks),
                         "deep": deep,
+                        "lexical_best": lexical_best,
+                        "lexical_idf": lexical_idf,
                     }
                 )
             if a.compare_float32:

@@ -56,10 +56,14 @@ def bm25(tf: np.ndarray, length: np.ndarray, stats: TermStats) -> np.ndarray:
     idf = ln(1 + (N - df + 0.5) / (df + 0.5)), as tantivy and Lucene compute it."""
     if tf.size == 0 or stats.docs == 0:
         return np.zeros(len(tf))
-    idf = np.log1p((stats.docs - stats.df + 0.5) / (stats.df + 0.5))  # [T]
     avg = stats.tokens / stats.docs or 1.0  # 0 when no text had an analysable word (then every tf is 0 too)
     norm = K1 * (1 - B + B * length / avg)  # [K]
-    return (idf * tf * (K1 + 1) / (tf + norm[:, None])).sum(1)
+    return (idf(stats) * tf * (K1 + 1) / (tf + norm[:, None])).sum(1)
+
+
+def idf(stats: TermStats) -> np.ndarray:
+    """[T] each query term's inverse document frequency, ln(1 + (N - df + 0.5) / (df + 0.5))."""
+    return np.log1p((stats.docs - stats.df + 0.5) / (stats.df + 0.5))
 
 
 def _schema() -> tantivy.Schema:

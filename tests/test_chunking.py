@@ -81,6 +81,7 @@ def test_config_overrides_and_unknown_keys(tmp_path):
         ({"block_key_scale": 0.0}, "ask.block_key_scale must be between 0.5 and 4"),
         ({"block_key_scale": 10}, "ask.block_key_scale must be between 0.5 and 4"),
         ({"retrieval_bias": -1}, "ask.retrieval_bias must be between 0 and 1000"),
+        ({"lexical_scale": "rank"}, "ask.lexical_scale must be 'max' or 'coverage'"),
     ],
 )
 def test_ask_settings_are_checked_on_load(ask, error):
@@ -141,6 +142,49 @@ def test_chunks_beside_a_hit_that_the_questions_words_reach_are_read_too():
     assert adjacent(ranked, top, 0.0) == []  # off
     assert [(h.document_id, h.seq) for h in adjacent(ranked, ranked[:5], 0.1)] == [("b", 2)]  # hits not twice
     assert adjacent([Retrieved(0.5, 0, 9, "a", 8, 0)], top, 0.4) == []  # no lexical match: not added
+
+
+def test_fuse_weighs_bm25_by_the_best_hit_or_by_the_share_of_the_querys_idf():
+    """A fact cut by a chunk boundary: the key's chunk and the value's chunk both hold the question's rare words
+    (BM25 9 and 10 of the query's summed idf 10) but little of its sense (dense 0.55, 0.30); two chunks like the
+    question in sense hold a common word or two of it (BM25 1.5 and 1.0). By the best BM25 at weight 0.25 the
+    value's chunk, which holds the answer, ranks last of the four; by the share of the query's idf at weight 1 it
+    ranks second, right after the key's, and a weak lexical match stays weak whatever the best is."""
+    from engram.coordinator.ask import Retrieved, fuse
+
+    def hits():
+        rows = [("key", 0.55, 9.0), ("value", 0.30, 10.0), ("sense", 0.70, 1.5), ("other", 0.65, 1.0)]
+        return [Retrieved(d, 0, i, name, i, 0, dense=d, lexical=b) for i, (name, d, b) in enumerate(rows)]
+
+    by_max = {h.document_id: h for h in fuse(hits(), 0.25)}
+    assert by_max["value"].lexical == 1.0 and by_max["key"].lexical == pytest.approx(0.9)
+    assert by_max["value"].score == pytest.approx(0.30 + 0.25)
+    assert by_max["sense"].score == pytest.approx(0.70 + 0.25 * 0.15)
+    by_share = {h.document_id: h for h in fuse(hits(), 1.0, "coverage", 10.0)}
+    assert by_share["value"].score == pytest.approx(0.30 + 1.0)
+    assert by_share["key"].score == pytest.approx(0.55 + 0.9)
+    assert by_share["sense"].score == pytest.approx(0.70 + 0.15)
+    assert by_share["value"].lexical == 1.0  # what adjacent_lexical compares stays / the best BM25
+    order = [h.document_id for h in sorted(by_share.values(), key=lambda h: -h.score)]
+    assert order == ["key", "value", "sense", "other"]
+    # cubed at weight 3 (the defaults): a look-alike holding 0.66 of the question's idf against the fact's 0.75 —
+    # the cubes set them 0.13 apart where the shares are 0.09 — and a weak match (0.15) counts 0.003
+    rows = [("fact", 0.36, 7.5), ("look-alike", 0.60, 6.6), ("sense", 0.70, 1.5)]
+    cubed = fuse(
+        [Retrieved(d, 0, i, n, i, 0, dense=d, lexical=b) for i, (n, d, b) in enumerate(rows)],
+        3.0,
+        "coverage",
+        10.0,
+        3.0,
+    )
+    assert [h.score for h in cubed] == pytest.approx([0.36 + 3 * 0.75**3, 0.60 + 3 * 0.66**3, 0.70 + 3 * 0.15**3])
+    assert max(cubed, key=lambda h: h.score).document_id == "fact"
+    cfg = EngramConfig().ask
+    assert (cfg.lexical_scale, cfg.lexical_weight, cfg.lexical_power) == ("coverage", 3.0, 3.0)
+    over = fuse([Retrieved(0, 0, 0, "a", 0, 0, dense=0.1, lexical=30.0)], 1.0, "coverage", 10.0)
+    assert over[0].score == pytest.approx(1.1)  # repeated terms: capped at the whole query's idf
+    no_words = fuse([Retrieved(0, 0, 0, "a", 0, 0, dense=0.4, lexical=0.0)], 1.0, "coverage", 0.0)
+    assert no_words[0].score == pytest.approx(0.4)  # no lexical query: dense alone, no division by zero
 
 
 def test_top_hits_merges_shards_and_drops_far_weaker_hits():

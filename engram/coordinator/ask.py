@@ -18,7 +18,7 @@ import ray
 
 from ..errors import EngramError, ErrorCode
 from ..workers.episodic import hierarchical_readout, reference_pinv
-from ..workers.lexical import TermStats, bm25
+from ..workers.lexical import TermStats, bm25, idf
 from ..workers.results import SearchHits
 from .cluster import Cluster
 from .retry import actor_down, retry
@@ -39,8 +39,13 @@ class Retrieved:
 def global_bm25(results: list[SearchHits]) -> list[np.ndarray]:
     """Each shard's hits scored by BM25 with the namespace's statistics summed over all shards: one scale, the
     same scores however the namespace's documents are spread (zeros where no lexical query ran)."""
-    stats = TermStats.total([r.term_stats for r in results if r.term_stats is not None])
+    stats = global_stats(results)
     return [np.zeros(len(r.doc)) if r.tf is None else bm25(r.tf, r.length, stats) for r in results]
+
+
+def global_stats(results: list[SearchHits]) -> TermStats:
+    """The namespace's term statistics for the query, summed over the shards that answered."""
+    return TermStats.total([r.term_stats for r in results if r.term_stats is not None])
 
 
 def candidates(shard_ids: list[int], results: list[SearchHits], cfg, skip=frozenset()) -> list[Retrieved]:
@@ -52,7 +57,10 @@ def candidates(shard_ids: list[int], results: list[SearchHits], cfg, skip=frozen
         for sc, b, d, q, o, lx in zip(r.score, r.block, r.doc, r.seq, r.offset, bm)
         if d not in skip
     ]
-    return _unique(sorted(fuse(hits, cfg.lexical_weight), key=lambda h: -h.score))
+    query_idf = float(idf(global_stats(results)).sum())
+    return _unique(
+        sorted(fuse(hits, cfg.lexical_weight, cfg.lexical_scale, query_idf, cfg.lexical_power), key=lambda h: -h.score)
+    )
 
 
 def merge(shard_ids: list[int], results: list[SearchHits], top_k: int, cfg, skip=frozenset()) -> list[Retrieved]:
@@ -65,13 +73,26 @@ def _remote(method, stream: bool):
     return method.options(num_returns="streaming").remote if stream else method.remote
 
 
-def fuse(hits: list[Retrieved], weight: float) -> list[Retrieved]:
-    """Scores of hits from every shard on one scale: BM25 (global statistics) is normalised by the best BM25 of
-    the query's hits, then added to the dense cosine with `weight`."""
+def fuse(
+    hits: list[Retrieved], weight: float, scale: str = "max", query_idf: float = 0.0, power: float = 1.0
+) -> list[Retrieved]:
+    """Scores of hits from every shard on one scale: dense cosine + `weight` x share**`power`, the share being
+    BM25 (global statistics) put on `scale` (ask.lexical_scale):
+    - "max": BM25 / the best BM25 of the query's hits — the best match counts 1 however little of the query it
+      holds;
+    - "coverage": min(1, BM25 / `query_idf`), the query terms' summed idf (what an average-length text holding each
+      of them once scores): the share of the question's information a text holds. A UUID key's rare parts are
+      most of its question's idf, so both chunks of a key cut from its value count nearly 1, whatever the dense
+      scores; a paraphrase's few shared common words stay small. Cubed (ask.lexical_power = 3, the default), the
+      few chunks that hold nearly all of the question stand out from look-alikes holding most of it, and a weak
+      match counts next to nothing.
+    `h.lexical` is BM25 / the best either way (what ask.adjacent_lexical compares)."""
     best = max((h.lexical for h in hits), default=0.0)
     for h in hits:
-        h.lexical = h.lexical / best if best > 0 else 0.0
-        h.score = h.dense + weight * h.lexical
+        raw = h.lexical
+        h.lexical = raw / best if best > 0 else 0.0
+        share = h.lexical if scale == "max" else (min(1.0, raw / query_idf) if query_idf > 0 else 0.0)
+        h.score = h.dense + weight * share**power
     return hits
 
 

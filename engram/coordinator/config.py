@@ -103,11 +103,19 @@ class AskConfig:
     # their best score, best last (nearest the question; k=4: 3/3 vs 2/3 for "document"); "document" keeps
     # reading order.
     block_order: str = "score"
-    # Hybrid retrieval: a chunk scores dense + lexical_weight x its BM25 score / the best BM25 score of the query
-    # (over all shards; BM25 with the namespace's term statistics summed over shards). Exact identifiers are found
-    # by their words. 0.25 is the best fusion measured (recall@4 1.00 on both distinct-text haystacks, 30k and
-    # 128k; BENCHMARKS.md "Distinct text"). 0 = dense only (and no lexical query).
-    lexical_weight: float = 0.25
+    # Hybrid retrieval: a chunk scores dense + lexical_weight x share ** lexical_power, its share of the lexical
+    # match put on lexical_scale: "coverage" = min(1, its BM25 / the query terms' summed idf), the share of the
+    # question's information it holds (BM25 with the namespace's term statistics summed over shards); "max" = its
+    # BM25 / the best BM25 of the query (the fusion before). The default, coverage cubed at weight 2, was chosen
+    # on the distinct-text haystacks' saved candidates (bench/fusion_offline.py: recall@4 48/48 at 30k, 128k and
+    # 1M and 32/32 on a second haystack, where max at 0.25 found 46/48 and 28/32; every weight 1-3 at power 3
+    # the same; BENCHMARKS.md "Fusion by the share of the question"): a chunk holding nearly all of the
+    # question's rare words (a UUID key and the chunk its value opens) outranks look-alikes that are closer in
+    # sense, and a match of a few common words counts next to nothing. lexical_weight 0 = dense only (and no
+    # lexical query).
+    lexical_weight: float = 3.0
+    lexical_scale: str = "coverage"
+    lexical_power: float = 3.0
     max_top_k: int = 64
     max_new_tokens: int = 32
     max_max_new_tokens: int = 512
@@ -142,6 +150,10 @@ class AskConfig:
             raise ValueError(f"ask.min_score_ratio must be between 0 and 1, not {self.min_score_ratio}")
         if self.lexical_weight < 0:
             raise ValueError(f"ask.lexical_weight must be 0 or more, not {self.lexical_weight}")
+        if not 0.5 <= self.lexical_power <= 8:
+            raise ValueError(f"ask.lexical_power must be between 0.5 and 8, not {self.lexical_power}")
+        if self.lexical_scale not in ("max", "coverage"):
+            raise ValueError(f"ask.lexical_scale must be 'max' or 'coverage', not {self.lexical_scale!r}")
         if self.block_order not in ("score", "document"):
             raise ValueError(f"ask.block_order must be 'score' or 'document', not {self.block_order!r}")
         if not 1 <= self.max_new_tokens <= self.max_max_new_tokens:

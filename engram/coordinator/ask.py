@@ -73,20 +73,13 @@ def _remote(method, stream: bool):
     return method.options(num_returns="streaming").remote if stream else method.remote
 
 
-def fuse(
-    hits: list[Retrieved], weight: float, scale: str = "max", query_idf: float = 0.0, power: float = 1.0
-) -> list[Retrieved]:
-    """Scores of hits from every shard on one scale: dense cosine + `weight` x share**`power`, the share being
-    BM25 (global statistics) put on `scale` (ask.lexical_scale):
-    - "max": BM25 / the best BM25 of the query's hits — the best match counts 1 however little of the query it
-      holds;
-    - "coverage": min(1, BM25 / `query_idf`), the query terms' summed idf (what an average-length text holding each
-      of them once scores): the share of the question's information a text holds. A UUID key's rare parts are
-      most of its question's idf, so both chunks of a key cut from its value count nearly 1, whatever the dense
-      scores; a paraphrase's few shared common words stay small. Cubed (ask.lexical_power = 3, the default), the
-      few chunks that hold nearly all of the question stand out from look-alikes holding most of it, and a weak
-      match counts next to nothing.
-    `h.lexical` is BM25 / the best either way (what ask.adjacent_lexical compares)."""
+def fuse(hits: list[Retrieved], weight: float, scale="max", query_idf=0.0, power=1.0) -> list[Retrieved]:
+    """Every shard's hits on one scale: dense cosine + `weight` x share**`power`, the share (ask.lexical_scale)
+    "max": BM25 (global statistics) / the query's best BM25 — the best counts 1 however little of the query it
+    holds; or "coverage": min(1, BM25 / `query_idf`, the query terms' summed idf, what an average-length text
+    holding each of them once scores) — the share of the question a text holds: both chunks of a UUID key cut
+    from its value count nearly 1 (its rare parts are most of the idf), a paraphrase's stray common words little,
+    and cubed (the default) next to nothing. `h.lexical` is BM25 / the best either way (for ask.adjacent_lexical)."""
     best = max((h.lexical for h in hits), default=0.0)
     for h in hits:
         raw = h.lexical

@@ -107,7 +107,9 @@ def test_an_ask_arriving_mid_batch_joins_it_and_counts_its_wait(smol):
     first.join()
     for d in out.values():
         assert abs(d.busy_s - (d.prefill_s + d.decode_s)) < 0.15, d
-    assert ended["joined"] < ended["long"] and out["long"].new_tokens == 60
+    # the long answer runs to its 60 tokens unless the batch's rounding meets an end-of-text token sooner (bf16
+    # matmuls: what shares the batch, and from which step, moves its logits; CI once saw 54 under load)
+    assert ended["joined"] < ended["long"] and out["long"].new_tokens > 10 * out["joined"].new_tokens
     assert out["joined"].prefill_s < out["long"].decode_s / 4  # it did not wait for the long answer
     assert worker.batch_sizes() == [2]  # one batch, the second ask joined it
 

@@ -36,10 +36,10 @@ class Retrieved:
     lexical: float = 0.0  # its BM25 score / the best of the query's BM25 scores over all shards
 
 
-def global_bm25(results: list[SearchHits]) -> list[np.ndarray]:
-    """Each shard's hits scored by BM25 with the namespace's statistics summed over all shards: one scale, the
-    same scores however the namespace's documents are spread (zeros where no lexical query ran)."""
-    stats = global_stats(results)
+def global_bm25(results: list[SearchHits], stats: TermStats | None = None) -> list[np.ndarray]:
+    """Each shard's hits scored by BM25 with the namespace's statistics summed over all shards (`stats`): one
+    scale, the same scores however the documents are spread (zeros where no lexical query ran)."""
+    stats = stats or global_stats(results)
     return [np.zeros(len(r.doc)) if r.tf is None else bm25(r.tf, r.length, stats) for r in results]
 
 
@@ -51,13 +51,14 @@ def global_stats(results: list[SearchHits]) -> TermStats:
 def candidates(shard_ids: list[int], results: list[SearchHits], cfg, skip=frozenset()) -> list[Retrieved]:
     """Every shard's hits (less documents in `skip`), best first: BM25 on global statistics, fused with the dense
     scores (cfg: the ask settings)."""
+    stats = global_stats(results)
     hits = [
         Retrieved(float(sc), s, int(b), d, int(q), int(o), float(sc), float(lx))
-        for s, r, bm in zip(shard_ids, results, global_bm25(results))
+        for s, r, bm in zip(shard_ids, results, global_bm25(results, stats))
         for sc, b, d, q, o, lx in zip(r.score, r.block, r.doc, r.seq, r.offset, bm)
         if d not in skip
     ]
-    query_idf = float(idf(global_stats(results)).sum())
+    query_idf = float(idf(stats).sum())
     return _unique(
         sorted(fuse(hits, cfg.lexical_weight, cfg.lexical_scale, query_idf, cfg.lexical_power), key=lambda h: -h.score)
     )

@@ -106,13 +106,13 @@ class AskConfig:
     # Hybrid retrieval: a chunk scores dense + lexical_weight x share ** lexical_power, its share of the lexical
     # match put on lexical_scale: "coverage" = min(1, its BM25 / the query terms' summed idf), the share of the
     # question's information it holds (BM25 with the namespace's term statistics summed over shards); "max" = its
-    # BM25 / the best BM25 of the query (the fusion before). The default, coverage cubed at weight 2, was chosen
-    # on the distinct-text haystacks' saved candidates (bench/fusion_offline.py: recall@4 48/48 at 30k, 128k and
-    # 1M and 32/32 on a second haystack, where max at 0.25 found 46/48 and 28/32; every weight 1-3 at power 3
-    # the same; BENCHMARKS.md "Fusion by the share of the question"): a chunk holding nearly all of the
-    # question's rare words (a UUID key and the chunk its value opens) outranks look-alikes that are closer in
-    # sense, and a match of a few common words counts next to nothing. lexical_weight 0 = dense only (and no
-    # lexical query).
+    # BM25 / the best BM25 of the query (the fusion before, at weight 0.25, power 1). The default, coverage cubed
+    # at weight 3, was chosen on the distinct-text haystacks' saved candidates (bench/fusion_offline.py: recall@4
+    # 80/80 over five 128k haystacks and 32/32 over two at 1M, where max at 0.25 found 72 and 30; weights 1-3 at
+    # power 3 within one fact of 208; BENCHMARKS.md "Fusion by the share of the question"): a chunk holding nearly
+    # all of the question's rare words (a UUID key and the chunk its value opens) outranks look-alikes that are
+    # closer in sense, and a match of a few common words counts next to nothing. lexical_weight 0 = dense only
+    # (and no lexical query).
     lexical_weight: float = 3.0
     lexical_scale: str = "coverage"
     lexical_power: float = 3.0

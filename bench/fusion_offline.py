@@ -20,32 +20,30 @@ import argparse
 import json
 
 
-def fused(c, best: float, ideal: float, kind: str, w: float, w2: float = 0.0) -> float:
-    dense, lex_max = c[2], c[3]
-    raw = lex_max * best
-    cov = min(1.0, raw / ideal) if ideal > 0 else 0.0
-    if kind == "max":
-        return dense + w * lex_max
-    if kind == "cov":
-        return dense + w * cov
-    if kind == "cov^p":  # w2: the power
-        return dense + w * cov**w2
+def ranked(fact: dict, kind: str, w: float, w2: float, top_k: int, ratio: float, adjacent_min: float):
+    """The fact's saved candidates fused as the service fuses them (`ask.fuse`, `top_hits`, `adjacent`): -> (top k
+    after the score cutoff, the chunks beside them read too). kind "max" / "cov" / "cov^p" (w2: the power) are the
+    service's scales; "max+cov" (w x max-norm + w2 x coverage) exists only here."""
+    from engram.coordinator.ask import Retrieved, adjacent, fuse, top_hits
+
+    def hits():  # the raw BM25 back from BM25 / the best
+        return [
+            Retrieved(d, 0, i, doc, seq, 0, dense=d, lexical=lex * fact["lexical_best"])
+            for i, (doc, seq, d, lex) in enumerate(fact["deep"])
+        ]
+
+    idf = fact["lexical_idf"]
     if kind == "max+cov":
-        return dense + w * lex_max + w2 * cov
-    raise ValueError(kind)
-
-
-def ranked(fact: dict, kind: str, w: float, w2: float, top_k: int, ratio: float, adjacent: float):
-    cands = fact["deep"]
-    scored = sorted(cands, key=lambda c: -fused(c, fact["lexical_best"], fact["lexical_idf"], kind, w, w2))
-    top = scored[:top_k]
-    best = fused(top[0], fact["lexical_best"], fact["lexical_idf"], kind, w, w2) if top else 0
-    if best > 0:
-        top = [c for c in top if fused(c, fact["lexical_best"], fact["lexical_idf"], kind, w, w2) >= ratio * best]
-    have = {(c[0], c[1]) for c in top}
-    near = {(c[0], c[1] + d) for c in top for d in (-1, 1)} - have
-    beside = [c for c in scored if (c[0], c[1]) in near and c[3] >= adjacent] if adjacent > 0 else []
-    return top, beside
+        by_max, by_cov = fuse(hits(), w), fuse(hits(), w2, "coverage", idf)
+        every = by_max
+        for h, c in zip(every, by_cov):
+            h.score += c.score - c.dense
+    else:
+        scale, power = ("max", 1.0) if kind == "max" else ("coverage", w2 if kind == "cov^p" else 1.0)
+        every = fuse(hits(), w, scale, idf, power)
+    every.sort(key=lambda h: -h.score)
+    top = top_hits(every, top_k, ratio)
+    return top, adjacent(every, top, adjacent_min)
 
 
 def main() -> None:
@@ -72,8 +70,8 @@ def main() -> None:
             for f in facts:
                 top, beside = ranked(f, kind, w, w2, a.top_k, a.ratio, a.adjacent)
                 answer = {(f["document"], q) for q in f["answer_chunks"]}
-                in_top = any((c[0], c[1]) in answer for c in top)
-                in_read = in_top or any((c[0], c[1]) in answer for c in beside)
+                in_top = any((h.document_id, h.seq) in answer for h in top)
+                in_read = in_top or any((h.document_id, h.seq) in answer for h in beside)
                 top_n += in_top
                 read_n += in_read
                 if not in_top:

@@ -1,9 +1,10 @@
-"""The reader's matmuls in bfloat16 (decoder.matmul_dtype): does it answer as the float32 reader, and how much
-faster is it? Same cases and int4 blocks as bench/relevance_bias.py (passkey, NIAH, distinct text; 4 and 16
+"""The reader's matmuls in bfloat16 or int8 (decoder.matmul_dtype, --reader): does it answer as the float32 reader,
+and how much faster is it? Same cases and int4 blocks as bench/relevance_bias.py (passkey, NIAH, distinct text; 4 and 16
 blocks; retrieval bias λ = 0 and 10), each answered by both readers; then asks/s of B asks over passkey blocks
 decoded together (answer_batch; B = 1 is one ask), the two readers alternating. --no-answers: the timing only.
 
     .venv/bin/python bench/reader_dtype.py --trials 24 --out bench/results/reader_dtype
+    .venv/bin/python bench/reader_dtype.py --reader int8 --trials 24 --out bench/results/reader_int8_steps
 """
 
 import argparse
@@ -22,7 +23,7 @@ from kv_codec import distinct_blocks, distinct_facts, encode, niah_blocks, passk
 from relevance_bias import T, window_scores
 
 from engram.decoder.generate import MemoryDecoder
-from engram.decoder.model import DecoderConfig, bf16_linears, load
+from engram.decoder.model import Bf16Linear, DecoderConfig, Int8Linear, load, replace_linears
 from engram.decoder.rope import layer_rotaries
 from engram.evals import cases
 from engram.evals import distinct as dt
@@ -38,14 +39,16 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 32])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-answers", action="store_true", help="timing only")
+    ap.add_argument("--reader", choices=["bfloat16", "int8"], default="bfloat16", help="the Linear layers compared")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     model, tok = load(DecoderConfig(matmul_dtype="float32"))
     fast = copy.deepcopy(model)
-    n_linear = bf16_linears(fast)
+    n_linear = replace_linears(fast, Bf16Linear if args.reader == "bfloat16" else Int8Linear)
     rot = layer_rotaries(model)
-    readers = {"float32": MemoryDecoder(model, tok, kv_dtype="int4"), "bf16": MemoryDecoder(fast, tok, kv_dtype="int4")}
+    name = "bf16" if args.reader == "bfloat16" else args.reader  # "bf16": the key earlier results use
+    readers = {"float32": MemoryDecoder(model, tok, kv_dtype="int4"), name: MemoryDecoder(fast, tok, kv_dtype="int4")}
     embedder = Embedder("minilm")
     right = {}  # (grid, blocks, λ, reader) -> count
     same = {}  # (grid, blocks, λ) -> answers identical between the readers
@@ -61,7 +64,7 @@ def main():
             texts = {r: d.answer(question, blocks, T, max_new, block_bias=bias).text for r, d in readers.items()}
             for r, text in texts.items():
                 right[(grid, n, lam, r)] = right.get((grid, n, lam, r), 0) + bool(correct(text))
-            same[(grid, n, lam)] = same.get((grid, n, lam), 0) + (texts["float32"] == texts["bf16"])
+            same[(grid, n, lam)] = same.get((grid, n, lam), 0) + (texts["float32"] == texts[name])
 
     rng = random.Random(0)
     grid_blocks = [] if args.no_answers else args.blocks
@@ -83,8 +86,8 @@ def main():
             ask("distinct", n, f.question, chunks, order, 16, lambda a, f=f: dt.right(f.kind, f.answer, a))
         print("distinct", n, "done", flush=True)
 
-    print(f"\n{n_linear} Linear layers in bf16\n")
-    print("| grid | blocks | λ | float32 reader | bf16 matmuls | same answer |\n|---|---|---|---|---|---|")
+    print(f"\n{n_linear} Linear layers in {args.reader}\n")
+    print(f"| grid | blocks | λ | float32 reader | {name} matmuls | same answer |\n|---|---|---|---|---|---|")
     table = []
     for (grid, n), total in totals.items():
         for lam in args.lambdas:
@@ -93,22 +96,22 @@ def main():
                 "blocks": n,
                 "lambda": lam,
                 "float32": right[(grid, n, lam, "float32")],
-                "bf16": right[(grid, n, lam, "bf16")],
+                name: right[(grid, n, lam, name)],
                 "same": same[(grid, n, lam)],
                 "of": total,
             }
             table.append(row)
-            cells = [f"{row[k]}/{total}" for k in ("float32", "bf16", "same")]
+            cells = [f"{row[k]}/{total}" for k in ("float32", name, "same")]
             print(f"| {grid} | {n} | {lam:g} | " + " | ".join(cells) + " |")
 
-    speed = timing(readers, model, tok, rot, args)
+    speed = timing(readers, model, tok, rot, args, name)
     if args.out:
         Path(args.out).with_suffix(".json").write_text(
             json.dumps({"args": vars(args), "threads": torch.get_num_threads(), "answers": table, "speed": speed})
         )
 
 
-def timing(readers, model, tok, rot, args) -> list[dict]:
+def timing(readers, model, tok, rot, args, name: str) -> list[dict]:
     """asks/s of B asks over 1-4 int4 passkey blocks (6 new tokens), decoded together, the readers alternating."""
     rng = random.Random(1)
     asks = []
@@ -117,7 +120,7 @@ def timing(readers, model, tok, rot, args) -> list[dict]:
         blocks = stored(encode(model, readers["float32"], cs), "int4", rot, list(range(len(cs))))
         asks.append((PASSKEY_QUESTION, blocks, T, 6))
     out = []
-    print("\n| asks together | float32 asks/s | bf16 asks/s | speed-up |\n|---|---|---|---|")
+    print(f"\n| asks together | float32 asks/s | {name} asks/s | speed-up |\n|---|---|---|---|")
     for b in args.batches:
         times = {r: [] for r in readers}
         for _ in range(args.repeats):
@@ -128,8 +131,8 @@ def timing(readers, model, tok, rot, args) -> list[dict]:
                 times[r].append(time.perf_counter() - t0)
         rate = {r: b / float(np.median(t)) for r, t in times.items()}
         out.append({"batch": b, **{f"{r}_asks_per_s": v for r, v in rate.items()}})
-        gain = rate["bf16"] / rate["float32"]
-        print(f"| {b} | {rate['float32']:.2f} | {rate['bf16']:.2f} | {gain:.2f}x |", flush=True)
+        gain = rate[name] / rate["float32"]
+        print(f"| {b} | {rate['float32']:.2f} | {rate[name]:.2f} | {gain:.2f}x |", flush=True)
     return out
 
 

@@ -218,56 +218,93 @@ def test_matmul_dtype_setting(monkeypatch):
         assert DecoderConfig(device="cpu", matmul_dtype="bfloat16").bf16_matmuls()
         assert not DecoderConfig(device="cpu", matmul_dtype="float32").bf16_matmuls()
         assert not DecoderConfig(device="cpu", dtype="bfloat16", matmul_dtype="bfloat16").bf16_matmuls()
+        assert DecoderConfig(device="cpu").linear_dtype() == ("bfloat16" if native else "float32")
+        assert DecoderConfig(device="cpu", matmul_dtype="int8").linear_dtype() == "int8"
+        assert DecoderConfig(device="cpu", dtype="bfloat16", matmul_dtype="int8").linear_dtype() == "float32"
+        assert DecoderConfig(device="cuda", dtype="float32", matmul_dtype="int8").linear_dtype() == "float32"
     with pytest.raises(ValueError, match=r"decoder\.matmul_dtype"):
         DecoderConfig(matmul_dtype="float16")
 
 
-def test_bf16_linears_compute_what_autocast_does(smol):
-    """A Bf16Linear gives, bit for bit, what its float32 Linear gives under a bf16 autocast (the numerics the
-    encoders use); a whole model of them is as far from the float32 model's logits as the model under autocast
-    (measured: mean |difference| 0.079 vs 0.067 on logits of ~10) and picks the same next token. The output head
-    is its own copy: the embedding stays float32."""
+def _int8_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What an Int8Linear should compute: weights rounded per output channel and each input row per row to
+    integers in [-127, 127] (absmax / 127, in float32 as the module rounds), multiplied and scaled back in float64."""
+    x, w = x.reshape(-1, x.shape[-1]).float(), w.float()
+    ws = w.abs().amax(1) / 127
+    xs = x.abs().amax(1, keepdim=True) / 127
+    xq, wq = torch.round(x / xs).double(), torch.round(w / ws[:, None]).double()
+    return ((xq @ wq.T) * xs.double() * ws.double()).float()
+
+
+@pytest.mark.parametrize("rows, features", [((1,), (576, 576)), ((3, 1), (576, 1536)), ((16, 1), (1536, 576))])
+def test_int8_linear_steps_compute_the_rounded_product_and_each_row_alone(rows, features):
+    """An Int8Linear's decoding step (one token per row) against the float64 reference of the same rounding (to
+    float32 rounding of the scales), and each row's output bit for bit the same whatever rows share its call: a
+    row's scale is its own. Near the float product: 8 bits' rounding, not a wrong layout or scale."""
+    from engram.decoder.model import Int8Linear
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(*features, bias=False)
+    q = Int8Linear(plain)
+    x = torch.randn(*rows, features[0]) * torch.rand(*rows, 1) * 10  # rows of different ranges
+    with torch.inference_mode():
+        got, want = q(x), plain(x)
+        first = q(x.reshape(-1, features[0])[:1])
+    assert got.shape == (*rows, features[1]) and got.dtype == torch.float32
+    torch.testing.assert_close(got.reshape(-1, features[1]), _int8_reference(x, plain.weight), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(first[0], got.reshape(-1, features[1])[0], atol=0, rtol=0)
+    assert 0 < (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_int8_linear_reads_questions_in_float32():
+    """Several tokens per row (a pass that reads a question): the float32 product, bit for bit."""
+    from engram.decoder.model import Int8Linear
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(576, 192)
+    x = torch.randn(4, 7, 576)
+    with torch.inference_mode():
+        torch.testing.assert_close(Int8Linear(plain)(x), plain(x), atol=0, rtol=0)
+
+
+def test_int8_reader_reads_as_float32_and_steps_to_the_same_token(smol):
+    """A whole model of Int8Linear (decoder.matmul_dtype = "int8"): a prompt's pass gives the float32 logits bit
+    for bit; a decoding step after it moves them by 8 bits' rounding and picks the same next token. The output
+    head shares the embedding's float32 weight (no second float copy)."""
     import copy
 
-    from engram.decoder.model import Bf16Linear, bf16_linears
+    from engram.decoder.model import Int8Linear, replace_linears, returned_cache, with_cache
 
     model, tok = smol
-    assert not any(isinstance(m, Bf16Linear) for m in model.modules())  # the fixture holds the float32 model
     fast = copy.deepcopy(model)
-    n = bf16_linears(fast)
-    assert n == 7 * model.config.num_hidden_layers + 1  # q, k, v, o, gate, up, down per layer, and the head
-    assert fast.model.embed_tokens.weight.dtype == torch.float32 and fast.lm_head.weight.dtype == torch.bfloat16
-    x = torch.randn(3, 5, model.config.hidden_size)
-    for name in ("model.layers.0.self_attn.q_proj", "model.layers.7.mlp.down_proj", "lm_head"):
-        plain, bf16 = model.get_submodule(name), fast.get_submodule(name)
-        inp = x if name != "model.layers.7.mlp.down_proj" else torch.randn(3, 5, plain.in_features)
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            want = plain(inp).float()
-        with torch.inference_mode():
-            got = bf16(inp)
-        assert got.dtype == torch.float32
-        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert replace_linears(fast, Int8Linear) == 7 * model.config.num_hidden_layers + 1
+    assert fast.lm_head.weight is fast.model.embed_tokens.weight
     ids = torch.tensor([tok("The pass key is 4242. Remember it. The pass key is").input_ids])
     with torch.inference_mode():
-        exact = model(input_ids=ids).logits
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            autocast = model(input_ids=ids).logits.float()
-        got = fast(input_ids=ids).logits
-    assert 0 < (got - exact).abs().mean() < 1.5 * (autocast - exact).abs().mean()
-    assert got[0, -1].argmax() == exact[0, -1].argmax()
+        exact, read = model(input_ids=ids).logits, fast(input_ids=ids).logits
+        torch.testing.assert_close(read, exact, atol=0, rtol=0)
+        step = ids[:, -1:]
+        prefix = ids[:, :-1]
+        cache = returned_cache(model(input_ids=prefix, use_cache=True))
+        want = model(input_ids=step, **with_cache(model, copy.deepcopy(cache))).logits
+        got = fast(input_ids=step, **with_cache(fast, cache)).logits
+    assert 0 < (got - want).abs().mean() < 1.0
+    assert got[0, -1].argmax() == want[0, -1].argmax()
 
 
-def test_encoder_never_uses_the_readers_bf16_matmuls():
+@pytest.mark.parametrize("matmul_dtype", ["bfloat16", "int8"])
+def test_encoder_never_uses_the_readers_fast_matmuls(matmul_dtype):
     """Stored blocks never depend on how the reader multiplies: the encoder loads float32 Linears whatever
     decoder.matmul_dtype says (its own dtype is encoder.dtype)."""
-    from engram.decoder.model import Bf16Linear
+    from engram.decoder.model import Bf16Linear, Int8Linear
     from engram.workers.encoder import Encoder, EncoderConfig
 
-    dec = DecoderConfig(threads=1, matmul_dtype="bfloat16")
+    kind = {"bfloat16": Bf16Linear, "int8": Int8Linear}[matmul_dtype]
+    dec = DecoderConfig(threads=1, matmul_dtype=matmul_dtype)
     reader, _ = load(dec)
-    assert any(isinstance(m, Bf16Linear) for m in reader.modules())
+    assert any(isinstance(m, kind) for m in reader.modules())
     enc = Encoder(EncoderConfig(), dec, BlockLayout.of(reader.config, 128, 0, "int4"))
-    assert not any(isinstance(m, Bf16Linear) for m in enc.model.modules())
+    assert not any(isinstance(m, (Bf16Linear, Int8Linear)) for m in enc.model.modules())
 
 
 @pytest.mark.parametrize("kv_dtype", ["int4", "float16"])

@@ -32,7 +32,9 @@ class DecoderConfig:
     # autocast, with no cast of the weights per call). On CPUs with native bf16 a decoding pass reads half the bytes
     # and runs ~1.5x faster at 16 asks together, answering as float32 does (within one case on every grid);
     # "auto" = bfloat16 on CPUs with native bf16 (AVX512-BF16/AMX), float32 elsewhere (emulated bf16 is slower).
-    # Measured: BENCHMARKS.md "Reader matmuls in bfloat16".
+    # Measured: BENCHMARKS.md "Reader matmuls in bfloat16". "int8" (opt-in): decoding steps in int8, questions read
+    # in float32 (Int8Linear): 1.5x the asks/s of 16 asks together where float32 is the default (no native bf16),
+    # as often right at the default retrieval bias but less robust without it (BENCHMARKS.md "Reader matmuls in int8").
     matmul_dtype: str = "auto"
     cache_dir: str = "~/.cache/engram/models"
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
@@ -41,8 +43,10 @@ class DecoderConfig:
     question_template: str = "\n{question}"
 
     def __post_init__(self):
-        if self.matmul_dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"decoder.matmul_dtype must be 'auto', 'float32' or 'bfloat16', not {self.matmul_dtype!r}")
+        if self.matmul_dtype not in MATMUL_DTYPES:
+            raise ValueError(
+                f"decoder.matmul_dtype must be one of {', '.join(MATMUL_DTYPES)}, not {self.matmul_dtype!r}"
+            )
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -54,13 +58,20 @@ class DecoderConfig:
             return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
         return getattr(torch, self.dtype)
 
+    def linear_dtype(self) -> str:
+        """How load() holds the Linear weights of a float32 model (matmul_dtype resolved): "bfloat16", "int8" (on a
+        CPU only: its int8 kernels) or "float32" (left as loaded, as a model loaded in another dtype always is)."""
+        if self.resolved_dtype() != torch.float32:
+            return "float32"
+        if self.matmul_dtype == "int8" and self.resolved_device().type != "cpu":
+            return "float32"
+        if self.matmul_dtype == "auto":
+            return "bfloat16" if self.resolved_device().type == "cpu" and cpu_has_bf16() else "float32"
+        return self.matmul_dtype
+
     def bf16_matmuls(self) -> bool:
         """Whether load() holds a float32 model's Linear weights in bfloat16 (matmul_dtype)."""
-        if self.resolved_dtype() != torch.float32:
-            return False
-        if self.matmul_dtype == "auto":
-            return self.resolved_device().type == "cpu" and cpu_has_bf16()
-        return self.matmul_dtype == "bfloat16"
+        return self.linear_dtype() == "bfloat16"
 
 
 @functools.cache
@@ -74,6 +85,7 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+MATMUL_DTYPES = ("auto", "float32", "bfloat16", "int8")
 ENCODING_DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -191,8 +203,9 @@ def load(cfg: DecoderConfig):
         os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=cfg.resolved_dtype(), attn_implementation="sdpa")
     model.to(device).eval()
-    if cfg.bf16_matmuls():
-        bf16_linears(model)
+    kind = cfg.linear_dtype()
+    if kind != "float32":
+        replace_linears(model, Bf16Linear if kind == "bfloat16" else Int8Linear)
     return model, load_tokenizer(cfg)
 
 
@@ -214,17 +227,55 @@ class Bf16Linear(torch.nn.Module):
         return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
 
 
-def bf16_linears(module: torch.nn.Module) -> int:
-    """Every Linear under `module` replaced by a Bf16Linear (a tied output head gets its own bf16 copy; the
-    embedding it was tied to stays float32). -> how many."""
+class Int8Linear(torch.nn.Module):
+    """A Linear of a float32 model that multiplies decoding steps (one new token per row) in int8 and every pass
+    that reads a question (several tokens per row) in float32, as loaded. A step's batch is bound by reading
+    weights: its int8 copy (one scale per output channel) is a quarter of the bytes, and each input row is rounded
+    to int8 with its own scale (absmax / 127), so the product is an exact int8 x int8 -> int32 matmul
+    (torch._int_mm: VNNI dot products on x86) rescaled to float32. The first token, which decides most recall
+    answers, comes from the question's float32 pass (BENCHMARKS.md "Reader matmuls in int8")."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias  # the float32 weights, shared (a tied head stays tied)
+        w = linear.weight.detach().float()  # [out, in]
+        scale = w.abs().amax(1).clamp_min(1e-12) / 127
+        self.register_buffer("weight_t", torch.round(w / scale[:, None]).to(torch.int8).t().contiguous())  # [in, out]
+        self.register_buffer("scale", scale)  # [out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() > 1 and x.shape[-2] > 1:  # a pass reading questions: float32
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        return self.step(x)
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """The int8 product of every row of x [..., in]."""
+        rows = x.reshape(-1, self.in_features)  # [N, in]
+        unit = rows.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127  # [N, 1]
+        out = torch._int_mm(torch.round(rows / unit).to(torch.int8), self.weight_t).float() * (unit * self.scale)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def replace_linears(module: torch.nn.Module, kind=None) -> int:
+    """Every Linear under `module` replaced by kind(linear) (Bf16Linear by default; a tied output head gets its own
+    copy; the embedding it was tied to stays float32). -> how many."""
+    kind = kind or Bf16Linear
     n = 0
     for name, child in module.named_children():
         if isinstance(child, torch.nn.Linear):
-            setattr(module, name, Bf16Linear(child))
+            setattr(module, name, kind(child))
             n += 1
         else:
-            n += bf16_linears(child)
+            n += replace_linears(child, kind)
     return n
+
+
+def bf16_linears(module: torch.nn.Module) -> int:
+    """Every Linear under `module` replaced by a Bf16Linear. -> how many."""
+    return replace_linears(module, Bf16Linear)
 
 
 def load_tokenizer(cfg: DecoderConfig):

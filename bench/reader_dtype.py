@@ -5,6 +5,7 @@ decoded together (answer_batch; B = 1 is one ask), the two readers alternating. 
 
     .venv/bin/python bench/reader_dtype.py --trials 24 --out bench/results/reader_dtype
     .venv/bin/python bench/reader_dtype.py --reader int8 --trials 24 --out bench/results/reader_int8_steps
+    .venv/bin/python bench/reader_dtype.py --reader int8-all --trials 24 --out bench/results/reader_int8_all_passes
 """
 
 import argparse
@@ -39,15 +40,21 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 32])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-answers", action="store_true", help="timing only")
-    ap.add_argument("--reader", choices=["bfloat16", "int8"], default="bfloat16", help="the Linear layers compared")
+    ap.add_argument(
+        "--reader",
+        choices=["bfloat16", "int8", "int8-all"],
+        default="bfloat16",
+        help="the Linear layers compared (int8-all: every pass in int8, questions too; not a setting)",
+    )
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     model, tok = load(DecoderConfig(matmul_dtype="float32"))
     fast = copy.deepcopy(model)
-    n_linear = replace_linears(fast, Bf16Linear if args.reader == "bfloat16" else Int8Linear)
+    kinds = {"bfloat16": Bf16Linear, "int8": Int8Linear, "int8-all": Int8EveryPass}
+    n_linear = replace_linears(fast, kinds[args.reader])
     rot = layer_rotaries(model)
-    name = "bf16" if args.reader == "bfloat16" else args.reader  # "bf16": the key earlier results use
+    name = {"bfloat16": "bf16", "int8": "int8", "int8-all": "int8"}[args.reader]  # the keys saved results use
     readers = {"float32": MemoryDecoder(model, tok, kv_dtype="int4"), name: MemoryDecoder(fast, tok, kv_dtype="int4")}
     embedder = Embedder("minilm")
     right = {}  # (grid, blocks, λ, reader) -> count
@@ -109,6 +116,13 @@ def main():
         Path(args.out).with_suffix(".json").write_text(
             json.dumps({"args": vars(args), "threads": torch.get_num_threads(), "answers": table, "speed": speed})
         )
+
+
+class Int8EveryPass(Int8Linear):
+    """The first cut of decoder.matmul_dtype = "int8": question passes rounded to int8 too."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.step(x)
 
 
 def timing(readers, model, tok, rot, args, name: str) -> list[dict]:

@@ -313,3 +313,23 @@ def _layout():
     return BlockLayout(
         layers=1, kv_heads=1, keep_tokens=8, head_dim=1, chunk_tokens=8, latent_dim=2, latents_per_chunk=1
     )
+
+
+@pytest.mark.model
+def test_the_embedder_embeds_each_distinct_text_once():
+    """A chunk shorter than its windows repeats its last window's text: the real MiniLM embeds each distinct text
+    once and hands every copy the same latent (a 45-token write embedded three times before)."""
+    from engram.workers.embedder import Embedder
+
+    emb = Embedder("minilm", threads=1)
+    seen: list[list[str]] = []
+    encode = emb.model.encode
+    emb.model.encode = lambda texts, **kw: seen.append(list(texts)) or encode(texts, **kw)
+    texts = ["the shelf code is 4242", "another note", "the shelf code is 4242", "the shelf code is 4242"]
+    got = emb.embed(texts)
+    assert seen == [["the shelf code is 4242", "another note"]]
+    assert got.shape == (4, 384) and got.dtype == np.float32
+    np.testing.assert_array_equal(got[0], got[2])
+    np.testing.assert_array_equal(got[0], got[3])
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(got[1], encode(["another note"], normalize_embeddings=True)[0], atol=1e-5)

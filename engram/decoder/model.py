@@ -33,8 +33,9 @@ class DecoderConfig:
     # and runs ~1.5x faster at 16 asks together, answering as float32 does (within one case on every grid);
     # "auto" = bfloat16 on CPUs with native bf16 (AVX512-BF16/AMX), float32 elsewhere (emulated bf16 is slower).
     # Measured: BENCHMARKS.md "Reader matmuls in bfloat16". "int8" (opt-in): decoding steps in int8, questions read
-    # in float32 (Int8Linear): 1.5x the asks/s of 16 asks together where float32 is the default (no native bf16),
-    # as often right at the default retrieval bias but less robust without it (BENCHMARKS.md "Reader matmuls in int8").
+    # in float32 (Int8Linear): 1.5x the decoder's asks/s at 16 together where float32 is the default (no native
+    # bf16; ~1.1x under `engram load`), as often right at the default retrieval bias, less robust without it
+    # (BENCHMARKS.md "Reader matmuls in int8").
     matmul_dtype: str = "auto"
     cache_dir: str = "~/.cache/engram/models"
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default

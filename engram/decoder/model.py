@@ -261,8 +261,9 @@ class Int8Linear(torch.nn.Module):
 
 
 def replace_linears(module: torch.nn.Module, kind=None) -> int:
-    """Every Linear under `module` replaced by kind(linear) (Bf16Linear by default; a tied output head gets its own
-    copy; the embedding it was tied to stays float32). -> how many."""
+    """Every Linear under `module` replaced by kind(linear) (Bf16Linear by default: a tied output head gets its own
+    bf16 copy, the embedding stays float32; Int8Linear keeps sharing the float32 weight beside its int8 copy).
+    -> how many."""
     kind = kind or Bf16Linear
     n = 0
     for name, child in module.named_children():

@@ -30,7 +30,7 @@ class Embedder:
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """-> unit-norm latents [N, C] float32. Each distinct text is embedded once: a chunk shorter than its
-        windows repeats its last window (a 45-token write embeds one text, not three: 1/8 of its encoding time)."""
+        windows repeats its last window (a 45-token write embeds one text, not three)."""
         first: dict[str, int] = {}
         index = [first.setdefault(t, len(first)) for t in texts]
         latents = self.model.encode(list(first), batch_size=32, normalize_embeddings=True, convert_to_numpy=True)

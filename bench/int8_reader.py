@@ -15,14 +15,10 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from reader_dtype import Int8EveryPass
 
 from engram.decoder.model import Bf16Linear, DecoderConfig, Int8Linear, load, replace_linears
 from engram.evals.haystack import passkey_context
-
-
-class Int8EveryPass(Int8Linear):
-    def forward(self, x):
-        return self.step(x)
 
 
 def linear_timing() -> None:

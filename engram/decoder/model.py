@@ -260,11 +260,9 @@ class Int8Linear(torch.nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-def replace_linears(module: torch.nn.Module, kind=None) -> int:
-    """Every Linear under `module` replaced by kind(linear) (Bf16Linear by default: a tied output head gets its own
-    bf16 copy, the embedding stays float32; Int8Linear keeps sharing the float32 weight beside its int8 copy).
-    -> how many."""
-    kind = kind or Bf16Linear
+def replace_linears(module: torch.nn.Module, kind: type[torch.nn.Module]) -> int:
+    """Every Linear under `module` replaced by kind(linear) (Bf16Linear: a tied output head gets its own bf16 copy,
+    the embedding stays float32; Int8Linear keeps sharing the float32 weight beside its int8 copy). -> how many."""
     n = 0
     for name, child in module.named_children():
         if isinstance(child, torch.nn.Linear):

@@ -246,15 +246,17 @@ def test_retrieval_bias_reads_a_block_faintly_and_batches_as_alone(smol):
 
 
 @pytest.mark.parametrize("matmul_dtype, atol", [("float32", 1e-3), ("bfloat16", 1.0), ("int8", 4.0)])
-def test_a_batched_row_computes_the_logits_it_computes_alone_up_to_rounding(matmul_dtype, atol):
+def test_a_batched_row_computes_the_logits_it_computes_alone_up_to_rounding(matmul_dtype, atol, monkeypatch):
     """Each step's logits of a row beside others (longer memory, a longer question, a retrieval bias, a row that
     joins later) against the same row alone, both fed the same tokens: float32 to 1e-3 of a logit (measured 2e-5);
     with bf16 matmuls the batch's make-up moves a logit by up to ~0.5 (measured 0.1-0.5), so a greedy near-tie can
     flip (BENCHMARKS.md "Batched answers and rounding"). With int8 steps the pass a newcomer's question joins runs
     in float32 for every row (measured: a logit moves by up to 2.7 at that step, int8 against float32). A wrong
     mask, position or cache row is off by far more."""
+    from engram.decoder import model as dm
     from engram.decoder.batch import Row, _Batch
 
+    monkeypatch.setattr(dm, "cpu_has_int8", lambda: True)  # int8 steps even where they are slow (no VNNI)
     model, tok = load(DecoderConfig(threads=2, matmul_dtype=matmul_dtype))
     dec, block, plain = int4_blocks(model, tok)
     key = block("The pass key is 64290.", 20)

@@ -143,6 +143,7 @@ def test_encoding_dtype_setting(monkeypatch):
     from engram.decoder import model as dm
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(dm, "cpu_has_int8", lambda: True)
     for native in (True, False):
         monkeypatch.setattr(dm, "cpu_has_bf16", lambda native=native: native)
         assert dm.encoding_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
@@ -212,6 +213,7 @@ def test_matmul_dtype_setting(monkeypatch):
     settings win; a model already in bf16 (CUDA's default) is left alone; anything else is refused by name."""
     from engram.decoder import model as dm
 
+    monkeypatch.setattr(dm, "cpu_has_int8", lambda: True)
     for native in (True, False):
         monkeypatch.setattr(dm, "cpu_has_bf16", lambda native=native: native)
         assert DecoderConfig(device="cpu").bf16_matmuls() is native
@@ -224,6 +226,21 @@ def test_matmul_dtype_setting(monkeypatch):
         assert DecoderConfig(device="cuda", dtype="float32", matmul_dtype="int8").linear_dtype() == "float32"
     with pytest.raises(ValueError, match=r"decoder\.matmul_dtype"):
         DecoderConfig(matmul_dtype="float16")
+
+
+def test_int8_matmuls_only_where_the_cpu_has_int8_dot_products(monkeypatch):
+    """decoder.matmul_dtype = "int8" on a CPU without AVX512-VNNI or AMX: torch._int_mm is a plain loop there
+    (measured on an AVX2 EPYC: a 16-row step's Linear ~30x slower than float32), so the reader stays float32 and
+    says so at load; with them, int8 (found on an AVX2 machine where "int8" made every step ~30x slower)."""
+    from engram.decoder import model as dm
+
+    monkeypatch.setattr(dm, "cpu_has_int8", lambda: False)
+    assert DecoderConfig(device="cpu", matmul_dtype="int8").linear_dtype() == "float32"
+    with pytest.warns(UserWarning, match="AVX512-VNNI"):
+        reader, _ = load(DecoderConfig(threads=1, matmul_dtype="int8"))
+    assert not any(isinstance(m, dm.Int8Linear) for m in reader.modules())
+    monkeypatch.setattr(dm, "cpu_has_int8", lambda: True)
+    assert DecoderConfig(device="cpu", matmul_dtype="int8").linear_dtype() == "int8"
 
 
 def _int8_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -293,12 +310,14 @@ def test_int8_reader_reads_as_float32_and_steps_to_the_same_token(smol):
 
 
 @pytest.mark.parametrize("matmul_dtype", ["bfloat16", "int8"])
-def test_encoder_never_uses_the_readers_fast_matmuls(matmul_dtype):
+def test_encoder_never_uses_the_readers_fast_matmuls(matmul_dtype, monkeypatch):
     """Stored blocks never depend on how the reader multiplies: the encoder loads float32 Linears whatever
     decoder.matmul_dtype says (its own dtype is encoder.dtype)."""
+    from engram.decoder import model as dm
     from engram.decoder.model import Bf16Linear, Int8Linear
     from engram.workers.encoder import Encoder, EncoderConfig
 
+    monkeypatch.setattr(dm, "cpu_has_int8", lambda: True)  # the int8 reader even on a CPU without VNNI
     kind = {"bfloat16": Bf16Linear, "int8": Int8Linear}[matmul_dtype]
     dec = DecoderConfig(threads=1, matmul_dtype=matmul_dtype)
     reader, _ = load(dec)

@@ -13,6 +13,7 @@ import inspect
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,8 @@ class DecoderConfig:
     # Measured: BENCHMARKS.md "Reader matmuls in bfloat16". "int8" (opt-in): decoding steps in int8, questions read
     # in float32 (Int8Linear): 1.5x the decoder's asks/s at 16 together where float32 is the default (no native
     # bf16; ~1.1x under `engram load`), as often right at the default retrieval bias, less robust without it
-    # (BENCHMARKS.md "Reader matmuls in int8").
+    # (BENCHMARKS.md "Reader matmuls in int8"). Only on CPUs with AVX512-VNNI or AMX; elsewhere float32, with a
+    # warning (torch's int8 matmul is a plain loop there, ~30x slower).
     matmul_dtype: str = "auto"
     cache_dir: str = "~/.cache/engram/models"
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
@@ -61,10 +63,11 @@ class DecoderConfig:
 
     def linear_dtype(self) -> str:
         """How load() holds the Linear weights of a float32 model (matmul_dtype resolved): "bfloat16", "int8" (on a
-        CPU only: its int8 kernels) or "float32" (left as loaded, as a model loaded in another dtype always is)."""
+        CPU with int8 dot-product instructions only) or "float32" (left as loaded, as a model loaded in another dtype
+        always is)."""
         if self.resolved_dtype() != torch.float32:
             return "float32"
-        if self.matmul_dtype == "int8" and self.resolved_device().type != "cpu":
+        if self.matmul_dtype == "int8" and (self.resolved_device().type != "cpu" or not cpu_has_int8()):
             return "float32"
         if self.matmul_dtype == "auto":
             return "bfloat16" if self.resolved_device().type == "cpu" and cpu_has_bf16() else "float32"
@@ -84,6 +87,18 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.cache
+def cpu_has_int8() -> bool:
+    """Whether torch's int8 matmul (torch._int_mm) has this CPU's int8 dot products (AVX512-VNNI or AMX) to run on.
+    Without them it is a plain loop: on an AVX2-only AMD EPYC, 2.5 G int8 ops/s against float32's 70 GFLOPS for a
+    16-row step (BENCHMARKS.md "Reader matmuls in int8"), so decoder.matmul_dtype = "int8" would be ~30x slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "amx_int8" in flags
 
 
 MATMUL_DTYPES = ("auto", "float32", "bfloat16", "int8")
@@ -205,6 +220,12 @@ def load(cfg: DecoderConfig):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=cfg.resolved_dtype(), attn_implementation="sdpa")
     model.to(device).eval()
     kind = cfg.linear_dtype()
+    if cfg.matmul_dtype == "int8" and kind != "int8" and device.type == "cpu" and cfg.resolved_dtype() == torch.float32:
+        warnings.warn(
+            'decoder.matmul_dtype = "int8" needs a CPU with AVX512-VNNI or AMX (torch\'s int8 matmul is a plain loop '
+            "elsewhere, ~30x slower): this decoder multiplies in float32",
+            stacklevel=2,
+        )
     if kind != "float32":
         replace_linears(model, Bf16Linear if kind == "bfloat16" else Int8Linear)
     return model, load_tokenizer(cfg)

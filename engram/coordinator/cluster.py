@@ -139,6 +139,7 @@ class Cluster:
                 self.cfg.encoder.kv_codec,
                 self.layout.codec,
                 self.cfg.ask.block_key_scale,
+                self.cfg.ask.draft_tokens,
             )
         )
         self._next_encoder = itertools.cycle(self.encoders)

@@ -138,6 +138,11 @@ class AskConfig:
     # joining between decode steps, up to this many at once (their blocks side by side, padding masked; each
     # answers as it would alone). 1 = one at a time.
     max_batch: int = 16
+    # Batched asks (max_batch > 1) draft up to this many tokens of each answer from the retrieved chunks' own tokens
+    # (what follows the question's last words where they occur there: answers over memory mostly quote it) and check
+    # the draft in the question's pass: the answer decoding token by token gives, in fewer passes
+    # (engram/decoder/draft.py; BENCHMARKS.md "Drafts from memory"). 0 = off.
+    draft_tokens: int = 8
 
     def __post_init__(self):
         if not 1 <= self.top_k <= self.max_top_k:
@@ -168,6 +173,8 @@ class AskConfig:
             raise ValueError(f"ask.block_key_scale must be between 0.5 and 4, not {self.block_key_scale}")
         if not 1 <= self.max_batch <= 256:
             raise ValueError(f"ask.max_batch must be between 1 and 256, not {self.max_batch}")
+        if not 0 <= self.draft_tokens <= 64:
+            raise ValueError(f"ask.draft_tokens must be between 0 and 64, not {self.draft_tokens}")
 
 
 @dataclass

@@ -12,7 +12,7 @@ mixes prefill and decode), not in a pass of its own: a pass per arrival cost mor
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache
@@ -40,8 +40,9 @@ class Placement:
 @dataclass
 class Row:
     """One ask as the batch takes it: its memory (a Placement of one row), its question's token ids, the position
-    the question starts at, how many tokens it may generate, stop() (its caller gave up), and optionally a bias on
-    its logits to each cache entry."""
+    the question starts at, how many tokens it may generate, stop() (its caller gave up), optionally a bias on
+    its logits to each cache entry, and a draft of its answer (draft.py: fewer than max_new_tokens tokens) read
+    after the question in the same pass and kept as far as the model predicts it."""
 
     cache: Placement
     prompt: list[int]
@@ -49,26 +50,36 @@ class Row:
     max_new_tokens: int
     stop: Callable[[], bool]
     bias: torch.Tensor | None = None  # [S]: added to its attention logits to its cache's entries (retrieval_bias)
+    draft: list[int] = field(default_factory=list)
+
+    @property
+    def new_tokens(self) -> list[int]:
+        """What its first pass reads: the question, then the draft."""
+        return self.prompt + self.draft
 
 
 class _Batch:
     """The rows being decoded: one cache [B, H, S, D] per layer, the mask of its real entries [B, S], each row's
-    next token [B] and next position [B], and which row (as numbered for the caller) each batch index holds."""
+    next token [B] and next position [B], the tokens each row's last pass produced (one, or with a draft up to its
+    length + 1), and which row (as numbered for the caller) each batch index holds."""
 
     def __init__(self):
         self.cache = None  # a cache of BufferLayer: kept across steps, each step's K/V written in place
         self.mask = self.token = self.next_pos = None
         self.bias = None  # [B, S] float, beside mask, while any row has a bias: every pass then takes a 4D mask
         self.ids: list[int] = []  # the row number at each batch index
+        self.produced: list[list[int]] = []  # per batch index: the tokens of the last pass, in order
         self.rows: dict[int, Row] = {}  # row number -> its Row, while it runs
 
     def forward(self, model, new: list[Row], ids: list[int]) -> None:
-        """One pass: each running row's token in, each new row's question in (its cache joining the batch's, both
-        left-padded to the longer), and every row's next token out."""
+        """One pass: each running row's token in, each new row's question and draft in (its cache joining the
+        batch's, both left-padded to the longer), and every row's next token out; a new row's draft is checked
+        against what the model predicts after each of its tokens, and the entries of the part it got wrong are
+        masked out (they are never read)."""
         device = next(model.parameters()).device
         mask = self.mask
         running = len(self.ids)
-        q = max([1] + [len(r.prompt) for r in new])
+        q = max([1] + [len(r.new_tokens) for r in new])
         if new:  # one copy of every row's cache into new buffers, with room for the steps to come
             lengths = [r.cache.get_seq_length() for r in new]
             n = max(lengths + ([mask.shape[1]] if running else []))
@@ -88,24 +99,41 @@ class _Batch:
         if running:  # questions and tokens right-aligned: every row's last column is its last real token
             tokens[:running, -1], pos[:running, -1], real[:running, -1] = self.token, self.next_pos, 1
         for i, r in enumerate(new, running):
-            tokens[i, q - len(r.prompt) :] = torch.tensor(r.prompt, device=device)
-            pos[i, q - len(r.prompt) :] = torch.arange(r.start, r.start + len(r.prompt), device=device)
-            real[i, q - len(r.prompt) :] = 1
+            seq = r.new_tokens
+            tokens[i, q - len(seq) :] = torch.tensor(seq, device=device)
+            pos[i, q - len(seq) :] = torch.arange(r.start, r.start + len(seq), device=device)
+            real[i, q - len(seq) :] = 1
         self.mask = torch.cat([mask, real], 1)  # [B, S + q]
         attention = self.mask
         if self.bias is not None:
             self.bias = torch.cat([self.bias, torch.zeros(real.shape, device=device)], 1)
             attention = biased_mask(self.mask, self.bias, q)
+        drafted = max([0] + [len(r.draft) for r in new])
         out = model(
             input_ids=tokens,
             **with_cache(model, self.cache),
             position_ids=pos,
             attention_mask=attention,
             use_cache=True,
-            logits_to_keep=1,  # the last column is every row's last real token: the vocabulary projection only there
+            # the last column is every row's last real token: the vocabulary projection only there (and over the
+            # columns of drafts, whose every token's prediction is checked)
+            logits_to_keep=1 + drafted,
         )
-        self.token = out.logits[:, -1].argmax(-1)
-        starts = [r.start + len(r.prompt) for r in new]
+        predicted = out.logits.argmax(-1)  # [B, 1 + drafted]
+        self.token = predicted[:, -1]
+        self.produced = [[t] for t in self.token[:running].tolist()]
+        starts = []
+        for i, r in enumerate(new, running):
+            k = len(r.draft)
+            guess = predicted[i, drafted - k :].tolist()  # after the question's last token, then after each draft's
+            kept = 0
+            while kept < k and guess[kept] == r.draft[kept]:
+                kept += 1
+            self.produced.append(guess[: kept + 1])
+            self.token[i] = guess[kept]
+            if kept < k:
+                self.mask[i, kept - k :] = 0  # the entries of the draft's wrong part: never attended to
+            starts.append(r.start + len(r.prompt) + kept)
         self.next_pos = torch.cat(
             ([self.next_pos + 1] if running else []) + [torch.tensor(starts, dtype=torch.long, device=device)]
         )
@@ -147,12 +175,16 @@ def generate_batch(
         batch.rows.update(new)
         live = []
         for b, r in enumerate(batch.ids):
-            tid = int(batch.token[b])
-            ended = tid == eos_id
-            if not ended:
+            ended = False
+            for tid in batch.produced[b]:  # one token, or a draft's kept tokens and the one after them
+                ended = tid == eos_id
+                if ended:
+                    break
                 made[r] += 1
                 yield r, tid
                 ended = made[r] >= batch.rows[r].max_new_tokens or batch.rows[r].stop()
+                if ended:
+                    break
             if ended:
                 yield r, None
                 del batch.rows[r]
@@ -185,8 +217,8 @@ def worth_joining(running: int, rows: list[Row]) -> bool:
     running rows leaving, or more rows arriving)."""
     if not rows:
         return False
-    q = max(len(r.prompt) for r in rows)
-    return running * (q - 1) <= sum(len(r.prompt) for r in rows)
+    q = max(len(r.new_tokens) for r in rows)
+    return running * (q - 1) <= sum(len(r.new_tokens) for r in rows)
 
 
 def biased_mask(mask: torch.Tensor, bias: torch.Tensor, q: int) -> torch.Tensor:

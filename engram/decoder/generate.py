@@ -13,6 +13,7 @@ import torch
 
 from . import quant
 from .batch import Placement, Row, biased_mask, generate_batch
+from .draft import lookup_draft
 from .kv_cache import cache_of
 from .layout import check_kv_dtype, check_position_scheme
 from .model import encoding_dtype, returned_cache, sink_token_id, with_cache
@@ -145,14 +146,20 @@ class MemoryDecoder:
         kv_dtype: str = "float16",
         codec=None,
         block_key_scale: float = 1.0,
+        draft_tokens: int = 0,
     ):
         """block_key_scale: the retrieved blocks' keys are multiplied by it, i.e. the question's attention logits
         to block tokens (not to the sink, not to itself) are; > 1 sharpens the attention over many blocks
-        (an inverse attention temperature for memory, APE-style; bench/composition.py measures it)."""
+        (an inverse attention temperature for memory, APE-style; bench/composition.py measures it).
+        draft_tokens: answer_batch drafts up to this many tokens of each answer from its blocks' tokens (draft.py)
+        and checks them in the question's pass; 0 = none."""
         check_kv_dtype(kv_dtype)
         if not block_key_scale > 0:
             raise ValueError(f"block_key_scale must be > 0, not {block_key_scale}")
         self.block_key_scale = block_key_scale
+        if draft_tokens < 0:
+            raise ValueError(f"draft_tokens must be 0 or more, not {draft_tokens}")
+        self.draft_tokens = draft_tokens
         if (kv_dtype == "codec") != (codec is not None):
             raise ValueError("kv_dtype 'codec' needs the codec (codec.py) its blocks were written with")
         self.codec = codec
@@ -202,7 +209,7 @@ class MemoryDecoder:
                     {
                         name: torch.from_numpy(np.array(col)).to(self.device)  # Ray: read-only
                         for name, col in block.items()
-                        if name != "positions"
+                        if name not in ("positions", "tokens")
                     },
                     self.kv_dtype,
                 )
@@ -226,6 +233,14 @@ class MemoryDecoder:
 
     def _prompt(self, question: str) -> list[int]:
         return self.tokenizer(self.template.format(question=question), add_special_tokens=False).input_ids
+
+    def draft(self, prompt: list[int], blocks, max_new_tokens: int) -> list[int]:
+        """A draft of the answer from the blocks' own tokens (draft.py; blocks read without them get none), short
+        of max_new_tokens by one: the pass that checks it gives one token more than it keeps."""
+        if not self.draft_tokens or not all("tokens" in b for b in blocks):
+            return []
+        memory = [np.asarray(b["tokens"]).tolist() for b in blocks]
+        return lookup_draft(prompt, memory, min(self.draft_tokens, max_new_tokens - 1))
 
     def memory_bias(self, blocks, block_bias: list[float] | None) -> torch.Tensor | None:
         """Per-block logit biases -> one per cache entry [S] (the sink 0, then each block's valid tokens); None
@@ -296,9 +311,8 @@ class MemoryDecoder:
                 prompt_tokens.append(len(prompt))
                 texts.append(TextStream(self.tokenizer))
                 first.append(None)
-                out.append(
-                    Row(placed, prompt, start, max_new, stop, self.memory_bias(blocks, bias[0] if bias else None))
-                )
+                memory_bias = self.memory_bias(blocks, bias[0] if bias else None)
+                out.append(Row(placed, prompt, start, max_new, stop, memory_bias, self.draft(prompt, blocks, max_new)))
             return out
 
         def more(free: int) -> list[Row]:

@@ -67,10 +67,12 @@ class DecoderWorker:
         kv_codec: str = "",
         codec_digest: str = "",
         block_key_scale: float = 1.0,
+        draft_tokens: int = 0,
         join_running: bool = True,
     ):
-        """join_running: asks arriving while a batch decodes join it (False: they wait for the next batch;
-        bench/continuous_batching.py compares the two)."""
+        """draft_tokens: batched asks draft up to this many tokens of their answers from their blocks' tokens
+        (decoder/draft.py; ask.draft_tokens). join_running: asks arriving while a batch decodes join it (False: they
+        wait for the next batch; bench/continuous_batching.py compares the two)."""
         self.cfg, self.join_running = cfg, join_running
         if not cfg.threads:  # Ray caps threads of actors that reserve no CPU; the decoder may use the node's cores
             cfg = dataclasses.replace(cfg, threads=os.cpu_count() or 1)
@@ -82,7 +84,7 @@ class DecoderWorker:
         model, tokenizer = decoder_model.load(cfg)
         codec = load_codec(kv_codec, cfg.model, codec_digest) if kv_dtype == "codec" else None
         self.decoder = MemoryDecoder(
-            model, tokenizer, cfg.question_template, position_scheme, kv_dtype, codec, block_key_scale
+            model, tokenizer, cfg.question_template, position_scheme, kv_dtype, codec, block_key_scale, draft_tokens
         )
         self.answered = 0  # answers produced since start (a cancelled ask never counts)
         self.batches: collections.deque[int] = collections.deque(maxlen=4096)  # recent batch sizes (tests, benches)

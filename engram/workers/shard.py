@@ -288,9 +288,13 @@ class Shard(ShardDocuments):
         ]
 
     def fetch(self, blocks: list[int]) -> tuple[list[list[int]], list[dict[str, np.ndarray]]]:
-        """-> (the blocks' token ids, the blocks: one dict of read columns each). The coordinator calls this with
-        num_returns=2: it reads the tokens and hands the blocks to the decoder worker without touching them."""
-        return self.tokens(blocks), self.get_blocks(blocks)
+        """-> (the blocks' token ids, the blocks: one dict of read columns each, and their token ids as "tokens",
+        which the decoder drafts answers from). The coordinator calls this with num_returns=2: it reads the tokens
+        and hands the blocks to the decoder worker without touching them."""
+        tokens, read = self.tokens(blocks), self.get_blocks(blocks)
+        for block, ids in zip(read, tokens):
+            block["tokens"] = np.asarray(ids, dtype=np.int32)
+        return tokens, read
 
     def get_blocks(self, blocks: list[int]) -> list[dict[str, np.ndarray]]:
         cols = self.blocks.get(blocks)

@@ -43,6 +43,24 @@ class EpisodicConfig:
 READ_MODES = ("least_squares", "hopfield")
 
 
+def extended(projection: np.ndarray, z: np.ndarray, tol: float = 1e-6) -> np.ndarray:
+    """The projection P [C, C] onto the memory's row space after the items z [N, C] are written. With at most K items
+    the row space is the span of the items (M = Wᵀ(WWᵀ + λI)⁻¹Z, W of full row rank), so P grows by the directions
+    of z outside it: P + QQᵀ, Q an orthonormal basis of z's residuals (z − zP); a residual under `tol` of its item's
+    norm (a repeated or nearly repeated item) adds none, as pinv's rcond cuts it from M. Equal to pinv(M)·M to
+    ~1e-13 (tests/test_episodic.py) at ~100x less work than that SVD (~30 ms for each small write on a shard's
+    thread, which reads queue behind; BENCHMARKS.md "Drafts from memory")."""
+    out = projection.copy()
+    for item in z:
+        residual = item - item @ out
+        residual = residual - residual @ out  # a second pass: one loses orthogonality to rounding, two do not
+        norm = np.linalg.norm(residual)
+        if norm > tol * max(np.linalg.norm(item), 1e-300):
+            q = residual / norm
+            out += np.outer(q, q)
+    return out
+
+
 def reference_pinv(cfg: EpisodicConfig) -> np.ndarray:
     """M0† [C, K] for the fixed N(0,1) reference memory M0 [K, C]."""
     m0 = np.random.default_rng(cfg.seed).standard_normal((cfg.rows, cfg.dim))
@@ -100,7 +118,10 @@ class EpisodicMemory:
         self.cov += alpha * (w.T @ w)
         self.memory += alpha * np.linalg.solve(self.cov, w.T @ (z - w @ self.memory))
         self.count += int(alpha) * len(z)
-        self._projection = None
+        if alpha > 0 and self._projection is not None and self.count <= len(self.cov):
+            self._projection = extended(self._projection, z)
+        else:  # a forget (or past K items): recomputed from M when next read
+            self._projection = None
 
     def write(self, z: np.ndarray) -> None:
         self.update(z, +1.0)
@@ -110,7 +131,8 @@ class EpisodicMemory:
 
     @property
     def projection(self) -> np.ndarray:
-        """M†M [C, C]: read(z) = z · M†M. Cached between writes."""
+        """M†M [C, C]: read(z) = z · M†M. Kept across writes (extended by each write's new directions: see
+        `extended`), recomputed from M after a forget."""
         if self._projection is None:
             m = self.memory
             # rcond cuts the directions the ridge term leaves almost empty.

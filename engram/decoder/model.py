@@ -93,7 +93,7 @@ def cpu_has_bf16() -> bool:
 def cpu_has_int8() -> bool:
     """Whether torch's int8 matmul (torch._int_mm) has this CPU's int8 dot products (AVX512-VNNI or AMX) to run on.
     Without them it is a plain loop: on an AVX2-only AMD EPYC, 2.5 G int8 ops/s against float32's 70 GFLOPS for a
-    16-row step (BENCHMARKS.md "Reader matmuls in int8"), so decoder.matmul_dtype = "int8" would be ~30x slower."""
+    16-row step (BENCHMARKS.md "Drafts from memory"), so decoder.matmul_dtype = "int8" would be ~30x slower."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
